@@ -1,0 +1,1 @@
+"""Flax models: MobileNetV2 backbone, AE head and the full AE model."""

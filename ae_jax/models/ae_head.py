@@ -1,0 +1,44 @@
+"""AESimpleHead (mmpose DeconvHead): 3 x (deconv 4x4/2 -> BN -> ReLU) + 1x1.
+
+Legend: B batch, h x w backbone map (stride 32), K=17 joints.
+Input [B, h, w, C]; output [B, 8h, 8w, 2K]: channels [0, K) are heatmaps,
+[K, 2K) are the per-joint tags (tag_per_joint, tag dim 1).
+Submodule names mirror mmpose keys: `deconv_layers_{0,3,6}` are the
+transposed convs, `deconv_layers_{1,4,7}` the BatchNorms, `final_layer`
+the 1x1 conv.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ae_jax.models.mobilenet_v2 import batch_norm
+
+
+class AEHead(nn.Module):
+  """Deconvolution head producing K heatmaps and K tag maps at stride 4."""
+  num_joints: int = 17
+  num_deconv_filters: Sequence[int] = (256, 256, 256)
+  deconv_kernel: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    k, p = self.deconv_kernel, 1  # PyTorch ConvTranspose2d(k=4, s=2, p=1).
+    # A PyTorch transposed conv equals a stride-1 conv over the 2x dilated
+    # input padded by k-1-p on each side, with the kernel flipped; the flip
+    # is folded into the converted weights (see ae_jax/convert.py).
+    pad = ((k - 1 - p, k - 1 - p),) * 2
+    for i, features in enumerate(self.num_deconv_filters):
+      x = nn.ConvTranspose(features, (k, k), strides=(2, 2), padding=pad,
+                           use_bias=False, dtype=self.dtype,
+                           param_dtype=jnp.float32,
+                           name=f'deconv_layers_{3 * i}')(x)
+      x = batch_norm(train, self.dtype, name=f'deconv_layers_{3 * i + 1}')(x)
+      x = nn.relu(x)
+    # mmpose normal_init(std=0.001, bias=0) for the final layer.
+    return nn.Conv(2 * self.num_joints, (1, 1), use_bias=True,
+                   kernel_init=nn.initializers.normal(0.001),
+                   dtype=self.dtype, param_dtype=jnp.float32,
+                   name='final_layer')(x)

@@ -1,0 +1,105 @@
+"""MobileNetV2 backbone (mmcls/mmpose layout) in Flax linen, NHWC.
+
+Submodule names follow mmpose's state_dict keys so that checkpoint
+conversion is a name table: torch `backbone.layer2.1.conv.0.bn.weight` is
+Flax `backbone/layer2_1/conv_0/bn/scale`.
+
+Legend: B batch, H x W input size (multiple of 32), C channels.
+Input [B, H, W, 3] float (ImageNet-normalised RGB); output
+[B, H/32, W/32, 1280] (mmpose out_indices=(7,), the last stage only).
+"""
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# (expand ratio t, channels c, repeats n, first stride s), mmcls arch_settings.
+ARCH_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                 (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+# PyTorch BatchNorm2d defaults: eps 1e-5, momentum 0.1 (Flax keeps 1 - 0.1).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def make_divisible(value: float, divisor: int = 8,
+                   min_ratio: float = 0.9) -> int:
+  """Rounds channels to a multiple of `divisor` as mmcv's make_divisible."""
+  new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  if new_value < min_ratio * value:
+    new_value += divisor
+  return new_value
+
+
+def batch_norm(train: bool, dtype: Any, name: Optional[str] = None):
+  """BatchNorm with PyTorch's eps/momentum; statistics kept in float32."""
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                      epsilon=BN_EPSILON, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+class ConvBN(nn.Module):
+  """mmcv ConvModule: conv (no bias) -> BN -> optional ReLU6."""
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  groups: int = 1
+  act: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    pad = self.kernel_size // 2  # PyTorch symmetric padding, not 'SAME'.
+    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
+                strides=self.stride, padding=((pad, pad), (pad, pad)),
+                feature_group_count=self.groups, use_bias=False,
+                dtype=self.dtype, param_dtype=jnp.float32, name='conv')(x)
+    x = batch_norm(train, self.dtype, name='bn')(x)
+    return nn.relu6(x) if self.act else x
+
+
+class InvertedResidual(nn.Module):
+  """MobileNetV2 block: [1x1 expand] -> 3x3 depthwise -> 1x1 linear (+skip)."""
+  in_channels: int
+  out_channels: int
+  stride: int
+  expand_ratio: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    hidden = int(round(self.in_channels * self.expand_ratio))
+    conv = functools.partial(ConvBN, dtype=self.dtype)
+    y, i = x, 0
+    if self.expand_ratio != 1:
+      y = conv(hidden, 1, name='conv_0')(y, train)
+      i = 1
+    y = conv(hidden, 3, self.stride, groups=hidden, name=f'conv_{i}')(y, train)
+    y = conv(self.out_channels, 1, act=False, name=f'conv_{i + 1}')(y, train)
+    if self.stride == 1 and self.in_channels == self.out_channels:
+      y = x + y
+    return y
+
+
+class MobileNetV2(nn.Module):
+  """MobileNetV2 feature extractor returning the stride-32 conv2 output."""
+  widen_factor: float = 1.0
+  arch_settings: Sequence[Sequence[int]] = ARCH_SETTINGS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    in_channels = make_divisible(32 * self.widen_factor, 8)
+    x = ConvBN(in_channels, 3, 2, dtype=self.dtype, name='conv1')(x, train)
+    for i, (t, c, n, s) in enumerate(self.arch_settings):
+      out_channels = make_divisible(c * self.widen_factor, 8)
+      for j in range(n):
+        x = InvertedResidual(in_channels, out_channels, s if j == 0 else 1, t,
+                             dtype=self.dtype,
+                             name=f'layer{i + 1}_{j}')(x, train)
+        in_channels = out_channels
+    out_channels = (int(1280 * self.widen_factor)
+                    if self.widen_factor > 1.0 else 1280)
+    return ConvBN(out_channels, 1, dtype=self.dtype, name='conv2')(x, train)

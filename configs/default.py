@@ -1,0 +1,85 @@
+"""Default (paper) setup: mmpose mobilenetv2_coco_512x512, AE, COCO 2017.
+
+Run:
+  python train.py --config configs/default.py --workdir /tmp/ae_coco \
+      --config.data.coco_root=/data/coco
+
+Every key mirrors an mmpose 0.x config value unless noted; the mmpose key
+is given in the comment.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the full COCO training/eval configuration."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # AEModel(**config.model).
+  config.model = ml_collections.ConfigDict()
+  config.model.num_joints = 17
+  config.model.widen_factor = 1.0  # backbone.widen_factor
+  config.model.num_deconv_filters = (256, 256, 256)  # AESimpleHead default
+  config.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'
+
+  config.data = ml_collections.ConfigDict()
+  config.data.coco_root = 'data/coco'  # annotations/ + train2017/ + val2017/
+  config.data.source = 'json'  # 'json' (pycocotools) or 'tfds' (local builder)
+  config.data.tfds_data_dir = ''  # TFDS data_dir when source == 'tfds'
+  config.data.train_split = 'train2017'
+  config.data.val_split = 'val2017'
+  config.data.input_size = 512  # data_cfg.image_size
+  config.data.heatmap_size = 128  # data_cfg.heatmap_size
+  config.data.sigma = 2.0  # BottomUpGenerateTarget sigma
+  config.data.max_people = 30  # max_num_people
+  config.data.rot_factor = 30.0  # BottomUpRandomAffine rot_factor (degrees)
+  config.data.scale_factor = (0.75, 1.5)  # BottomUpRandomAffine scale_factor
+  config.data.scale_type = 'short'  # BottomUpRandomAffine scale_type
+  config.data.trans_factor = 40.0  # BottomUpRandomAffine trans_factor (px)
+  config.data.flip_prob = 0.5  # BottomUpRandomFlip flip_prob
+  config.data.augment = True  # False: no affine jitter or flip (overfit runs)
+  config.data.shuffle_buffer = 2048
+  config.data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
+
+  # Loss factors: MultiLossFactory heatmaps_loss_factor, push/pull_loss_factor.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.heatmap_factor = 1.0
+  config.loss.push_factor = 0.001
+  config.loss.pull_factor = 0.001
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1.5e-3  # optimizer.lr (Adam), for base_batch_size
+  config.optim.base_batch_size = 192  # 24 per GPU x 8 GPUs in mmpose
+  config.optim.scale_lr = False  # True: lr * global_batch / base_batch_size
+  config.optim.warmup_steps = 500  # lr_config.warmup_iters
+  config.optim.warmup_ratio = 0.001  # lr_config.warmup_ratio
+  config.optim.decay_epochs = (200, 260)  # lr_config.step
+  config.optim.decay_factor = 0.1  # mmcv step policy gamma
+  config.optim.shard_opt_state = False  # shard Adam moments over 'data'
+
+  config.train = ml_collections.ConfigDict()
+  config.train.global_batch_size = 192  # samples_per_gpu 24 x 8 GPUs
+  config.train.num_epochs = 300  # total_epochs
+  config.train.num_steps = -1  # > 0 overrides num_epochs (short runs)
+  config.train.init_checkpoint = ''  # converted ImageNet backbone (optional)
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 1000
+  config.train.keep_checkpoints = 3
+  config.train.eval_at_end = True
+
+  # test_cfg of the mmpose config.
+  config.test = ml_collections.ConfigDict()
+  config.test.input_size = 512  # data_cfg.image_size (short side at scale 1)
+  config.test.scales = (1.0,)  # test_scale_factor; paper multi: (2, 1, 0.5)
+  config.test.flip = True  # flip_test
+  config.test.project2image = True
+  config.test.nms_kernel = 5
+  config.test.max_people = 30  # max_num_people (top-k per joint)
+  config.test.detection_threshold = 0.1
+  config.test.tag_threshold = 1.0
+  config.test.use_detection_val = True
+  config.test.ignore_too_much = False
+  config.test.adjust = True
+  config.test.refine = True
+  return config

@@ -1,0 +1,74 @@
+"""Shape, parameter-count and dtype tests for the Flax AE model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ae_jax.models import ae_model
+from ae_jax.models import mobilenet_v2
+
+
+def _reference_param_count(num_joints=17, head=256):
+  """Parameter count of mmpose's model, computed from the spec by hand."""
+  def conv_bn(cin, cout, k, groups=1):
+    return cin // groups * cout * k * k + 2 * cout  # no conv bias; BN w,b
+  total = conv_bn(3, 32, 3)
+  cin = 32
+  for t, c, n, _ in mobilenet_v2.ARCH_SETTINGS:
+    for _ in range(n):
+      hidden = cin * t
+      if t != 1:
+        total += conv_bn(cin, hidden, 1)
+      total += conv_bn(hidden, hidden, 3, groups=hidden)
+      total += conv_bn(hidden, c, 1)
+      cin = c
+  total += conv_bn(cin, 1280, 1)
+  cin = 1280
+  for _ in range(3):
+    total += cin * head * 16 + 2 * head
+    cin = head
+  total += cin * 2 * num_joints + 2 * num_joints
+  return total
+
+
+def test_param_count_matches_reference_architecture():
+  model = ae_model.AEModel()
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  n = ae_model.count_params(variables['params'])
+  print(f'AEModel parameters: {n:,}')
+  assert n == _reference_param_count() == 9_574_178
+
+
+@pytest.mark.parametrize('hw', [(512, 512), (512, 768), (320, 448)])
+def test_output_shape_is_stride_4_with_34_maps(hw):
+  model = ae_model.AEModel()
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, *hw, 3))),
+                       variables)
+  assert out.shape == (2, hw[0] // 4, hw[1] // 4, 34)
+  assert out.dtype == jnp.float32
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = ae_model.AEModel(dtype='bfloat16', widen_factor=0.25,
+                           num_deconv_filters=(16, 16, 16))
+  x = jnp.ones((1, 64, 64, 3))
+  variables = model.init(jax.random.key(0), x)
+  dtypes = {p.dtype for p in jax.tree_util.tree_leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  out = model.apply(variables, x)
+  assert out.dtype == jnp.float32 and out.shape == (1, 16, 16, 34)
+
+
+def test_train_mode_updates_batch_stats():
+  model = ae_model.AEModel(widen_factor=0.25, num_deconv_filters=(8, 8, 8))
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  variables = model.init(jax.random.key(0), x)
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  before = variables['batch_stats']['backbone']['conv1']['bn']['mean']
+  after = updates['batch_stats']['backbone']['conv1']['bn']['mean']
+  # Flax momentum 0.9 == PyTorch momentum 0.1: new = 0.9 old + 0.1 batch.
+  assert not np.allclose(before, after)
