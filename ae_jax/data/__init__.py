@@ -1,0 +1,1 @@
+"""Input data: COCO reading, train transforms, targets and tf.data pipelines."""
