@@ -1,0 +1,292 @@
+"""The AE training input pipeline on tf.data (deterministic, resumable).
+
+Stream layout: epoch e is a permutation of the N kept examples, drawn from
+(seed, e); epochs are concatenated into one infinite stream of global
+positions g = e * N + j (batches may span an epoch boundary, nothing is
+dropped). Global batch s holds positions [s * B, (s + 1) * B); host p of
+P takes the slice [p * b, (p + 1) * b) of it (b = B / P). The augmentation
+of position g is drawn from (seed, g). Resuming at start_step therefore
+starts the permutation of epoch (start_step * B) // N at its offset, with
+no image read for the skipped part.
+
+A missing or corrupt image is not dropped (that would shift every later
+batch and break resume): the example is replaced by the next readable image
+in index order, with its own annotations, so targets stay right. Each such
+replacement is counted per reason and logged (absl) once per file.
+
+Train batch (host-local numpy dict), b = global_batch // process_count:
+  'image'    [b, S, S, 3] float32 ImageNet-normalised RGB
+  'heatmaps' [b, h, h, K] float32 in [0, 1]
+  'mask'     [b, h, h]    float32, 0 = ignore
+  'joints'   [b, M, K, 2] int32 (k * h * h + y * h + x, visible)
+"""
+
+import collections
+import threading
+from typing import Any, Iterator
+
+from absl import logging
+import cv2
+import numpy as np
+
+from ae_jax.data import coco as coco_lib
+from ae_jax.data import transforms
+from ae_jax.keypoints import NUM_JOINTS
+
+_MAX_REPLACEMENTS = 64  # consecutive unreadable images before giving up
+_SALT_PERMUTATION = 0x5EED
+_SALT_AUGMENT = 0xA06
+
+
+class SkipCounter:
+  """Thread-safe counts of skipped examples by reason (logs each file once)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.counts = collections.Counter()
+    self.files: dict[str, str] = {}
+
+  def add(self, reason: str, name: str, n: int = 1) -> None:
+    with self._lock:
+      self.counts[reason] += n
+      if name not in self.files:
+        self.files[name] = reason
+        logging.warning('Skipping %s (%s): replaced by the next image.', name,
+                        reason)
+
+
+def read_image(path_or_bytes) -> tuple[np.ndarray | None, str | None]:
+  """Decodes a JPEG/PNG to RGB uint8 with cv2 (mmpose's decoder).
+
+  Returns:
+    (image [H, W, 3] uint8, None) or (None, skip reason).
+  """
+  if isinstance(path_or_bytes, (bytes, np.bytes_)):
+    data = path_or_bytes
+  else:
+    try:
+      with open(path_or_bytes, 'rb') as f:
+        data = f.read()
+    except OSError:
+      return None, coco_lib.MISSING
+  buf = np.frombuffer(data, np.uint8)
+  image = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB) if buf.size else None
+  if image is None:
+    return None, coco_lib.CORRUPT
+  return image, None
+
+
+class ExampleSource:
+  """Random access to raw examples: annotations + image file or bytes."""
+
+  def __init__(self, examples: list[coco_lib.CocoExample], image_dir: str = '',
+               image_bytes=None):
+    self.examples = examples
+    self.image_dir = image_dir
+    self._image_bytes = image_bytes  # callable i -> bytes (TFDS source)
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def image(self, i: int):
+    if self._image_bytes is not None:
+      return self._image_bytes(i)
+    return f'{self.image_dir}/{self.examples[i].file_name}'
+
+
+def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size: int,
+                heatmap_size: int, scale_type: str, trans_factor: float):
+  """Builds the host function for tf.numpy_function (decode + affine + flip).
+
+  Returns:
+    fn(index, rot, scale, u_dx, u_dy, flip) -> (image [S, S, 3] uint8,
+    mask [h, h] float32, joints [P, K, 3] float32, image_id int64).
+  """
+
+  def load(index, rot, scale, u_dx, u_dy, flip):
+    i = int(index)
+    for _ in range(_MAX_REPLACEMENTS):
+      ex = source.examples[i]
+      image, reason = read_image(source.image(i))
+      if image is not None:
+        break
+      skips.add(reason, ex.file_name)
+      i = (i + 1) % len(source)
+    else:
+      raise RuntimeError(f'{_MAX_REPLACEMENTS} consecutive COCO images could '
+                         f'not be read (last: {ex.file_name}); check the data.')
+    height, width = image.shape[:2]
+    # The annotation size is authoritative for the mask; a mismatch means
+    # the image does not belong to these annotations.
+    ignore = coco_lib.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width)
+    if (height, width) != (ex.height, ex.width):
+      ignore = cv2.resize(ignore, (width, height),
+                          interpolation=cv2.INTER_NEAREST)
+    s = float(scale)
+    aug = transforms.AugParams(
+        rot=float(rot), scale=s,
+        dx=transforms.shift_from_uniform(float(u_dx), width, s, trans_factor),
+        dy=transforms.shift_from_uniform(float(u_dy), height, s, trans_factor),
+        flip=bool(flip > 0.5))
+    out, mask, joints = transforms.transform_example(
+        image, ignore, ex.keypoints, aug, input_size, heatmap_size, scale_type)
+    return out, mask, joints, np.int64(ex.image_id)
+
+  return load
+
+
+class TrainDataset:
+  """Iterable of host-local train batches; see module docstring.
+
+  Attributes:
+    num_examples: train images per epoch after filtering (lr schedule).
+    skipped_in_index: reason -> image ids dropped from the split.
+    skips: runtime replacements (missing/corrupt files), by reason.
+    dataset: the underlying tf.data.Dataset of batches.
+  """
+
+  def __init__(self, dataset, num_examples: int, skipped_in_index, skips):
+    self.dataset = dataset
+    self.num_examples = num_examples
+    self.skipped_in_index = skipped_in_index
+    self.skips = skips
+
+  @property
+  def skipped(self) -> dict[str, int]:
+    """All skip counts so far: index filtering + runtime replacements."""
+    counts = {k: len(v) for k, v in self.skipped_in_index.items()}
+    for k, v in self.skips.counts.items():
+      counts[k] = counts.get(k, 0) + v
+    return counts
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self.dataset.as_numpy_iterator()
+
+
+def _load_source(coco_root: str, split: str, source: str, tfds_data_dir: str):
+  """Returns (ExampleSource, skipped-in-index dict)."""
+  if source == 'json':
+    index = coco_lib.load_coco_index(coco_root, split)
+    return ExampleSource(index.examples, index.image_dir), index.skipped
+  if source == 'tfds':
+    from ae_jax.data import tfds_coco  # pylint: disable=g-import-not-at-top
+    return tfds_coco.load_source(coco_root, split, tfds_data_dir)
+  raise ValueError(f"Unknown data source {source!r}: 'json' or 'tfds'")
+
+
+def make_train_dataset(coco_root: str, split: str, *, input_size: int,
+                       heatmap_size: int, sigma: float, max_people: int,
+                       rot_factor: float, scale_factor, scale_type: str,
+                       trans_factor: float, flip_prob: float, augment: bool,
+                       global_batch_size: int, seed: int, start_step: int = 0,
+                       source: str = 'json', tfds_data_dir: str = '',
+                       shuffle_buffer: int = 2048,
+                       num_parallel_calls: int = -1,
+                       process_index: int | None = None,
+                       process_count: int | None = None,
+                       **unused: Any) -> TrainDataset:
+  """Builds the infinite, deterministic AE train stream for this host.
+
+  Keyword names follow config.data (configs/default.py); `split` is
+  config.data.train_split, the batch size and seed come from config.train /
+  config.seed. Extra config.data keys (e.g. val_split) are ignored.
+
+  Args:
+    coco_root: COCO root folder.
+    split: image split, e.g. 'train2017'.
+    input_size: S.
+    heatmap_size: h.
+    sigma: heatmap Gaussian sigma (heatmap px).
+    max_people: M.
+    rot_factor: max rotation (degrees).
+    scale_factor: (min, max) zoom.
+    scale_type: 'short' or 'long'.
+    trans_factor: max center shift (mmpose units).
+    flip_prob: horizontal flip probability.
+    augment: False = no random affine/flip (center crop, for overfitting).
+    global_batch_size: B over all hosts.
+    seed: stream seed.
+    start_step: first global step to produce (resume).
+    source: 'json' (pycocotools) or 'tfds' (tfds_coco builder).
+    tfds_data_dir: TFDS data_dir for source 'tfds'.
+    shuffle_buffer: unused; every epoch is a full permutation, which a
+      buffer shuffle can only approximate. Kept for config compatibility.
+    num_parallel_calls: map parallelism, -1 = AUTOTUNE.
+    process_index: host index (default jax.process_index()).
+    process_count: number of hosts (default jax.process_count()).
+    **unused: other config.data keys.
+
+  Returns:
+    A TrainDataset.
+  """
+  del shuffle_buffer, unused
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f'global_batch_size {global_batch_size} is not divisible '
+                     f'by the {process_count} processes')
+  local_batch = global_batch_size // process_count
+  src, skipped_in_index = _load_source(coco_root, split, source,
+                                       tfds_data_dir)
+  for reason, ids in skipped_in_index.items():
+    logging.info('COCO %s: skipped %d images (%s).', split, len(ids), reason)
+  num = len(src)
+  logging.info('COCO %s: %d training images.', split, num)
+  skips = SkipCounter()
+  load = make_loader(src, skips, input_size=input_size,
+                     heatmap_size=heatmap_size, scale_type=scale_type,
+                     trans_factor=trans_factor if augment else 0.0)
+
+  start = int(start_step) * global_batch_size
+  first_epoch, first_offset = divmod(start, num)
+
+  def epoch_positions(epoch):
+    seed_e = tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, _SALT_PERMUTATION], tf.int64), epoch)
+    perm = tf.random.experimental.stateless_shuffle(
+        tf.range(num, dtype=tf.int64), seed=seed_e)
+    offset = tf.where(epoch == first_epoch, tf.cast(first_offset, tf.int64),
+                      tf.constant(0, tf.int64))
+    j = tf.range(offset, num, dtype=tf.int64)
+    return tf.data.Dataset.from_tensor_slices((epoch * num + j, perm[offset:]))
+
+  def on_this_host(g, unused_index):
+    slot = g % global_batch_size
+    return (slot >= process_index * local_batch) & (
+        slot < (process_index + 1) * local_batch)
+
+  def transform(g, index):
+    aug_seed = tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, _SALT_AUGMENT], tf.int64), g)
+    rot, scale, u_dx, u_dy, flip = transforms.sample_augmentation(
+        aug_seed, rot_factor, scale_factor, flip_prob, augment)
+    image, mask, joints, _ = tf.numpy_function(
+        load, [index, rot, scale, u_dx, u_dy, flip],
+        [tf.uint8, tf.float32, tf.float32, tf.int64], stateful=False)
+    image = tf.ensure_shape(image, [input_size, input_size, 3])
+    mask = tf.ensure_shape(mask, [heatmap_size, heatmap_size])
+    joints = tf.ensure_shape(joints, [None, NUM_JOINTS, 3])
+    from ae_jax.data import targets  # pylint: disable=g-import-not-at-top
+    return {
+        'image': transforms.normalize_image(image),
+        'heatmaps': targets.generate_heatmaps(joints, heatmap_size, sigma),
+        'mask': mask,
+        'joints': targets.encode_joints(joints, heatmap_size, max_people),
+    }
+
+  ds = tf.data.Dataset.range(first_epoch, tf.int64.max)
+  ds = ds.flat_map(epoch_positions)
+  ds = ds.filter(on_this_host)
+  ds = ds.map(transform, num_parallel_calls=(
+      tf.data.AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls),
+              deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  ds = ds.with_options(options)
+  return TrainDataset(ds, num, skipped_in_index, skips)

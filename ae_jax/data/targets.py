@@ -1,0 +1,103 @@
+"""AE training targets as vectorised TF ops: heatmaps and joint encodings.
+
+mmpose 0.x `HeatmapGenerator` and `JointsEncoder` (tag_per_joint True),
+without Python loops so they run in tf.data's thread pool outside the GIL.
+
+Facts kept from mmpose:
+  * a joint counts when v > 0 and its integer position (int(), i.e.
+    truncation toward zero, so x in (-1, 0) gives 0) lies in the map;
+  * the Gaussian patch is g[i, j] = exp(-((j - x0)^2 + (i - y0)^2) / 2s^2)
+    with x0 = y0 = 3s + 1 on a ceil(6s + 3) grid, pasted with its corner at
+    round(x - 3s - 1) (so it is centred on the integer joint), clipped to
+    the map, max over people;
+  * the joint encoding packs each person's kept joints to the front:
+    slot t of person m holds (k * h * h + y * h + x, 1) for its t-th kept
+    joint k, zeros after; only the first M people are encoded.
+
+Shapes: joints [P, K, 3] float32 (x, y, v) in heatmap pixels; heatmaps
+[h, h, K] float32 in [0, 1] (NHWC); encodings [M, K, 2] int32.
+"""
+
+import math
+
+import tensorflow as tf
+
+
+def _kept_positions(joints, heatmap_size: int):
+  """Integer positions [P, K] (x, y) and the kept flag [P, K] bool."""
+  xy = tf.cast(joints[..., :2], tf.int32)  # truncation toward zero, as int()
+  x, y = xy[..., 0], xy[..., 1]
+  kept = ((joints[..., 2] > 0) & (x >= 0) & (y >= 0) & (x < heatmap_size) &
+          (y < heatmap_size))
+  return x, y, kept
+
+
+def generate_heatmaps(joints, heatmap_size: int, sigma: float):
+  """Gaussian heatmaps, max over people (mmpose HeatmapGenerator).
+
+  Args:
+    joints: [P, K, 3] float32 in heatmap pixels (P may be 0).
+    heatmap_size: h.
+    sigma: Gaussian sigma in heatmap pixels.
+
+  Returns:
+    [h, h, K] float32 in [0, 1].
+  """
+  joints = tf.convert_to_tensor(joints, tf.float32)
+  num_joints = joints.shape[1]
+  x, y, kept = _kept_positions(joints, heatmap_size)
+  size = int(math.ceil(6 * sigma + 3))  # len(np.arange(0, 6s + 3))
+  center = 3.0 * sigma + 1.0
+  # Patch corner and exclusive end, rounded half to even like np.round.
+  ulx = tf.cast(tf.round(tf.cast(x, tf.float32) - center), tf.int32)
+  uly = tf.cast(tf.round(tf.cast(y, tf.float32) - center), tf.int32)
+  brx = tf.cast(tf.round(tf.cast(x, tf.float32) + center + 1), tf.int32)
+  bry = tf.cast(tf.round(tf.cast(y, tf.float32) + center + 1), tf.int32)
+  grid = tf.range(size, dtype=tf.int32)
+  gridf = tf.cast(grid, tf.float32)
+  # Separable per-axis parts of the patch: [P, K, size].
+  px = ulx[..., None] + grid
+  py = uly[..., None] + grid
+  okx = (px >= 0) & (px < heatmap_size) & (px < brx[..., None])
+  oky = (py >= 0) & (py < heatmap_size) & (py < bry[..., None])
+  # exp of the summed squares in float32, as mmpose computes g.
+  d2 = ((gridf - center)**2)[:, None] + ((gridf - center)**2)[None, :]
+  g = tf.exp(-d2 / (2.0 * sigma**2))  # [size(y), size(x)]
+  ok = (oky[..., :, None] & okx[..., None, :]) & kept[..., None, None]
+  values = tf.where(ok, g, 0.0)  # [P, K, size, size]
+  # Indices into [K, h, h]; masked updates go to (k, 0, 0) with value 0,
+  # harmless under a max because heatmaps are >= 0.
+  kk = tf.broadcast_to(tf.range(num_joints)[None, :, None, None],
+                       tf.shape(values))
+  yy = tf.where(ok, tf.broadcast_to(py[..., :, None], tf.shape(values)), 0)
+  xx = tf.where(ok, tf.broadcast_to(px[..., None, :], tf.shape(values)), 0)
+  idx = tf.reshape(tf.stack([kk, yy, xx], -1), [-1, 3])
+  maps = tf.tensor_scatter_nd_max(
+      tf.zeros([num_joints, heatmap_size, heatmap_size], tf.float32), idx,
+      tf.reshape(values, [-1]))
+  return tf.transpose(maps, [1, 2, 0])
+
+
+def encode_joints(joints, heatmap_size: int, max_people: int):
+  """mmpose JointsEncoder: (flat tag-map index, 1) per kept joint.
+
+  Args:
+    joints: [P, K, 3] float32 in heatmap pixels (P may be 0 or > M).
+    heatmap_size: h.
+    max_people: M; people beyond it are dropped (mmpose would fail).
+
+  Returns:
+    [M, K, 2] int32.
+  """
+  joints = tf.convert_to_tensor(joints, tf.float32)[:max_people]
+  num_joints = joints.shape[1]
+  num_people = tf.shape(joints)[0]
+  x, y, kept = _kept_positions(joints, heatmap_size)
+  k = tf.range(num_joints, dtype=tf.int32)[None, :]
+  flat = k * heatmap_size * heatmap_size + y * heatmap_size + x
+  code = tf.stack([flat, tf.ones_like(flat)], -1) * tf.cast(
+      kept, tf.int32)[..., None]
+  # Stable sort puts each person's kept joints first, in joint order.
+  order = tf.argsort(tf.cast(~kept, tf.int32), axis=1, stable=True)
+  code = tf.gather(code, order, axis=1, batch_dims=1)
+  return tf.pad(code, [[0, max_people - num_people], [0, 0], [0, 0]])
