@@ -1,0 +1,77 @@
+r"""Converts an mmpose / mmcls MobileNetV2 PyTorch checkpoint to Flax.
+
+  python convert_torch_weights.py INPUT.pth OUTPUT_DIR [--config=...]
+
+INPUT.pth is either the mmpose AE model (`state_dict` with `backbone.*` and
+`keypoint_head.*`, e.g. mobilenetv2_coco_512x512-4d96e309_20200816.pth) or an
+ImageNet MobileNetV2 classifier (mmcls layout, e.g.
+mobilenet_v2_batch256_imagenet_20200708-3b2dc3af.pth; backbone only, for
+`--config.train.init_checkpoint`). OUTPUT_DIR receives an orbax variables
+checkpoint that eval.py / train.py read (ae_jax.checkpoints). The model
+shape comes from `--config`'s `model` group (the paper model by default);
+`--infer_arch` takes widen_factor and head widths from the checkpoint.
+
+Any mismatch (missing, unused or differently shaped tensors), a missing,
+truncated or non-checkpoint file gives a one-line error and exit status 1.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               'configs', 'default.py')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', _DEFAULT_CONFIG, 'Config whose `model` group is converted for.',
+    lock_config=True)
+_INFER_ARCH = flags.DEFINE_bool(
+    'infer_arch', False,
+    'Infer widen_factor / num_deconv_filters / num_joints from the weights '
+    'instead of taking them from --config.')
+
+
+def main(argv):
+  if len(argv) != 3:
+    raise app.UsageError(
+        'usage: convert_torch_weights.py INPUT.pth OUTPUT_DIR [--config=...]')
+  input_path, output_dir = argv[1], argv[2]
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every write at INFO
+  # Imported here so --help and flag errors stay fast; torch is lazy inside.
+  from ae_jax import convert  # pylint: disable=g-import-not-at-top
+
+  model = _CONFIG.value.model
+  kwargs = {} if _INFER_ARCH.value else dict(
+      widen_factor=model.widen_factor,
+      num_deconv_filters=tuple(model.num_deconv_filters),
+      num_joints=model.num_joints)
+  try:
+    result = convert.convert_checkpoint(input_path, **kwargs)
+  except convert.ConversionError as e:
+    where = '' if input_path in str(e) else f'{input_path}: '
+    print(f'error: {where}{e}', file=sys.stderr)
+    sys.exit(1)
+
+  from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    checkpoints.save_variables(output_dir, result.variables)
+  except OSError as e:
+    print(f'error: cannot write {output_dir}: {e}', file=sys.stderr)
+    sys.exit(1)
+  model_args = ', '.join(f'{k}={v}' for k, v in
+                         sorted(result.model_kwargs.items()))
+  print(f'converted {result.kind} checkpoint {input_path}\n'
+        f'  model: AEModel({model_args})'
+        f'{" backbone only" if result.kind == convert.IMAGENET else ""}\n'
+        f'  tensors: {result.num_tensors} used, {len(result.dropped)} '
+        f'dropped (num_batches_tracked, classifier head)\n'
+        f'  parameters: {result.num_params:,}\n'
+        f'  written to {os.path.abspath(output_dir)}')
+
+
+if __name__ == '__main__':
+  app.run(main)
