@@ -1,0 +1,226 @@
+"""Train transforms with fixed parameters equal an mmpose-style cv2 reference.
+
+The reference below is written from mmpose 0.x's description: mmcv decode
+(cv2 BGR -> RGB), `_get_mask` (sum of decoded crowd / no-keypoint masks,
+valid = m < 0.5), the 3-point cv2.getAffineTransform on float32 points,
+cv2.warpAffine of the image (input size) and of mask * 255 (heatmap size,
+then > 0.5), flip after the affine, ToTensor + NormalizeTensor, and the
+HeatmapGenerator / JointsEncoder loops.
+
+Tolerances, and why: our matrix is mmpose's in closed form, equal to the
+3-point construction to ~1e-12 px, and cv2 snaps source coordinates to 1/32
+px, so a handful of pixels may round the other way: the uint8 image may
+differ by <= 2 levels on < 0.1% of pixels (measured: 1 level, < 0.04%),
+the mask on < 0.5% of pixels (measured: none). Joints agree to 1e-4 heatmap
+px (measured 1.5e-5) and fall in the same integer cells, so heatmaps (1e-6,
+float32 exp) and encodings (exact) match.
+"""
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip('cv2')
+tf = pytest.importorskip('tensorflow')
+
+from pycocotools import coco as coco_api  # pylint: disable=g-import-not-at-top
+from pycocotools import mask as mask_api  # pylint: disable=g-import-not-at-top
+
+from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
+from ae_jax.data import targets  # pylint: disable=g-import-not-at-top
+from ae_jax.data import transforms  # pylint: disable=g-import-not-at-top
+from ae_jax.keypoints import FLIP_INDEX  # pylint: disable=g-import-not-at-top
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+SPLIT = 'val2017'
+
+
+def _mmpose_matrix(center, scale, rot, size):
+  """get_affine_transform: 3 float32 point pairs -> cv2.getAffineTransform."""
+  src_w = scale[0] * 200.0
+  r = np.deg2rad(rot)
+  src_dir = np.array([-(src_w * -0.5) * np.sin(r), (src_w * -0.5) * np.cos(r)])
+  dst_dir = np.array([0.0, size * -0.5])
+  perp = lambda a, b: b + np.array([-(a - b)[1], (a - b)[0]])
+  src = np.zeros((3, 2), np.float32)
+  dst = np.zeros((3, 2), np.float32)
+  src[0], src[1] = center, center + src_dir
+  dst[0] = dst[1] = (size * 0.5, size * 0.5)
+  dst[1] = dst[0] + dst_dir
+  src[2], dst[2] = perp(src[0], src[1]), perp(dst[0], dst[1])
+  return cv2.getAffineTransform(src, dst)
+
+
+def _reference(root, image_id, aug, s_in, s_hm, sigma=2, max_people=30):
+  """One example as mmpose's train pipeline builds it (loops, cv2)."""
+  api = coco_api.COCO(str(root / 'annotations' /
+                          f'person_keypoints_{SPLIT}.json'))
+  info = api.imgs[image_id]
+  bgr = cv2.imread(str(root / SPLIT / info['file_name']), cv2.IMREAD_COLOR)
+  img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+  h, w = info['height'], info['width']
+  anns = api.loadAnns(api.getAnnIds(imgIds=image_id))
+  m = np.zeros((h, w), np.float32)
+  for obj in anns:
+    if obj['iscrowd']:
+      m += mask_api.decode(mask_api.frPyObjects(obj['segmentation'], h, w))
+    elif obj['num_keypoints'] == 0:
+      for rle in mask_api.frPyObjects(obj['segmentation'], h, w):
+        m += mask_api.decode(rle)
+  valid = m < 0.5
+  people = [a for a in anns if a['iscrowd'] == 0 or a['num_keypoints'] > 0]
+  joints = np.array([np.reshape(a['keypoints'], (-1, 3)) for a in people],
+                    np.float32)
+  # BottomUpRandomAffine, scale_type 'short', square sizes.
+  center = np.array((w / 2, h / 2)) + (aug.dx, aug.dy)
+  iw, ih = w * aug.scale, h * aug.scale
+  side = iw if iw / s_hm < ih / s_hm else ih
+  scale = np.array([side, side]) / 200.0
+  mat_hm = _mmpose_matrix(center, scale, aug.rot, s_hm)
+  mat_in = _mmpose_matrix(center, scale, aug.rot, s_in)
+  mask = cv2.warpAffine((valid * 255).astype(np.uint8), mat_hm,
+                        (s_hm, s_hm)) / 255
+  mask = (mask > 0.5).astype(np.float32)
+  for p in range(len(joints)):
+    for k in range(17):
+      x, y = joints[p, k, :2]
+      joints[p, k, :2] = mat_hm @ np.array([x, y, 1.0])
+  out = cv2.warpAffine(img, mat_in, (s_in, s_in))
+  if aug.flip:  # BottomUpRandomFlip
+    out = out[:, ::-1].copy()
+    mask = mask[:, ::-1].copy()
+    joints = joints[:, FLIP_INDEX]
+    joints[:, :, 0] = s_hm - joints[:, :, 0] - 1
+  hms = np.zeros((17, s_hm, s_hm), np.float32)
+  xs = np.arange(0, 6 * sigma + 3, 1, np.float32)
+  g = np.exp(-((xs - 3 * sigma - 1)**2 + (xs[:, None] - 3 * sigma - 1)**2) /
+             (2 * sigma**2))
+  enc = np.zeros((max_people, 17, 2), np.int32)
+  for p, person in enumerate(joints):
+    tot = 0
+    for k, (x, y, v) in enumerate(person):
+      xi, yi = int(x), int(y)
+      if v <= 0 or not (0 <= xi < s_hm and 0 <= yi < s_hm):
+        continue
+      enc[p, tot] = (k * s_hm * s_hm + yi * s_hm + xi, 1)
+      tot += 1
+      for dy in range(len(xs)):
+        for dx in range(len(xs)):
+          py, px = yi - 3 * sigma - 1 + dy, xi - 3 * sigma - 1 + dx
+          if 0 <= py < s_hm and 0 <= px < s_hm:
+            hms[k, py, px] = max(hms[k, py, px], g[dy, dx])
+  norm = (out.astype(np.float32) / 255.0 - MEAN) / STD
+  return dict(uint8=out, image=norm, mask=mask, joints_xy=joints,
+              heatmaps=hms.transpose(1, 2, 0), enc=enc)
+
+
+def _ours(root, image_id, aug, s_in, s_hm):
+  index = coco.load_coco_index(str(root), SPLIT)
+  ex = [e for e in index.examples if e.image_id == image_id][0]
+  bgr = cv2.imread(str(root / SPLIT / ex.file_name), cv2.IMREAD_COLOR)
+  image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+  ignore = coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width)
+  out, mask, joints = transforms.transform_example(
+      image, ignore, ex.keypoints, aug, s_in, s_hm, 'short')
+  return dict(
+      uint8=out, image=transforms.normalize_image(out).numpy(), mask=mask,
+      joints_xy=joints,
+      heatmaps=targets.generate_heatmaps(joints, s_hm, 2.0).numpy(),
+      enc=targets.encode_joints(joints, s_hm, 30).numpy())
+
+
+def _compare(ours, ref):
+  diff = np.abs(ours['uint8'].astype(int) - ref['uint8'])
+  assert (diff > 0).mean() < 1e-3 and diff.max() <= 2, diff.max()
+  assert (ours['mask'] != ref['mask']).mean() < 5e-3
+  np.testing.assert_allclose(ours['joints_xy'], ref['joints_xy'], atol=1e-4)
+  # Same integer cells (true for these parameters) -> identical targets.
+  np.testing.assert_array_equal(np.trunc(ours['joints_xy'][..., :2]),
+                                np.trunc(ref['joints_xy'][..., :2]))
+  np.testing.assert_allclose(ours['heatmaps'], ref['heatmaps'], atol=1e-6)
+  np.testing.assert_array_equal(ours['enc'], ref['enc'])
+  same = diff == 0
+  np.testing.assert_allclose(ours['image'][same], ref['image'][same],
+                             atol=1e-6)
+
+
+AUGS = [
+    transforms.AugParams(),  # identity: centred 'short' crop
+    transforms.AugParams(rot=23.5, scale=0.8, dx=-7, dy=5, flip=True),
+    transforms.AugParams(rot=-30.0, scale=1.5, dx=12, dy=-15, flip=False),
+]
+
+
+@pytest.mark.parametrize('image_id', [785, 40083, 196141, 197388])
+@pytest.mark.parametrize('aug', AUGS)
+def test_small_matches_mmpose_reference(coco_mini_root, image_id, aug):
+  _compare(_ours(coco_mini_root, image_id, aug, 128, 32),
+           _reference(coco_mini_root, image_id, aug, 128, 32))
+
+
+def test_full_size_matches_mmpose_reference(coco_mini_root):
+  aug = transforms.AugParams(rot=-11.0, scale=1.2, dx=3, dy=-9, flip=True)
+  _compare(_ours(coco_mini_root, 196141, aug, 512, 128),
+           _reference(coco_mini_root, 196141, aug, 512, 128))
+
+
+def test_flip_swaps_left_right(coco_mini_root):
+  """Flipped joint k sits at the mirror of unflipped joint FLIP_INDEX[k]."""
+  plain = _ours(coco_mini_root, 785, transforms.AugParams(rot=5.0), 128, 32)
+  flip = _ours(coco_mini_root, 785,
+               transforms.AugParams(rot=5.0, flip=True), 128, 32)
+  lw, rw = 9, 10  # left / right wrist
+  np.testing.assert_allclose(flip['joints_xy'][0, lw, 0],
+                             32 - 1 - plain['joints_xy'][0, rw, 0], atol=1e-5)
+  np.testing.assert_allclose(flip['joints_xy'][0, lw, 1],
+                             plain['joints_xy'][0, rw, 1], atol=1e-5)
+  np.testing.assert_array_equal(flip['uint8'], plain['uint8'][:, ::-1])
+  np.testing.assert_array_equal(flip['mask'], plain['mask'][:, ::-1])
+  # The flipped left-wrist map peaks at int() of the mirrored right wrist
+  # (mmpose truncates after mirroring, so maps are mirrored within 1 px).
+  x, y = flip['joints_xy'][0, lw, :2]
+  assert flip['heatmaps'][int(y), int(x), lw] == 1.0
+  py, px = np.unravel_index(plain['heatmaps'][..., rw].argmax(), (32, 32))
+  assert int(y) == py and abs(int(x) - (31 - px)) <= 1
+
+
+@pytest.mark.parametrize('mode', ['eager', 'map'])
+def test_sample_augmentation_ranges(mode):
+  def draw(seed):
+    return tf.stack(transforms.sample_augmentation(
+        seed, 30.0, (0.75, 1.5), 0.5))
+  seeds = tf.stack([tf.zeros([256], tf.int64), tf.range(256, dtype=tf.int64)],
+                   1)
+  if mode == 'eager':
+    got = np.stack([draw(s).numpy() for s in seeds])
+  else:
+    got = np.stack(list(
+        tf.data.Dataset.from_tensor_slices(seeds).map(draw).as_numpy_iterator()))
+  rot, scale, udx, udy, flip = got.T
+  assert np.abs(rot).max() <= 30 and rot.std() > 10
+  assert scale.min() >= 0.75 and scale.max() <= 1.5
+  assert 0 <= udx.min() and udy.max() < 1
+  assert set(np.unique(flip)) == {0.0, 1.0} and 0.3 < flip.mean() < 0.7
+  again = tf.stack(transforms.sample_augmentation(seeds[7], 30.0, (0.75, 1.5),
+                                                  0.5)).numpy()
+  np.testing.assert_array_equal(again, got[7])  # stateless: same seed, same
+
+
+@pytest.mark.parametrize('mode', ['eager', 'map'])
+def test_normalize_image(mode):
+  img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)
+  if mode == 'eager':
+    got = transforms.normalize_image(img).numpy()
+  else:
+    ds = tf.data.Dataset.from_tensors(img).map(transforms.normalize_image)
+    got = next(iter(ds)).numpy()
+  np.testing.assert_allclose(got, (img / 255.0 - MEAN) / STD, atol=1e-6)
+
+
+def test_shift_matches_randint_range():
+  # mmpose: randint(-40 * 640 * 1.2 / 200, 40 * 640 * 1.2 / 200) = [-153, 153)
+  assert transforms.translation_range(640, 1.2, 40) == (-153, 153)
+  shifts = [transforms.shift_from_uniform(u, 640, 1.2, 40)
+            for u in np.linspace(0, 1, 1000, endpoint=False)]
+  assert min(shifts) == -153 and max(shifts) == 152
+  assert transforms.shift_from_uniform(0.5, 640, 1.2, 0) == 0
