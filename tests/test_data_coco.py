@@ -1,0 +1,68 @@
+"""COCO index: mmpose's image filtering, kept people and ignore masks."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_api
+
+from ae_jax.data import coco
+
+
+def _mmpose_valid_mask(anns, h, w):
+  """mmpose _get_mask: sum the decoded ignore masks, valid = m < 0.5."""
+  m = np.zeros((h, w), np.float32)
+  for obj in anns:
+    if obj['iscrowd']:
+      rles = mask_api.frPyObjects(obj['segmentation'], h, w)
+      for rle in rles if isinstance(rles, list) else [rles]:
+        m += mask_api.decode(rle)
+    elif obj['num_keypoints'] == 0:
+      for rle in mask_api.frPyObjects(obj['segmentation'], h, w):
+        m += mask_api.decode(rle)
+  return m < 0.5
+
+
+def test_mini_coco_index(coco_mini_root):
+  index = coco.load_coco_index(str(coco_mini_root), 'val2017')
+  data = json.loads((coco_mini_root / 'annotations' /
+                     'person_keypoints_val2017.json').read_text())
+  assert [e.image_id for e in index.examples] == [785, 40083, 196141, 197388]
+  assert index.skipped == {}
+  for ex in index.examples:
+    anns = [a for a in data['annotations'] if a['image_id'] == ex.image_id]
+    kept = [a for a in anns if a['iscrowd'] == 0 or a['num_keypoints'] > 0]
+    assert ex.keypoints.shape == (len(kept), 17, 3)
+    np.testing.assert_array_equal(
+        ex.keypoints, np.array([a['keypoints'] for a in kept],
+                               np.float32).reshape(-1, 17, 3))
+    ignore = coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width)
+    np.testing.assert_array_equal(ignore == 0,
+                                  _mmpose_valid_mask(anns, ex.height, ex.width))
+  # The two images with a no-keypoint person carry an ignore region.
+  with_ignore = [e.image_id for e in index.examples if e.ignore_rle]
+  assert with_ignore == [40083, 196141]
+
+
+def test_filtering_no_people_and_crowd_only(coco_mini_root, tmp_path):
+  root = tmp_path / 'coco'
+  shutil.copytree(coco_mini_root, root)
+  ann_file = root / 'annotations' / 'person_keypoints_val2017.json'
+  data = json.loads(ann_file.read_text())
+  # 785 becomes crowd-only (its one person turned into a crowd region).
+  for a in data['annotations']:
+    if a['image_id'] == 785:
+      a.update(iscrowd=1, num_keypoints=0, keypoints=[0] * 51)
+  # 197388 loses its annotations: no people.
+  data['annotations'] = [a for a in data['annotations']
+                         if a['image_id'] != 197388]
+  ann_file.write_text(json.dumps(data))
+  index = coco.load_coco_index(str(root), 'val2017')
+  assert [e.image_id for e in index.examples] == [40083, 196141]
+  assert index.skipped == {coco.CROWD_ONLY: [785], coco.NO_PEOPLE: [197388]}
+
+
+def test_missing_files_name_the_problem(tmp_path):
+  with pytest.raises(FileNotFoundError, match='person_keypoints_train2017'):
+    coco.load_coco_index(str(tmp_path), 'train2017')

@@ -1,0 +1,141 @@
+"""Train pipeline: contract, determinism, resume, host sharding, bad files."""
+
+import itertools
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from ae_jax.data import coco
+from ae_jax.data import pipeline
+from ae_jax.data import targets
+from ae_jax.data import transforms
+
+SMALL = dict(input_size=64, heatmap_size=16, sigma=2.0, max_people=30,
+             rot_factor=30.0, scale_factor=(0.75, 1.5), scale_type='short',
+             trans_factor=40.0, flip_prob=0.5, augment=True)
+
+
+def _make(root, **kw):
+  args = dict(SMALL, global_batch_size=3, seed=7, process_index=0,
+              process_count=1)
+  args.update(kw)
+  return pipeline.make_train_dataset(str(root), 'val2017', **args)
+
+
+def _take(ds, n):
+  return list(itertools.islice(iter(ds), n))
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_contract_and_same_seed_same_batches(coco_mini_root):
+  ds = _make(coco_mini_root)
+  assert ds.num_examples == 4
+  first = _take(ds, 3)
+  b = first[0]
+  assert b['image'].shape == (3, 64, 64, 3) and b['image'].dtype == np.float32
+  assert b['heatmaps'].shape == (3, 16, 16, 17)
+  assert b['heatmaps'].min() >= 0 and b['heatmaps'].max() <= 1
+  assert b['mask'].shape == (3, 16, 16) and b['mask'].dtype == np.float32
+  assert b['joints'].shape == (3, 30, 17, 2) and b['joints'].dtype == np.int32
+  _assert_same(first, _take(_make(coco_mini_root), 3))
+  other = _take(_make(coco_mini_root, seed=8), 1)[0]
+  assert not np.array_equal(other['image'], b['image'])
+
+
+def test_resume_at_start_step(coco_mini_root):
+  # 3 per batch over 4 images: batches straddle epoch boundaries.
+  full = _take(_make(coco_mini_root), 5)
+  _assert_same(full[3:], _take(_make(coco_mini_root, start_step=3), 2))
+
+
+def test_hosts_split_the_global_batch(coco_mini_root):
+  whole = _take(_make(coco_mini_root, global_batch_size=4), 2)
+  parts = [_take(_make(coco_mini_root, global_batch_size=4, process_index=p,
+                       process_count=2), 2) for p in range(2)]
+  for step in range(2):
+    for key in whole[step]:
+      np.testing.assert_array_equal(
+          whole[step][key],
+          np.concatenate([parts[0][step][key], parts[1][step][key]]))
+
+
+def _expected_unaugmented(root, size, hm_size):
+  """Per image id: the fixed-parameter transform (checked in its own test)."""
+  index = coco.load_coco_index(str(root), 'val2017')
+  out = {}
+  for ex in index.examples:
+    bgr = cv2.imread(str(root / 'val2017' / ex.file_name))
+    if bgr is None:  # a file the test broke
+      continue
+    img, mask, joints = transforms.transform_example(
+        cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
+        coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width),
+        ex.keypoints, transforms.AugParams(), size, hm_size)
+    out[ex.image_id] = dict(
+        image=transforms.normalize_image(img).numpy(), mask=mask,
+        heatmaps=targets.generate_heatmaps(joints, hm_size, 2.0).numpy(),
+        joints=targets.encode_joints(joints, hm_size, 30).numpy())
+  return out
+
+
+def _match(batch, expected):
+  """Image id of each example in the batch (exact match of every field)."""
+  ids = []
+  for i in range(batch['image'].shape[0]):
+    hits = [k for k, e in expected.items()
+            if all(np.array_equal(batch[f][i], e[f]) for f in e)]
+    assert len(hits) == 1, f'example {i} matches {hits}'
+    ids.append(hits[0])
+  return ids
+
+
+def test_full_size_unaugmented_is_the_fixed_transform(coco_mini_root):
+  """512/128, augment off: each example is exactly one mini COCO image."""
+  ds = _make(coco_mini_root, input_size=512, heatmap_size=128, augment=False,
+             global_batch_size=4)
+  expected = _expected_unaugmented(coco_mini_root, 512, 128)
+  ids = _match(_take(ds, 1)[0], expected)
+  assert sorted(ids) == [785, 40083, 196141, 197388]  # one epoch, permuted
+
+
+def test_bad_images_are_replaced_and_counted(coco_mini_root, tmp_path):
+  root = tmp_path / 'coco'
+  shutil.copytree(coco_mini_root, root)
+  ann_file = root / 'annotations' / 'person_keypoints_val2017.json'
+  data = json.loads(ann_file.read_text())
+  for a in data['annotations']:  # 785: crowd-only, dropped from the index
+    if a['image_id'] == 785:
+      a.update(iscrowd=1, num_keypoints=0, keypoints=[0] * 51)
+  ann_file.write_text(json.dumps(data))
+  (root / 'val2017' / '000000040083.jpg').write_bytes(b'not a jpeg')
+  (root / 'val2017' / '000000196141.jpg').unlink()
+  ds = _make(root, augment=False, global_batch_size=3)
+  assert ds.num_examples == 3
+  batches = _take(ds, 2)
+  expected = _expected_unaugmented(root, 64, 16)
+  # Only 197388 is readable: every example is it, with its own targets.
+  assert list(expected) == [197388]
+  for b in batches:
+    assert _match(b, expected) == [197388] * 3
+  skipped = ds.skipped
+  assert skipped[coco.CROWD_ONLY] == 1
+  assert skipped[coco.CORRUPT] >= 1 and skipped[coco.MISSING] >= 1
+  assert set(ds.skips.files) == {'000000040083.jpg', '000000196141.jpg'}
+
+
+def test_unreadable_dataset_fails_clearly(coco_mini_root, tmp_path):
+  root = tmp_path / 'coco'
+  shutil.copytree(coco_mini_root, root)
+  for f in (root / 'val2017').iterdir():
+    f.write_bytes(b'')
+  with pytest.raises(Exception, match='could not be read'):
+    _take(_make(root), 1)
