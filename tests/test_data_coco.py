@@ -66,3 +66,45 @@ def test_filtering_no_people_and_crowd_only(coco_mini_root, tmp_path):
 def test_missing_files_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match='person_keypoints_train2017'):
     coco.load_coco_index(str(tmp_path), 'train2017')
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(coco_mini_root, tmp_path_factory):
+  """The TFDS builder prepared once on the mini COCO (a few seconds)."""
+  pytest.importorskip('tensorflow_datasets')
+  from ae_jax.data import tfds_coco  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp('tfds')
+  tfds_coco.build(str(coco_mini_root), str(data_dir))
+  return data_dir
+
+
+def test_tfds_examples_equal_json(coco_mini_root, tfds_dir):
+  from ae_jax.data import tfds_coco  # pylint: disable=g-import-not-at-top
+  source, _ = tfds_coco.load_source(str(coco_mini_root), 'val2017',
+                                    str(tfds_dir))
+  index = coco.load_coco_index(str(coco_mini_root), 'val2017')
+  assert len(source) == len(index)
+  for i, want in enumerate(index.examples):
+    got = source.examples[i]
+    assert (got.image_id, got.file_name, got.height, got.width) == (
+        want.image_id, want.file_name, want.height, want.width)
+    np.testing.assert_array_equal(got.keypoints, want.keypoints)
+    np.testing.assert_array_equal(
+        coco.decode_ignore_mask(got.ignore_rle, got.height, got.width),
+        coco.decode_ignore_mask(want.ignore_rle, want.height, want.width))
+    with open(index.image_path(i), 'rb') as f:
+      assert source.image(i) == f.read()  # raw bytes, not re-encoded
+
+
+def test_tfds_pipeline_equals_json(coco_mini_root, tfds_dir):
+  from ae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  kw = dict(input_size=64, heatmap_size=16, sigma=2.0, max_people=30,
+            rot_factor=30.0, scale_factor=(0.75, 1.5), scale_type='short',
+            trans_factor=40.0, flip_prob=0.5, augment=True,
+            global_batch_size=4, seed=3, process_index=0, process_count=1,
+            tfds_data_dir=str(tfds_dir))
+  batches = [next(iter(pipeline.make_train_dataset(
+      str(coco_mini_root), 'val2017', source=s, **kw))) for s in
+             ('json', 'tfds')]
+  for key in batches[0]:
+    np.testing.assert_array_equal(batches[0][key], batches[1][key])
