@@ -82,8 +82,8 @@ def _expected_unaugmented(root, size, hm_size):
         ex.keypoints, transforms.AugParams(), size, hm_size)
     out[ex.image_id] = dict(
         image=transforms.normalize_image(img).numpy(), mask=mask,
-        heatmaps=targets.generate_heatmaps(joints, hm_size, 2.0).numpy(),
-        joints=targets.encode_joints(joints, hm_size, 30).numpy())
+        heatmaps=targets.generate_heatmaps_np(joints, hm_size, 2.0),
+        joints=targets.encode_joints_np(joints, hm_size, 30))
   return out
 
 

@@ -1,6 +1,7 @@
 """Heatmaps and joint encodings equal loop references written from the spec.
 
-Each TF op is run eagerly and inside a tf.data map (as big_vision pp tests).
+Each TF op is run eagerly and inside a tf.data map (as big_vision pp tests);
+the numpy twins (used by the pipeline loader) against the same loops.
 Tolerance: heatmaps 1e-6 absolute (float32 exp of the same squared distance;
 the TF op may fuse differently), encodings exact.
 """
@@ -57,7 +58,9 @@ def _random_joints(rng, num_people, h):
   return joints
 
 
-def _run(fn, joints, mode):
+def _run(fn, joints, mode, np_fn=None):
+  if mode == 'numpy':  # the twin the pipeline's loader uses
+    return np_fn(joints)
   if mode == 'eager':
     return fn(tf.constant(joints)).numpy()
   # Ragged person count through a tf.data map, like the pipeline.
@@ -67,7 +70,7 @@ def _run(fn, joints, mode):
   return next(iter(ds)).numpy()
 
 
-@pytest.mark.parametrize('mode', ['eager', 'map'])
+@pytest.mark.parametrize('mode', ['eager', 'map', 'numpy'])
 @pytest.mark.parametrize('num_people,h,seed', [
     (0, 32, 0),  # no people: all zero
     (1, 32, 1),  # one person
@@ -77,7 +80,8 @@ def _run(fn, joints, mode):
 def test_heatmaps_match_loops(mode, num_people, h, seed):
   joints = _random_joints(np.random.default_rng(seed), num_people, h)
   joints[0:1, 0] = (-0.5, 3.2, 2) if num_people else 0  # int() -> x = 0
-  got = _run(lambda j: targets.generate_heatmaps(j, h, 2.0), joints, mode)
+  got = _run(lambda j: targets.generate_heatmaps(j, h, 2.0), joints, mode,
+             lambda j: targets.generate_heatmaps_np(j, h, 2.0))
   want = _ref_heatmaps(joints, h, 2)
   assert got.shape == (h, h, K) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
@@ -85,7 +89,7 @@ def test_heatmaps_match_loops(mode, num_people, h, seed):
     assert got[3, 0, 0] == 1.0  # the (-0.5, 3.2) joint peaks at (0, 3)
 
 
-@pytest.mark.parametrize('mode', ['eager', 'map'])
+@pytest.mark.parametrize('mode', ['eager', 'map', 'numpy'])
 @pytest.mark.parametrize('num_people,h,max_people,seed', [
     (0, 32, 30, 0),  # padding only
     (4, 32, 30, 1),  # packed to the front per person
@@ -93,7 +97,8 @@ def test_heatmaps_match_loops(mode, num_people, h, seed):
 ])
 def test_encode_joints_match_loops(mode, num_people, h, max_people, seed):
   joints = _random_joints(np.random.default_rng(seed), num_people, h)
-  got = _run(lambda j: targets.encode_joints(j, h, max_people), joints, mode)
+  got = _run(lambda j: targets.encode_joints(j, h, max_people), joints, mode,
+             lambda j: targets.encode_joints_np(j, h, max_people))
   want = _ref_encode(joints, h, max_people)
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, want)

@@ -126,7 +126,9 @@ def _ours(root, image_id, aug, s_in, s_hm):
       uint8=out, image=transforms.normalize_image(out).numpy(), mask=mask,
       joints_xy=joints,
       heatmaps=targets.generate_heatmaps(joints, s_hm, 2.0).numpy(),
-      enc=targets.encode_joints(joints, s_hm, 30).numpy())
+      enc=targets.encode_joints(joints, s_hm, 30).numpy(),
+      heatmaps_np=targets.generate_heatmaps_np(joints, s_hm, 2.0),
+      enc_np=targets.encode_joints_np(joints, s_hm, 30))
 
 
 def _compare(ours, ref):
@@ -139,6 +141,8 @@ def _compare(ours, ref):
                                 np.trunc(ref['joints_xy'][..., :2]))
   np.testing.assert_allclose(ours['heatmaps'], ref['heatmaps'], atol=1e-6)
   np.testing.assert_array_equal(ours['enc'], ref['enc'])
+  np.testing.assert_allclose(ours['heatmaps_np'], ref['heatmaps'], atol=1e-6)
+  np.testing.assert_array_equal(ours['enc_np'], ref['enc'])
   same = diff == 0
   np.testing.assert_allclose(ours['image'][same], ref['image'][same],
                              atol=1e-6)

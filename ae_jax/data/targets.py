@@ -20,6 +20,7 @@ Shapes: joints [P, K, 3] float32 (x, y, v) in heatmap pixels; heatmaps
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -101,3 +102,64 @@ def encode_joints(joints, heatmap_size: int, max_people: int):
   order = tf.argsort(tf.cast(~kept, tf.int32), axis=1, stable=True)
   code = tf.gather(code, order, axis=1, batch_dims=1)
   return tf.pad(code, [[0, max_people - num_people], [0, 0], [0, 0]])
+
+
+def _gaussian_patch(sigma: float) -> tuple[np.ndarray, float]:
+  xs = np.arange(0, 6 * sigma + 3, 1, np.float32)
+  center = 3 * sigma + 1
+  return np.exp(-((xs - center)**2 + (xs[:, None] - center)**2) /
+                (2 * sigma**2)), center
+
+
+def generate_heatmaps_np(joints: np.ndarray, heatmap_size: int,
+                         sigma: float) -> np.ndarray:
+  """numpy twin of generate_heatmaps, used inside the pipeline's loader.
+
+  One clipped patch maximum per kept joint (about 2 us each): measured
+  faster on one core than any TF formulation (TF scatters cost ~110 ns per
+  update, the dense [P, K, h, h] outer product ~2 ms), see the bench.
+
+  Args:
+    joints: [P, K, 3] float32 in heatmap pixels.
+    heatmap_size: h.
+    sigma: Gaussian sigma in heatmap pixels.
+
+  Returns:
+    [h, h, K] float32 in [0, 1].
+  """
+  h = heatmap_size
+  g, center = _gaussian_patch(sigma)
+  size_y, size_x = g.shape
+  # [K, h, h] keeps each patch row contiguous; one transpose at the end.
+  out = np.zeros((joints.shape[1], h, h), np.float32)
+  xy = joints[..., :2].astype(np.int64)  # truncation toward zero, as int()
+  kept = ((joints[..., 2] > 0) & (xy >= 0).all(-1) & (xy < h).all(-1))
+  p, k = np.nonzero(kept)
+  pts = xy[p, k].astype(np.float64)
+  # Corner and end rounded half to even, as np.round in mmpose.
+  ul = np.rint(pts - center).astype(np.int64)
+  br = np.minimum(np.rint(pts + center + 1).astype(np.int64),
+                  ul + (size_x, size_y))
+  lo, hi = np.maximum(ul, 0), np.minimum(br, h)
+  for (kk, (ux, uy), (x0, y0), (x1, y1)) in zip(
+      k.tolist(), ul.tolist(), lo.tolist(), hi.tolist()):
+    view = out[kk, y0:y1, x0:x1]
+    np.maximum(view, g[y0 - uy:y1 - uy, x0 - ux:x1 - ux], out=view)
+  return out.transpose(1, 2, 0)
+
+
+def encode_joints_np(joints: np.ndarray, heatmap_size: int,
+                     max_people: int) -> np.ndarray:
+  """numpy twin of encode_joints (vectorised, stable packing)."""
+  h = heatmap_size
+  joints = joints[:max_people]
+  num_people, num_joints = joints.shape[:2]
+  xy = joints[..., :2].astype(np.int64)
+  kept = ((joints[..., 2] > 0) & (xy >= 0).all(-1) & (xy < h).all(-1))
+  flat = (np.arange(num_joints) * h * h + xy[..., 1] * h + xy[..., 0])
+  out = np.zeros((max_people, num_joints, 2), np.int32)
+  slot = np.cumsum(kept, axis=1) - 1
+  p, k = np.nonzero(kept)
+  out[p, slot[p, k], 0] = flat[p, k]
+  out[p, slot[p, k], 1] = 1
+  return out
