@@ -1,0 +1,144 @@
+"""People -> COCO keypoint results json -> pycocotools AP table.
+
+Results follow mmpose's BottomUpCocoDataset.evaluate (use_nms False): one
+entry per person with image_id, category_id 1, keypoints flat
+[x1, y1, v1, ..., x17, y17, v17] where v is the joint's heatmap value (not a
+visibility flag), score = the person score (mean joint value before
+refine) and bbox from the keypoint extent. COCOeval('keypoints') with the
+standard COCO sigmas scores them (xtcocotools in mmpose gives the same
+numbers for COCO).
+
+Shapes: poses [P, K, 3] float32 (x, y image px, value), scores [P].
+"""
+
+import json
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from absl import logging
+import numpy as np
+from pycocotools import coco as coco_api
+from pycocotools import cocoeval
+
+from ae_jax.data import eval_input
+
+METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APm', 'APl', 'AR', 'AR50', 'AR75',
+                'ARm', 'ARl')  # order of COCOeval.stats for keypoints
+PERSON_CATEGORY_ID = 1
+
+
+def poses_to_results(image_id: int, poses: np.ndarray,
+                     scores: np.ndarray) -> List[dict]:
+  """COCO result dicts of one image's people (mmpose's json format)."""
+  out = []
+  for pose, score in zip(np.asarray(poses, np.float32), scores):
+    left_top = pose.min(axis=0)
+    right_bottom = pose.max(axis=0)
+    out.append({
+        'image_id': int(image_id),
+        'category_id': PERSON_CATEGORY_ID,
+        'keypoints': pose[:, :3].reshape(-1).tolist(),
+        'score': float(score),
+        'bbox': [float(left_top[0]), float(left_top[1]),
+                 float(right_bottom[0] - left_top[0]),
+                 float(right_bottom[1] - left_top[1])],
+    })
+  return out
+
+
+def write_results(results: List[dict], path: str) -> None:
+  with open(path, 'w') as f:
+    json.dump(results, f)
+
+
+def score_results(coco_gt: coco_api.COCO, results: List[dict],
+                  image_ids: Optional[Iterable[int]] = None,
+                  verbose: bool = True) -> Dict[str, float]:
+  """COCOeval('keypoints') of result dicts against the ground truth.
+
+  Args:
+    coco_gt: ground truth COCO object.
+    results: dicts as from `poses_to_results`.
+    image_ids: images to score; default all ground-truth images (images
+      without results count as misses, as in mmpose).
+    verbose: print pycocotools' summary.
+
+  Returns:
+    {name: value} for METRIC_NAMES; all 0 when there are no results (as
+    mmpose).
+  """
+  if not results:
+    return {name: 0.0 for name in METRIC_NAMES}
+  coco_dt = coco_gt.loadRes(results)
+  evaluator = cocoeval.COCOeval(coco_gt, coco_dt, 'keypoints')
+  if image_ids is not None:
+    evaluator.params.imgIds = sorted(image_ids)
+  evaluator.evaluate()
+  evaluator.accumulate()
+  if verbose:
+    evaluator.summarize()
+  else:
+    import contextlib, io  # pylint: disable=g-import-not-at-top,multiple-imports
+    with contextlib.redirect_stdout(io.StringIO()):
+      evaluator.summarize()
+  return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
+
+
+def format_table(metrics: Dict[str, float],
+                 names: Tuple[str, ...] = ('AP', 'AP50', 'AP75', 'APm', 'APl',
+                                           'AR', 'AR50')) -> str:
+  """A two-row markdown table of the main metrics."""
+  head = '| ' + ' | '.join(names) + ' |'
+  rule = '|' + '|'.join('---' for _ in names) + '|'
+  row = '| ' + ' | '.join(f'{metrics[n]:.3f}' for n in names) + ' |'
+  return '\n'.join([head, rule, row])
+
+
+def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
+             coco_root: str, split: str = 'val2017', *,
+             output_path: Optional[str] = None,
+             max_images: Optional[int] = None,
+             log_every: int = 50) -> Tuple[Dict[str, float], dict]:
+  """Runs `predict_fn` on every image of a split and scores the results.
+
+  Args:
+    predict_fn: [H, W, 3] uint8 RGB -> (poses [P, K, 3], scores [P]), e.g.
+      an inference.Predictor.
+    coco_root: COCO root with annotations/ and <split>/.
+    split: e.g. 'val2017'.
+    output_path: where to write the results json (optional).
+    max_images: evaluate the first N images only (then AP covers those).
+    log_every: progress line every N images.
+
+  Returns:
+    (metrics, info) with info = {'num_images', 'skipped': [(file, reason)],
+    'images_per_second', 'num_people'}.
+  """
+  images = eval_input.EvalImages(coco_root, split, max_images=max_images)
+  total = len(images)
+  results = []
+  start = time.perf_counter()
+  done = 0
+  for example in images:
+    poses, scores = predict_fn(example.image)
+    results.extend(poses_to_results(example.image_id, poses, scores))
+    done += 1
+    if done % log_every == 0 or done == total:
+      elapsed = time.perf_counter() - start
+      rate = done / max(elapsed, 1e-9)
+      logging.info('eval %d/%d images, %.2f img/s, ETA %.0f s', done, total,
+                   rate, (total - done) / rate)
+  elapsed = time.perf_counter() - start
+  if images.skipped:
+    logging.warning('%d image(s) could not be read and were skipped: %s',
+                    len(images.skipped),
+                    ', '.join(name for name, _ in images.skipped))
+  if output_path:
+    write_results(results, output_path)
+    logging.info('wrote %d results to %s', len(results), output_path)
+  scored_ids = images.image_ids if max_images is not None else None
+  metrics = score_results(images.coco, results, scored_ids)
+  info = {'num_images': done, 'skipped': list(images.skipped),
+          'images_per_second': done / max(elapsed, 1e-9),
+          'num_people': len(results)}
+  return metrics, info

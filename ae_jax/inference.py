@@ -1,0 +1,214 @@
+"""Test-time inference: resize-align, jitted forward, flip and multi-scale.
+
+Follows mmpose 0.x bottom-up testing (BottomUpGetImgSize,
+BottomUpResizeAlign, AssociativeEmbedding.forward_test):
+1. The image is warped so its short side is input_size x scale and the long
+   side is a multiple of 64 (`get_multi_scale_size`, with the min-scale
+   alignment rule); center/scale of the scale-1 size map results back.
+2. Per scale (descending), the image and its mirror run as one batch of 2;
+   the mirror's maps are flipped back with the left/right joint swap.
+3. project2image: every map is resized (bilinear, half-pixel centres =
+   torch align_corners=False) to the scale-1 input size. Heatmaps of image
+   and mirror are averaged; their tags are kept side by side (L=2).
+4. Heatmaps are averaged over scales; tags come from scale 1 only.
+5. Grouping (grouping.py) on the host, then back to image coordinates.
+
+Device work (normalise, forward, flip, resize, averaging, layout) is one jit
+per set of input shapes; shapes are multiples of 64, so an eval compiles
+once per distinct aspect bucket, not per image.
+
+Legend: H x W resized input (multiples of 64), h x w = H/4 x W/4 model
+output, Hb x Wb the scale-1 input size, K=17 joints, L tag dim, P people.
+Images [H, W, 3] uint8 RGB 0-255; maps to the host joint-major:
+heatmaps [K, Hb, Wb], tags [K, Hb, Wb, L] float32.
+"""
+
+import functools
+import math
+from typing import Any, Sequence, Tuple
+
+import cv2
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ae_jax import grouping
+from ae_jax import keypoints
+from ae_jax.data import affine
+
+BASE_LENGTH = 64  # Input sides are multiples of this (stride 32, x2 margin).
+
+
+def _ceil_to_multiple(x: float, base: int) -> int:
+  return int(math.ceil(x / base)) * base
+
+
+def get_multi_scale_size(height: int, width: int, input_size: int,
+                         current_scale: float, min_scale: float,
+                         base_length: int = BASE_LENGTH):
+  """Input size, center and scale for one test scale (mmpose's rule).
+
+  The short side becomes ceil64(input_size x min_scale) x current_scale /
+  min_scale; the long side keeps the aspect ratio, rounded up to a multiple
+  of base_length at min_scale, then scaled the same way.
+
+  Returns:
+    (w_resized, h_resized), center [2] (x, y) px, scale [2] (w, h) in 200 px
+    units of the image region that maps onto the resized input.
+  """
+  min_input = _ceil_to_multiple(min_scale * input_size, base_length)
+  ratio = current_scale / min_scale
+  if width < height:
+    w_resized = int(min_input * ratio)
+    h_resized = int(
+        _ceil_to_multiple(min_input / width * height, base_length) * ratio)
+    scale_w = width / 200.0
+    scale_h = h_resized / w_resized * width / 200.0
+  else:
+    h_resized = int(min_input * ratio)
+    w_resized = int(
+        _ceil_to_multiple(min_input / height * width, base_length) * ratio)
+    scale_h = height / 200.0
+    scale_w = w_resized / h_resized * height / 200.0
+  # Python's round (half to even), as mmpose.
+  center = np.array([round(width / 2.0), round(height / 2.0)], np.float64)
+  return (w_resized, h_resized), center, np.array([scale_w, scale_h])
+
+
+def resize_align(image: np.ndarray, input_size: int, current_scale: float,
+                 min_scale: float) -> np.ndarray:
+  """Warps [H, W, 3] uint8 to its test size for one scale (cv2 bilinear)."""
+  size, center, scale = get_multi_scale_size(
+      image.shape[0], image.shape[1], input_size, current_scale, min_scale)
+  matrix = affine.get_affine_transform(center, scale, 0, size)
+  return cv2.warpAffine(image, matrix, size)
+
+
+def resize_bilinear(maps: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+  """[h, w, C] -> [height, width, C] like torch bilinear, align_corners=False.
+
+  For upsampling (always the case here) jax's triangle kernel with edge
+  renormalisation equals torch's half-pixel sampling with clamped edges.
+  """
+  if maps.shape[:2] == (height, width):
+    return maps
+  return jax.image.resize(maps, (height, width) + maps.shape[2:], 'linear')
+
+
+def _scale_maps(model: nn.Module, variables, image: jnp.ndarray, flip: bool,
+                out_hw: Tuple[int, int] | None):
+  """One scale: heatmaps [h', w', K] and tags [h', w', K, L] (on device)."""
+  num_joints = model.num_joints
+  x = image.astype(jnp.float32) / 255.0
+  x = (x - keypoints.IMAGENET_MEAN) / keypoints.IMAGENET_STD
+  batch = jnp.stack([x, x[:, ::-1]]) if flip else x[None]
+  out = model.apply(variables, batch, train=False)
+  heat, tag = out[0, ..., :num_joints], out[0, ..., num_joints:]
+  hw = out_hw or heat.shape[:2]
+  heat, tag = resize_bilinear(heat, *hw), resize_bilinear(tag, *hw)
+  tags = [tag]
+  if flip:
+    flip_index = jnp.asarray(keypoints.FLIP_INDEX[:num_joints])
+    heat_f = out[1, :, ::-1, :num_joints][..., flip_index]
+    tag_f = out[1, :, ::-1, num_joints:][..., flip_index]
+    heat_f = resize_bilinear(heat_f, *hw)
+    tags.append(resize_bilinear(tag_f, *hw))
+    heat = (heat + heat_f) / 2.0
+  return heat, jnp.stack(tags, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'model', 'scales', 'flip', 'base_hw', 'project2image'))
+def compute_maps(variables, images: Tuple[jnp.ndarray, ...], *,
+                 model: nn.Module, scales: Tuple[float, ...], flip: bool,
+                 base_hw: Tuple[int, int], project2image: bool = True):
+  """Aggregated maps of one image over scales (and its mirror).
+
+  Args:
+    variables: model variables.
+    images: one [H_s, W_s, 3] uint8 image per scale, scales descending.
+    model: the AEModel (static).
+    scales: descending test scales; must contain 1 when there are several.
+    flip: flip test.
+    base_hw: (Hb, Wb) scale-1 input size (project2image target).
+    project2image: resize maps to the input size (else the largest scale's
+      output size, as mmpose).
+
+  Returns:
+    heatmaps [K, H', W'] and tags [K, H', W', L] float32 (joint-major for
+    the host grouping).
+  """
+  heat_sum, tags = None, None
+  out_hw = base_hw if project2image else None
+  for s, image in zip(scales, images):
+    heat, tag = _scale_maps(model, variables, image, flip, out_hw)
+    if out_hw is None:
+      out_hw = heat.shape[:2]  # mmpose: sizes of the first (largest) scale
+    heat_sum = heat if heat_sum is None else heat_sum + heat
+    if s == 1 or len(scales) == 1:
+      tags = tag
+  heat = heat_sum / len(scales)
+  tags = jax.image.resize(tags, heat.shape[:2] + tags.shape[2:], 'linear') \
+      if tags.shape[:2] != heat.shape[:2] else tags
+  return jnp.transpose(heat, (2, 0, 1)), jnp.transpose(tags, (2, 0, 1, 3))
+
+
+class Predictor:
+  """Image -> people: resize-align, jitted maps, host grouping, map back.
+
+  Args:
+    model: AEModel.
+    variables: its {'params', 'batch_stats'}.
+    input_size: short side at scale 1 (config.test.input_size).
+    scales: test scales (config.test.scales), e.g. (2, 1, 0.5).
+    flip: flip test (config.test.flip).
+    project2image: config.test.project2image.
+    params: grouping.GroupingParams from the remaining config.test keys.
+  """
+
+  def __init__(self, model: nn.Module, variables: Any, *,
+               input_size: int = 512, scales: Sequence[float] = (1.0,),
+               flip: bool = True, project2image: bool = True,
+               params: grouping.GroupingParams = grouping.GroupingParams()):
+    self.scales = tuple(sorted((float(s) for s in scales), reverse=True))
+    if len(self.scales) > 1 and 1.0 not in self.scales:
+      raise ValueError('multi-scale test needs scale 1 (tags come from it), '
+                       f'got {self.scales}')
+    self.model = model
+    self.variables = jax.device_put(variables)
+    self.input_size = input_size
+    self.flip = flip
+    self.project2image = project2image
+    self.params = params
+
+  def maps(self, image: np.ndarray):
+    """Device maps for a [H, W, 3] uint8 RGB image, plus center/scale/size.
+
+    Returns:
+      (heatmaps [K, H', W'], tags [K, H', W', L]) as jax arrays, center,
+      scale and the (w, h) size the maps are on.
+    """
+    min_scale = min(self.scales)
+    (base_w, base_h), center, scale = get_multi_scale_size(
+        image.shape[0], image.shape[1], self.input_size, 1.0, min_scale)
+    resized = tuple(resize_align(image, self.input_size, s, min_scale)
+                    for s in self.scales)
+    heat, tags = compute_maps(
+        self.variables, resized, model=self.model, scales=self.scales,
+        flip=self.flip, base_hw=(base_h, base_w),
+        project2image=self.project2image)
+    return (heat, tags), center, scale
+
+  def __call__(self, image: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """People in a [H, W, 3] uint8 RGB image.
+
+    Returns:
+      poses [P, K, 3] float32 (x, y image px, joint score) and scores [P].
+    """
+    (heat, tags), center, scale = self.maps(image)
+    heat, tags = jax.device_get((heat, tags))
+    poses, scores = grouping.group_poses(heat, tags, self.params)
+    map_size = (heat.shape[2], heat.shape[1])
+    poses = grouping.transform_to_image(poses, center, scale, map_size)
+    return poses[..., :3], scores
