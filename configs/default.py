@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.widen_factor = 1.0  # backbone.widen_factor
   config.model.num_deconv_filters = (256, 256, 256)  # AESimpleHead default
   config.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'
+  # 'auto': convs decomposed for fast XLA:CPU gradients, native on GPU/TPU.
+  config.model.conv_impl = 'auto'
 
   config.data = ml_collections.ConfigDict()
   config.data.coco_root = 'data/coco'  # annotations/ + train2017/ + val2017/

@@ -72,3 +72,45 @@ def test_train_mode_updates_batch_stats():
   after = updates['batch_stats']['backbone']['conv1']['bn']['mean']
   # Flax momentum 0.9 == PyTorch momentum 0.1: new = 0.9 old + 0.1 batch.
   assert not np.allclose(before, after)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_decomposed_depthwise_equals_native(stride):
+  from ae_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 13, 10, 8))
+  native = layers.DepthwiseConv3x3(stride, impl='native')
+  variables = native.init(jax.random.key(1), x)
+  decomposed = layers.DepthwiseConv3x3(stride, impl='decomposed')
+  np.testing.assert_allclose(decomposed.apply(variables, x),
+                             native.apply(variables, x), atol=1e-5)
+
+
+def test_decomposed_deconv_equals_native_and_torch_formula():
+  from ae_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
+  native = layers.ConvTranspose4x4S2(4, impl='native',
+                                     kernel_init=jax.nn.initializers.normal(1.))
+  variables = native.init(jax.random.key(1), x)
+  want = native.apply(variables, x)
+  got = layers.ConvTranspose4x4S2(4, impl='decomposed').apply(variables, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Direct scatter form of PyTorch's ConvTranspose2d(k=4, s=2, p=1), whose
+  # weight is the flipped kernel: out[i*2 - 1 + t] += x[i] * w[t].
+  w = np.asarray(variables['params']['kernel'])[::-1, ::-1]
+  xn = np.asarray(x)
+  out = np.zeros((2, 2 * 5 + 2, 2 * 7 + 2, 4))
+  for i in range(5):
+    for j in range(7):
+      out[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4] += np.einsum(
+          'bc,uvcd->buvd', xn[:, i, j], w)
+  np.testing.assert_allclose(got, out[:, 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
+
+
+def test_full_model_impls_agree():
+  x = jax.random.normal(jax.random.key(0), (1, 64, 96, 3))
+  kw = dict(widen_factor=0.25, num_deconv_filters=(16, 16, 16))
+  native = ae_model.AEModel(conv_impl='native', **kw)
+  variables = native.init(jax.random.key(1), x)
+  decomposed = ae_model.AEModel(conv_impl='decomposed', **kw)
+  np.testing.assert_allclose(decomposed.apply(variables, x),
+                             native.apply(variables, x), rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ae_jax.models.layers import ConvTranspose4x4S2
 from ae_jax.models.mobilenet_v2 import batch_norm
 
 
@@ -20,21 +21,16 @@ class AEHead(nn.Module):
   """Deconvolution head producing K heatmaps and K tag maps at stride 4."""
   num_joints: int = 17
   num_deconv_filters: Sequence[int] = (256, 256, 256)
-  deconv_kernel: int = 4
+  conv_impl: str = 'auto'  # see ae_jax/models/layers.py
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    k, p = self.deconv_kernel, 1  # PyTorch ConvTranspose2d(k=4, s=2, p=1).
-    # A PyTorch transposed conv equals a stride-1 conv over the 2x dilated
-    # input padded by k-1-p on each side, with the kernel flipped; the flip
-    # is folded into the converted weights (see ae_jax/convert.py).
-    pad = ((k - 1 - p, k - 1 - p),) * 2
+    # PyTorch ConvTranspose2d(k=4, s=2, p=1); the kernel is stored flipped
+    # (see ConvTranspose4x4S2 and ae_jax/convert.py).
     for i, features in enumerate(self.num_deconv_filters):
-      x = nn.ConvTranspose(features, (k, k), strides=(2, 2), padding=pad,
-                           use_bias=False, dtype=self.dtype,
-                           param_dtype=jnp.float32,
-                           name=f'deconv_layers_{3 * i}')(x)
+      x = ConvTranspose4x4S2(features, impl=self.conv_impl, dtype=self.dtype,
+                             name=f'deconv_layers_{3 * i}')(x)
       x = batch_norm(train, self.dtype, name=f'deconv_layers_{3 * i + 1}')(x)
       x = nn.relu(x)
     # mmpose normal_init(std=0.001, bias=0) for the final layer.

@@ -26,16 +26,18 @@ class AEModel(nn.Module):
   widen_factor: float = 1.0
   num_deconv_filters: Tuple[int, ...] = (256, 256, 256)
   dtype: str = 'float32'  # Compute dtype; params stay float32.
+  conv_impl: str = 'auto'  # 'auto' | 'native' | 'decomposed' (layers.py)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     dtype = DTYPES[self.dtype]
     x = x.astype(dtype)
-    x = MobileNetV2(widen_factor=self.widen_factor, dtype=dtype,
-                    name='backbone')(x, train)
+    x = MobileNetV2(widen_factor=self.widen_factor, conv_impl=self.conv_impl,
+                    dtype=dtype, name='backbone')(x, train)
     x = AEHead(num_joints=self.num_joints,
                num_deconv_filters=tuple(self.num_deconv_filters),
-               dtype=dtype, name='keypoint_head')(x, train)
+               conv_impl=self.conv_impl, dtype=dtype,
+               name='keypoint_head')(x, train)
     return x.astype(jnp.float32)
 
 

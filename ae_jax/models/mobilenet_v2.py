@@ -15,6 +15,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ae_jax.models.layers import DepthwiseConv3x3
+
 # (expand ratio t, channels c, repeats n, first stride s), mmcls arch_settings.
 ARCH_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -40,22 +42,34 @@ def batch_norm(train: bool, dtype: Any, name: Optional[str] = None):
                       param_dtype=jnp.float32, name=name)
 
 
+# mmcv kaiming_init: normal, fan_out, ReLU gain (BN weight 1, bias 0).
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
 class ConvBN(nn.Module):
-  """mmcv ConvModule: conv (no bias) -> BN -> optional ReLU6."""
+  """mmcv ConvModule: conv (no bias) -> BN -> optional ReLU6.
+
+  `depthwise` makes the conv a 3x3 depthwise one (groups = channels).
+  """
   features: int
   kernel_size: int = 1
   stride: int = 1
-  groups: int = 1
+  depthwise: bool = False
   act: bool = True
+  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    pad = self.kernel_size // 2  # PyTorch symmetric padding, not 'SAME'.
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                strides=self.stride, padding=((pad, pad), (pad, pad)),
-                feature_group_count=self.groups, use_bias=False,
-                dtype=self.dtype, param_dtype=jnp.float32, name='conv')(x)
+    if self.depthwise:
+      x = DepthwiseConv3x3(self.stride, impl=self.conv_impl, dtype=self.dtype,
+                           name='conv')(x)
+    else:
+      pad = self.kernel_size // 2  # PyTorch symmetric padding, not 'SAME'.
+      x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
+                  strides=self.stride, padding=((pad, pad), (pad, pad)),
+                  use_bias=False, kernel_init=KAIMING_FAN_OUT,
+                  dtype=self.dtype, param_dtype=jnp.float32, name='conv')(x)
     x = batch_norm(train, self.dtype, name='bn')(x)
     return nn.relu6(x) if self.act else x
 
@@ -66,17 +80,20 @@ class InvertedResidual(nn.Module):
   out_channels: int
   stride: int
   expand_ratio: int
+  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     hidden = int(round(self.in_channels * self.expand_ratio))
-    conv = functools.partial(ConvBN, dtype=self.dtype)
+    conv = functools.partial(ConvBN, conv_impl=self.conv_impl,
+                             dtype=self.dtype)
     y, i = x, 0
     if self.expand_ratio != 1:
       y = conv(hidden, 1, name='conv_0')(y, train)
       i = 1
-    y = conv(hidden, 3, self.stride, groups=hidden, name=f'conv_{i}')(y, train)
+    y = conv(hidden, 3, self.stride, depthwise=True, name=f'conv_{i}')(y,
+                                                                      train)
     y = conv(self.out_channels, 1, act=False, name=f'conv_{i + 1}')(y, train)
     if self.stride == 1 and self.in_channels == self.out_channels:
       y = x + y
@@ -87,6 +104,7 @@ class MobileNetV2(nn.Module):
   """MobileNetV2 feature extractor returning the stride-32 conv2 output."""
   widen_factor: float = 1.0
   arch_settings: Sequence[Sequence[int]] = ARCH_SETTINGS
+  conv_impl: str = 'auto'  # see ae_jax/models/layers.py
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -97,7 +115,7 @@ class MobileNetV2(nn.Module):
       out_channels = make_divisible(c * self.widen_factor, 8)
       for j in range(n):
         x = InvertedResidual(in_channels, out_channels, s if j == 0 else 1, t,
-                             dtype=self.dtype,
+                             conv_impl=self.conv_impl, dtype=self.dtype,
                              name=f'layer{i + 1}_{j}')(x, train)
         in_channels = out_channels
     out_channels = (int(1280 * self.widen_factor)
