@@ -81,7 +81,7 @@ def _expected_unaugmented(root, size, hm_size):
         coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width),
         ex.keypoints, transforms.AugParams(), size, hm_size)
     out[ex.image_id] = dict(
-        image=transforms.normalize_image(img).numpy(), mask=mask,
+        image=transforms.normalize_image_np(img), mask=mask,
         heatmaps=targets.generate_heatmaps_np(joints, hm_size, 2.0),
         joints=targets.encode_joints_np(joints, hm_size, 30))
   return out

@@ -123,7 +123,7 @@ def _ours(root, image_id, aug, s_in, s_hm):
   out, mask, joints = transforms.transform_example(
       image, ignore, ex.keypoints, aug, s_in, s_hm, 'short')
   return dict(
-      uint8=out, image=transforms.normalize_image(out).numpy(), mask=mask,
+      uint8=out, image=transforms.normalize_image_np(out), mask=mask,
       joints_xy=joints,
       heatmaps=targets.generate_heatmaps(joints, s_hm, 2.0).numpy(),
       enc=targets.encode_joints(joints, s_hm, 30).numpy(),
@@ -219,6 +219,12 @@ def test_normalize_image(mode):
     ds = tf.data.Dataset.from_tensors(img).map(transforms.normalize_image)
     got = next(iter(ds)).numpy()
   np.testing.assert_allclose(got, (img / 255.0 - MEAN) / STD, atol=1e-6)
+
+
+def test_normalize_table_is_bit_exact():
+  img = np.arange(256, dtype=np.uint8)[None, :, None].repeat(3, 2)
+  want = (img.astype(np.float32) / np.float32(255.0) - MEAN) / STD
+  np.testing.assert_array_equal(transforms.normalize_image_np(img), want)
 
 
 def test_shift_matches_randint_range():

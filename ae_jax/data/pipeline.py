@@ -100,11 +100,12 @@ def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size: int,
                 sigma: float, max_people: int):
   """Builds the host function for tf.numpy_function.
 
-  Decode, affine, flip and targets run here in cv2/numpy: on one core this
-  beat the TF-graph targets (targets.py) by ~6x (see bench_pipeline.py).
+  Decode, affine, flip, normalisation and targets run here in cv2/numpy:
+  on one core this beat the TF-graph alternatives (see transforms.py and
+  bench_pipeline.py).
 
   Returns:
-    fn(index, rot, scale, u_dx, u_dy, flip) -> (image [S, S, 3] uint8,
+    fn(index, rot, scale, u_dx, u_dy, flip) -> (image [S, S, 3] float32,
     mask [h, h] float32, heatmaps [h, h, K] float32, joints [M, K, 2]
     int32).
   """
@@ -136,7 +137,7 @@ def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size: int,
         flip=bool(flip > 0.5))
     out, mask, joints = transforms.transform_example(
         image, ignore, ex.keypoints, aug, input_size, heatmap_size, scale_type)
-    return (out, mask,
+    return (transforms.normalize_image_np(out), mask,
             np.ascontiguousarray(
                 targets.generate_heatmaps_np(joints, heatmap_size, sigma)),
             targets.encode_joints_np(joints, heatmap_size, max_people))
@@ -275,11 +276,10 @@ def make_train_dataset(coco_root: str, split: str, *, input_size: int,
         aug_seed, rot_factor, scale_factor, flip_prob, augment)
     image, mask, heatmaps, joints = tf.numpy_function(
         load, [index, rot, scale, u_dx, u_dy, flip],
-        [tf.uint8, tf.float32, tf.float32, tf.int32], stateful=False)
+        [tf.float32, tf.float32, tf.float32, tf.int32], stateful=False)
     hm = heatmap_size
     return {
-        'image': transforms.normalize_image(
-            tf.ensure_shape(image, [input_size, input_size, 3])),
+        'image': tf.ensure_shape(image, [input_size, input_size, 3]),
         'heatmaps': tf.ensure_shape(heatmaps, [hm, hm, NUM_JOINTS]),
         'mask': tf.ensure_shape(mask, [hm, hm]),
         'joints': tf.ensure_shape(joints, [max_people, NUM_JOINTS, 2]),
