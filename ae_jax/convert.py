@@ -99,6 +99,13 @@ def load_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
 
   if not os.path.isfile(path):
     raise ConversionError(f'checkpoint file not found: {path}')
+  with open(path, 'rb') as f:
+    head = f.read(8)
+  # torch.save writes a zip archive (PyTorch >= 1.6) or a legacy pickle.
+  if not (head.startswith(b'PK\x03\x04') or head.startswith(b'\x80')):
+    raise ConversionError(
+        f'{path} is not a PyTorch checkpoint (neither a zip archive nor a '
+        f'pickle; it starts with {head!r})')
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises many types for bad files.
@@ -131,14 +138,14 @@ def _describe_load_error(path: str, error: Exception) -> str:
   """One line saying why torch.load(weights_only=True) refused a file."""
   text = str(error).strip()
   unsupported = re.search(r'Unsupported global: GLOBAL (\S+)', text)
-  if 'Weights only load failed' in text:
-    what = (f'it pickles {unsupported.group(1)}' if unsupported else
-            'it pickles objects other than tensors and plain containers')
-    return (f'{path} is not a weights-only checkpoint ({what}); '
-            'torch.load(weights_only=True) refuses to execute it')
-  first_line = text.splitlines()[0] if text else ''
-  return (f'cannot read {path} as a PyTorch checkpoint (not a .pth file, '
-          f'or truncated/corrupt): {type(error).__name__}: {first_line}')
+  if 'Weights only load failed' in text and unsupported:
+    return (f'{path} is not a weights-only checkpoint (it pickles '
+            f'{unsupported.group(1)}); torch.load(weights_only=True) refuses '
+            'to execute it')
+  # torch's first sentence says what failed; the rest is advice.
+  first_line = text.splitlines()[0].split('. ')[0] if text else ''
+  return (f'cannot read {path} as a PyTorch checkpoint (truncated or '
+          f'corrupt?): {type(error).__name__}: {first_line}')
 
 
 def detect_kind(keys) -> str:
