@@ -1,7 +1,10 @@
-"""AE training targets as vectorised TF ops: heatmaps and joint encodings.
+"""AE training targets: Gaussian heatmaps and joint encodings.
 
-mmpose 0.x `HeatmapGenerator` and `JointsEncoder` (tag_per_joint True),
-without Python loops so they run in tf.data's thread pool outside the GIL.
+mmpose 0.x `HeatmapGenerator` and `JointsEncoder` (tag_per_joint True), as
+vectorised TF graph ops (usable in any tf.data map or graph) and as numpy
+twins (`*_np`), which the train pipeline's loader uses because they were
+~6x cheaper per core (bench/bench_pipeline.py). Both are tested against
+the same loop references.
 
 Facts kept from mmpose:
   * a joint counts when v > 0 and its integer position (int(), i.e.
