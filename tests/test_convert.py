@@ -180,7 +180,9 @@ def test_small_model_parity_with_inferred_architecture():
   """In-process conversion of a narrow model; sizes taken from the weights."""
   model = torch_reference.randomize_(
       torch_reference.AETorchModel(0.5, (24, 16, 8), num_joints=17), seed=3)
-  result = convert.convert_state_dict(model.state_dict())
+  # DataParallel's `module.` prefix is stripped.
+  result = convert.convert_state_dict(
+      {f'module.{k}': v for k, v in model.state_dict().items()})
   assert result.kind == convert.POSE
   assert result.model_kwargs == {'widen_factor': 0.5, 'num_joints': 17,
                                  'num_deconv_filters': (24, 16, 8)}
@@ -330,7 +332,8 @@ def test_conversion_error_lists_missing_unexpected_and_mismatched():
 
 
 def test_models_cli_prints_equal_counts(capsys):
-  from ae_jax.models import __main__ as models_cli  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from ae_jax.models import __main__ as models_cli
   assert models_cli.main(['--widen_factor=0.5',
                           '--num_deconv_filters=32,16,8']) == 0
   out = capsys.readouterr().out

@@ -1,6 +1,7 @@
 r"""Prints the parameter count of AEModel (and of the PyTorch reference).
 
-  python -m ae_jax.models [--widen_factor=1.0] [--num_deconv_filters=256,256,256]
+  python -m ae_jax.models [--widen_factor=1.0] \
+      [--num_deconv_filters=256,256,256] [--num_joints=17]
 
 The PyTorch count comes from tests/torch_reference.py (an independent
 implementation with mmpose's layout); it is printed when torch is installed
