@@ -23,6 +23,7 @@ Images [H, W, 3] uint8 RGB 0-255; maps to the host joint-major:
 heatmaps [K, Hb, Wb], tags [K, Hb, Wb, L] float32.
 """
 
+import dataclasses
 import functools
 import math
 from typing import Any, Sequence, Tuple
@@ -212,3 +213,20 @@ class Predictor:
     map_size = (heat.shape[2], heat.shape[1])
     poses = grouping.transform_to_image(poses, center, scale, map_size)
     return poses[..., :3], scores
+
+
+def predictor_kwargs(test_config) -> dict:
+  """Predictor keyword arguments from a config.test group (one mapping).
+
+  Keys: input_size, scales, flip, project2image, and the GroupingParams
+  fields (nms_kernel, max_people, detection_threshold, tag_threshold,
+  use_detection_val, ignore_too_much, adjust, refine).
+  """
+  fields = [f.name for f in dataclasses.fields(grouping.GroupingParams)]
+  return dict(
+      input_size=int(test_config.input_size),
+      scales=tuple(float(s) for s in test_config.scales),
+      flip=bool(test_config.flip),
+      project2image=bool(test_config.project2image),
+      params=grouping.GroupingParams(
+          **{name: test_config[name] for name in fields}))

@@ -1,0 +1,72 @@
+r"""Evaluates a checkpoint on COCO keypoints: AP table + results json.
+
+  python eval.py --config configs/coco512.py --ckpt /tmp/ae_coco512 \
+      --coco_root /data/coco --output results.json
+  # paper multi-scale test, no flip:
+  python eval.py --config configs/coco512.py --ckpt DIR --coco_root ROOT \
+      --config.test.scales='(2, 1, 0.5)' --config.test.flip=False
+
+--ckpt is a converted-variables directory (convert_torch_weights.py) or a
+training workdir (its latest checkpoint). Images that cannot be read are
+logged by name and skipped (their people count as missed).
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/coco512.py', 'Config file (configs/*.py); the model '
+    'and test groups are used.', lock_config=True)
+_CKPT = flags.DEFINE_string('ckpt', None, 'Variables dir or train workdir.')
+_COCO_ROOT = flags.DEFINE_string(
+    'coco_root', None, 'COCO root (annotations/, <split>/); default '
+    'config.data.coco_root.')
+_SPLIT = flags.DEFINE_string('split', 'val2017', 'COCO split to evaluate.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Write the results json here.')
+_MAX_IMAGES = flags.DEFINE_integer(
+    'max_images', None, 'Evaluate only the first N images (smoke tests).')
+flags.mark_flags_as_required(['ckpt'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:  # tf (imported by some deps) must not grab accelerator memory.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')
+  except ImportError:
+    pass
+  import jax  # pylint: disable=g-import-not-at-top
+  from ae_jax import checkpoints, coco_eval, inference  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  logging.info('JAX process %d / %d, %d devices (%s).', jax.process_index(),
+               jax.process_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  try:
+    variables = checkpoints.restore_variables(_CKPT.value)
+  except checkpoints.CheckpointError as e:
+    raise SystemExit(f'error: {e}') from None
+  model = ae_model.AEModel(**config.model)
+  predictor = inference.Predictor(model, variables,
+                                  **inference.predictor_kwargs(config.test))
+  coco_root = _COCO_ROOT.value or config.data.coco_root
+  metrics, info = coco_eval.evaluate(
+      predictor, coco_root, _SPLIT.value, output_path=_OUTPUT.value,
+      max_images=_MAX_IMAGES.value)
+  print(f'COCO {_SPLIT.value} keypoints, {info["num_images"]} images, '
+        f'{info["num_people"]} people, {info["images_per_second"]:.2f} img/s, '
+        f'scales {list(config.test.scales)}, flip {config.test.flip}')
+  if info['skipped']:
+    print(f'skipped {len(info["skipped"])} unreadable image(s): ' +
+          ', '.join(name for name, _ in info['skipped']))
+  print(coco_eval.format_table(metrics))
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  app.run(main)
