@@ -24,7 +24,6 @@ import dataclasses
 from typing import List, NamedTuple, Tuple
 
 import numpy as np
-import scipy.ndimage
 import scipy.optimize
 
 # mmpose's joint_order for COCO: head, shoulders, hips, then limbs.
@@ -32,6 +31,8 @@ JOINT_ORDER = (0, 1, 2, 3, 4, 5, 6, 11, 12, 7, 8, 9, 10, 13, 14, 15, 16)
 # Refine: tiles per person above which tag ranges per tile are worth
 # computing (they cost about two passes over one joint's tag map).
 _REFINE_TAG_BOUND_TILES = 8
+# Tiles scored at once (x 256 pixels): bounds refine's memory.
+_REFINE_CHUNK_TILES = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,14 +411,20 @@ def refine_poses(poses: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray,
                                   t[:, None] - tag_max[None]), 0)
       bound = bmax[None] - np.round(np.sqrt(np.sum(gap * gap, axis=2)))
       need = bound >= lower[:, None]
-    # Score each person's tiles; segments of rows per person (sorted).
-    row_person, row_tile = np.nonzero(need)
-    pixels = blocks.pixels[row_tile]  # [rows, B*B]
-    score = _refine_scores(heat_k, tags_k, t[row_person], pixels)
-    starts = np.searchsorted(row_person, np.arange(m))
-    best = np.maximum.reduceat(score.max(axis=1), starts)  # [m]
-    first = np.where(score == best[row_person][:, None], pixels, big)
-    flat = np.minimum.reduceat(first.min(axis=1), starts)  # first maximiser
+    # Score each person's tiles, in chunks of people to bound memory; rows
+    # of one person are contiguous (np.nonzero order), so per-person maxima
+    # are segment reductions.
+    flat = np.empty(m, np.int64)
+    chunk = np.cumsum(need.sum(axis=1)) // _REFINE_CHUNK_TILES
+    for c in np.unique(chunk):
+      sel = np.nonzero(chunk == c)[0]
+      row_person, row_tile = np.nonzero(need[sel])
+      pixels = blocks.pixels[row_tile]  # [rows, B*B]
+      score = _refine_scores(heat_k, tags_k, t[sel][row_person], pixels)
+      starts = np.searchsorted(row_person, np.arange(sel.size))
+      best = np.maximum.reduceat(score.max(axis=1), starts)
+      first = np.where(score == best[row_person][:, None], pixels, big)
+      flat[sel] = np.minimum.reduceat(first.min(axis=1), starts)
     yy, xx = flat // width, flat % width
     val = heat_k[flat]
     hm = heatmaps[k]

@@ -176,3 +176,12 @@ def test_transform_to_image_inverts_resize_warp():
   poses = np.concatenate([grid, image_pts[..., 2:]], -1).astype(np.float32)
   back = grouping.transform_to_image(poses, center, scale, size)
   np.testing.assert_allclose(back, image_pts, atol=1e-3)
+
+
+def test_refine_in_small_chunks_is_the_same(monkeypatch):
+  heat, tags = _random_maps(6, 40, 56, 2)
+  whole = grouping.group_poses(heat, tags)
+  monkeypatch.setattr(grouping, '_REFINE_CHUNK_TILES', 3)
+  chunked = grouping.group_poses(heat, tags)
+  np.testing.assert_array_equal(whole[0], chunked[0])
+  np.testing.assert_array_equal(whole[1], chunked[1])
