@@ -26,7 +26,8 @@ def main(argv):
   if not images:
     raise app.UsageError('give one or more image files')
   import cv2  # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, draw, inference  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from ae_jax import checkpoints, draw, inference
   from ae_jax.data import eval_input  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value

@@ -41,7 +41,8 @@ def main(argv):
   except ImportError:
     pass
   import jax  # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, coco_eval, inference  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from ae_jax import checkpoints, coco_eval, inference
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   logging.info('JAX process %d / %d, %d devices (%s).', jax.process_index(),

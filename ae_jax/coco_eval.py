@@ -11,6 +11,8 @@ numbers for COCO).
 Shapes: poses [P, K, 3] float32 (x, y image px, value), scores [P].
 """
 
+import contextlib
+import io
 import json
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -78,7 +80,6 @@ def score_results(coco_gt: coco_api.COCO, results: List[dict],
   if verbose:
     evaluator.summarize()
   else:
-    import contextlib, io  # pylint: disable=g-import-not-at-top,multiple-imports
     with contextlib.redirect_stdout(io.StringIO()):
       evaluator.summarize()
   return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
