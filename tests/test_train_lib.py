@@ -22,6 +22,41 @@ from configs import tiny
 K, M = 17, 30
 
 
+@pytest.fixture(autouse=True, scope='module')
+def compile_cache(tmp_path_factory):
+  """One persistent XLA cache per test session: the train-step programs of
+  test_train_lib/test_sharding/test_checkpoints repeat (small_config)."""
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update('jax_compilation_cache_dir',
+                    str(tmp_path_factory.getbasetemp() / 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  yield
+  jax.config.update('jax_compilation_cache_dir', old[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+
+
+def small_config(num_steps=2, ckpt_every=100, log_every=1):
+  """configs/tiny.py narrowed further (64 px) for multi-run loop tests."""
+  config = tiny.get_config()
+  config.model.num_deconv_filters = (16, 16, 16)
+  config.data.input_size, config.data.heatmap_size = 64, 16
+  config.data.augment = False
+  config.train.num_steps = num_steps
+  config.train.checkpoint_every_steps = ckpt_every
+  config.train.log_every_steps = log_every
+  config.train.eval_at_end = False
+  config.optim.lr = 3e-3
+  config.optim.warmup_steps = 2
+  return config
+
+
+def small_model_and_lr():
+  """The model/schedule of the single-step tests (shared compile)."""
+  model = AEModel(widen_factor=0.25, num_deconv_filters=(16, 16, 16))
+  return model, train_lib.make_lr_schedule(3e-3, 10, 2, 0.1, (5,), 0.1)
+
+
 def synthetic_batch(seed, step, batch, input_size, heatmap_size,
                     nan=False):
   """One contract-conforming batch from (seed, step): a few people/image."""
@@ -51,7 +86,7 @@ def synthetic_batch(seed, step, batch, input_size, heatmap_size,
 class SyntheticDataset:
   """Stands in for pipeline.make_train_dataset (same iteration contract)."""
 
-  def __init__(self, config, start_step, num_examples=16, hook=None):
+  def __init__(self, config, start_step, num_examples=4, hook=None):
     self.num_examples = num_examples
     self._config, self._start, self._hook = config, start_step, hook
 
@@ -101,11 +136,9 @@ def test_steps_and_lr_scaling():
 
 @pytest.fixture(scope='module')
 def tiny_setup():
-  config = tiny.get_config()
-  config.data.input_size, config.data.heatmap_size = 64, 16
-  model = AEModel(**config.model)
+  config = small_config()
+  model, lr_fn = small_model_and_lr()
   mesh = sharding.make_mesh(1)
-  lr_fn = train_lib.make_lr_schedule(3e-3, 10, 0, 0.001, (200, 260), 0.1)
   state, shardings = train_lib.create_train_state(
       jax.random.key(0), model, optax.adam(lr_fn), 64, mesh)
   step = train_lib.make_train_step(mesh, shardings, model=model,
@@ -126,7 +159,8 @@ def test_train_step_metrics_and_loss_decrease(tiny_setup):
   assert set(history[0]) == {'heatmap_loss', 'push_loss', 'pull_loss',
                              'total_loss', 'lr', 'grad_norm', 'param_norm'}
   assert int(state.step) == 6
-  assert history[0]['lr'] == pytest.approx(3e-3)
+  assert history[0]['lr'] == pytest.approx(3e-3 * 0.1)  # warmup start
+  assert history[2]['lr'] == pytest.approx(3e-3)
   for m in history:
     assert m['total_loss'] == pytest.approx(
         m['heatmap_loss'] + m['push_loss'] + m['pull_loss'], rel=1e-5)
@@ -163,15 +197,8 @@ def test_load_backbone_replaces_only_backbone(tiny_setup):
 
 def test_mini_coco_loss_decreases(coco_mini_root, tmp_path):
   pytest.importorskip('ae_jax.data.pipeline')
-  config = tiny.get_config()
+  config = small_config(num_steps=6)
   config.data.coco_root = str(coco_mini_root)
-  config.data.augment = False
-  config.train.global_batch_size = 8
-  config.train.num_steps = 6
-  config.train.log_every_steps = 1
-  config.train.checkpoint_every_steps = 100
-  config.train.eval_at_end = False
-  config.optim.lr = 3e-3
   summary = train_lib.train_and_evaluate(config, str(tmp_path))
   losses = [h['total_loss'] for h in summary['history']]
   assert len(losses) == 6
