@@ -453,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           history.append({'step': step, **mean, 'images_per_sec': ips})
           if is_main:
             logging.info(
-                'step %d/%d  loss %.5f (hm %.5f push %.5f pull %.5f)  '
+                'step %d/%d  loss %.4g (hm %.4g push %.3g pull %.3g)  '
                 'lr %.3g  %.2f img/s  ETA %.0fs', step, total_steps,
                 mean['total_loss'], mean['heatmap_loss'],
                 mean['push_loss'], mean['pull_loss'], mean['lr'], ips, eta)

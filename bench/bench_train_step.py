@@ -145,6 +145,7 @@ def bench_torch(batch_np, steps, threads, channels_last):
 def machine():
   cpu = subprocess.run(['bash', '-c', 'lscpu | grep "Model name"'],
                        capture_output=True, text=True).stdout.strip()
+  cpu = ' '.join(cpu.replace('Model name:', '').split())
   return f'{os.cpu_count()} cores, {cpu or platform.processor()}'
 
 
@@ -172,7 +173,9 @@ def main():
       '## Train step (bench/bench_train_step.py)', '',
       f'Machine: {machine()}; batch {args.batch}, {args.size}x{args.size}, '
       f'fp32, {threads} threads each, median of {args.steps} steps after '
-      f'warm-up. One step = forward + losses + backward + Adam.', '',
+      f'warm-up. One step = forward + losses + backward + Adam. '
+      f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; JAX convs: '
+      f'conv_impl auto (decomposed on CPU).', '',
       '| implementation | s/step | images/s |', '|---|---|---|']
   lines += [f'| {n} | {s:.2f} | {i:.2f} |' for n, s, i in rows]
   lines += [
