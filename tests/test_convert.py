@@ -9,6 +9,7 @@ Inputs [B, H, W, 3] float32 ImageNet-normalised RGB (real mini COCO images);
 outputs [B, H/4, W/4, 2K] (heatmaps then tags).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -341,3 +342,20 @@ def test_models_cli_prints_equal_counts(capsys):
       torch_reference.AETorchModel(0.5, (32, 16, 8)))
   assert f'flax parameters:  {expected:,}' in out
   assert f'torch parameters: {expected:,} (equal)' in out
+
+
+def test_eval_cli_runs_on_converted_checkpoint(pose_checkpoint, coco_mini_root,
+                                              tmp_path):
+  """convert_torch_weights.py output -> eval.py on the mini COCO, end to end."""
+  out = tmp_path / 'results.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='')
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run(
+      [sys.executable, 'eval.py', '--config', 'configs/coco512.py', '--ckpt',
+       str(pose_checkpoint['flax_dir']), '--coco_root', str(coco_mini_root),
+       '--config.test.input_size=128', '--output', str(out)],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'COCO val2017 keypoints, 4 images' in proc.stdout
+  assert '| AP | AP50 | AP75 | APm | APl | AR | AR50 |' in proc.stdout
+  assert isinstance(json.loads(out.read_text()), list)
