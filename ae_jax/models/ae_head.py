@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ae_jax.models.layers import ConvTranspose4x4S2
+from ae_jax.models.layers import Conv, ConvTranspose4x4S2
 from ae_jax.models.mobilenet_v2 import batch_norm
 
 
@@ -34,7 +34,6 @@ class AEHead(nn.Module):
       x = batch_norm(train, self.dtype, name=f'deconv_layers_{3 * i + 1}')(x)
       x = nn.relu(x)
     # mmpose normal_init(std=0.001, bias=0) for the final layer.
-    return nn.Conv(2 * self.num_joints, (1, 1), use_bias=True,
-                   kernel_init=nn.initializers.normal(0.001),
-                   dtype=self.dtype, param_dtype=jnp.float32,
-                   name='final_layer')(x)
+    return Conv(2 * self.num_joints, 1, use_bias=True, impl=self.conv_impl,
+                dtype=self.dtype, kernel_init=nn.initializers.normal(0.001),
+                name='final_layer')(x)

@@ -7,8 +7,12 @@ as four stride-1 convolutions (bench/RESULTS.md). The modules here keep the
 native parameter layout (so checkpoints and conversion do not care) and
 choose the formulation per backend with `impl`:
   'native': lax convolutions, best with cuDNN / TPU convolution units;
-  'decomposed': depthwise as 9 shifted multiply-adds, deconv as 4
-    sub-pixel (phase) convolutions interleaved by depth-to-space;
+  'decomposed': depthwise as 9 shifted multiply-adds; deconv as one GEMM
+    over 2x2 windows whose 4 sub-pixel phases are interleaved by
+    depth-to-space; dense convs (1x1, the 3x3 stem) as im2col + one GEMM,
+    since XLA:CPU runs dot_general and its transposes as tuned GEMMs but
+    convolution gradients as slow generic convolutions (train step 2x
+    faster at batch 8, bench/RESULTS_train.md);
   'auto': 'decomposed' on CPU, 'native' elsewhere.
 Both formulations compute the same sums (tests/test_models.py).
 
@@ -84,16 +88,83 @@ class ConvTranspose4x4S2(nn.Module):
     if resolve_impl(self.impl) == 'native':
       return lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
                                 dimension_numbers=_DN)
-    # Output row 2i + a only sees kernel rows a and a + 2: even rows use
-    # input rows (i-1, i), odd rows (i, i+1); columns likewise.
-    pads = (((1, 0),), ((0, 1),))
-    rows = []
-    for a in (0, 1):
-      cols = [lax.conv_general_dilated(x, kernel[a::2, b::2], (1, 1),
-                                       pads[a] + pads[b],
-                                       dimension_numbers=_DN)
-              for b in (0, 1)]
-      rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (b), C]
-    y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), C]
-    b, h, _, w, _, c = y.shape
-    return y.reshape(b, 2 * h, 2 * w, c)
+    return _subpixel_deconv(x, kernel)
+
+
+def _im2col(xp: jnp.ndarray, k: int, stride: int, h_out: int,
+            w_out: int) -> jnp.ndarray:
+  """[B, Hp, Wp, C] (padded) -> [B, h_out, w_out, k*k*C], taps (u, v, c)."""
+  span = lambda n: stride * (n - 1) + 1
+  taps = [xp[:, u:u + span(h_out):stride, v:v + span(w_out):stride]
+          for u in range(k) for v in range(k)]
+  return taps[0] if k == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _dot(cols: jnp.ndarray, kernel2d: jnp.ndarray) -> jnp.ndarray:
+  """[..., K] x [K, N] -> [..., N] as one GEMM (fast forward and backward)."""
+  return lax.dot_general(cols, kernel2d, (((cols.ndim - 1,), (0,)), ((), ())))
+
+
+def _subpixel_deconv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """ConvTranspose4x4S2 as one GEMM over 2x2 windows + depth-to-space.
+
+  Output row 2i + a only sees kernel rows a and a + 2: even rows use input
+  rows (i-1, i), odd rows (i, i+1); columns likewise. With x padded by 1,
+  phase (a, b) at (i, j) is the 2x2 window at (i + a, j + b) times
+  kernel[a::2, b::2], so all four phases are one [B(H+1)(W+1), 4 in] x
+  [4 in, 4 out] product (windows gathered once, ~(1 + 1/H)(1 + 1/W) of the
+  minimal FLOPs) whose outputs are sliced per phase and interleaved.
+  """
+  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  cols = _im2col(xp, 2, 1, h + 1, w + 1)  # [B, H+1, W+1, 4 in]
+  # [4 (u, v, in), 4 (a, b), out]: phase (a, b) uses kernel[a + 2u, b + 2v].
+  k2 = kernel.reshape(2, 2, 2, 2, c, -1)  # [u, a, v, b, in, out]
+  k2 = k2.transpose(0, 2, 4, 1, 3, 5).reshape(4 * c, -1)
+  q = _dot(cols, k2)  # [B, H+1, W+1, 4 * out]
+  q = q.reshape(b, h + 1, w + 1, 4, -1)
+  rows = []
+  for a in (0, 1):
+    rows.append(jnp.stack([q[:, a:a + h, bb:bb + w, 2 * a + bb]
+                           for bb in (0, 1)], axis=3))  # [B, H, W, 2, out]
+  y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), out]
+  return y.reshape(b, 2 * h, 2 * w, y.shape[-1])
+
+
+class Conv(nn.Module):
+  """nn.Conv twin (same 'kernel' [k, k, in, out] / 'bias' params).
+
+  PyTorch-style symmetric padding k // 2. 'decomposed' computes it as
+  im2col + one GEMM (a plain reshape for 1x1): XLA:CPU runs dot_general
+  and its transposes as tuned GEMMs, but the backward (filter/input) of a
+  convolution as much slower generic convolutions.
+  """
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  use_bias: bool = False
+  impl: str = 'auto'
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()  # nn.Conv default
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    k, s = self.kernel_size, self.stride
+    kernel = self.param('kernel', self.kernel_init,
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    pad = k // 2
+    if resolve_impl(self.impl) == 'native':
+      y = lax.conv_general_dilated(x, kernel, (s, s), ((pad, pad),) * 2,
+                                   dimension_numbers=_DN)
+    else:
+      h_out = (x.shape[1] + 2 * pad - k) // s + 1
+      w_out = (x.shape[2] + 2 * pad - k) // s + 1
+      xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+      y = _dot(_im2col(xp, k, s, h_out, w_out),
+               kernel.reshape(-1, self.features))
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y

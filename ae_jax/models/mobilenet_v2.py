@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ae_jax.models.layers import DepthwiseConv3x3
+from ae_jax.models.layers import Conv, DepthwiseConv3x3
 
 # (expand ratio t, channels c, repeats n, first stride s), mmcls arch_settings.
 ARCH_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -65,11 +65,10 @@ class ConvBN(nn.Module):
       x = DepthwiseConv3x3(self.stride, impl=self.conv_impl, dtype=self.dtype,
                            name='conv')(x)
     else:
-      pad = self.kernel_size // 2  # PyTorch symmetric padding, not 'SAME'.
-      x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                  strides=self.stride, padding=((pad, pad), (pad, pad)),
-                  use_bias=False, kernel_init=KAIMING_FAN_OUT,
-                  dtype=self.dtype, param_dtype=jnp.float32, name='conv')(x)
+      # PyTorch symmetric padding k // 2, not 'SAME'.
+      x = Conv(self.features, self.kernel_size, self.stride,
+               impl=self.conv_impl, dtype=self.dtype,
+               kernel_init=KAIMING_FAN_OUT, name='conv')(x)
     x = batch_norm(train, self.dtype, name='bn')(x)
     return nn.relu6(x) if self.act else x
 
@@ -110,7 +109,8 @@ class MobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     in_channels = make_divisible(32 * self.widen_factor, 8)
-    x = ConvBN(in_channels, 3, 2, dtype=self.dtype, name='conv1')(x, train)
+    x = ConvBN(in_channels, 3, 2, conv_impl=self.conv_impl, dtype=self.dtype,
+               name='conv1')(x, train)
     for i, (t, c, n, s) in enumerate(self.arch_settings):
       out_channels = make_divisible(c * self.widen_factor, 8)
       for j in range(n):
@@ -120,4 +120,5 @@ class MobileNetV2(nn.Module):
         in_channels = out_channels
     out_channels = (int(1280 * self.widen_factor)
                     if self.widen_factor > 1.0 else 1280)
-    return ConvBN(out_channels, 1, dtype=self.dtype, name='conv2')(x, train)
+    return ConvBN(out_channels, 1, conv_impl=self.conv_impl, dtype=self.dtype,
+                  name='conv2')(x, train)
