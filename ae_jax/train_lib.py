@@ -37,6 +37,7 @@ import optax
 from ae_jax import checkpoints
 from ae_jax import losses
 from ae_jax import sharding
+from ae_jax.data import transforms
 from ae_jax.models.ae_model import AEModel
 
 BATCH_KEYS = ('image', 'heatmaps', 'mask', 'joints')
@@ -109,7 +110,7 @@ def make_lr_schedule(base_lr: float, num_steps_per_epoch: int,
 
 
 def create_train_state(rng: jax.Array, model: AEModel,
-                       tx: optax.GradientTransformation, input_size: int,
+                       tx: optax.GradientTransformation, input_size,
                        mesh: jax.sharding.Mesh,
                        shard_opt_state: bool = False):
   """Initialises a TrainState already placed on `mesh`.
@@ -118,12 +119,21 @@ def create_train_state(rng: jax.Array, model: AEModel,
   init function with `out_shardings` then builds it in place (no host copy
   of the full state, no replicated-then-resharded arrays).
 
+  Args:
+    rng: init key.
+    model: the AE model.
+    tx: the optimizer.
+    input_size: config.data.input_size, int S (square) or (W, H).
+    mesh: device mesh.
+    shard_opt_state: shard the Adam moments over 'data'.
+
   Returns:
     (state, state_shardings).
   """
+  width, height = transforms.as_wh(input_size)
 
   def init(key):
-    dummy = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
+    dummy = jnp.zeros((1, height, width, 3), jnp.float32)
     variables = model.init(key, dummy, train=False)
     return TrainState.create(apply_fn=model.apply,
                              params=variables['params'], tx=tx,

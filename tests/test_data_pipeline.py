@@ -68,7 +68,7 @@ def test_hosts_split_the_global_batch(coco_mini_root):
           np.concatenate([parts[0][step][key], parts[1][step][key]]))
 
 
-def _expected_unaugmented(root, size, hm_size):
+def _expected_unaugmented(root, size, hm_size, scale_type='short'):
   """Per image id: the fixed-parameter transform (checked in its own test)."""
   index = coco.load_coco_index(str(root), 'val2017')
   out = {}
@@ -79,7 +79,7 @@ def _expected_unaugmented(root, size, hm_size):
     img, mask, joints = transforms.transform_example(
         cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
         coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width),
-        ex.keypoints, transforms.AugParams(), size, hm_size)
+        ex.keypoints, transforms.AugParams(), size, hm_size, scale_type)
     out[ex.image_id] = dict(
         image=transforms.normalize_image_np(img), mask=mask,
         heatmaps=targets.generate_heatmaps_np(joints, hm_size, 2.0),
@@ -105,6 +105,21 @@ def test_full_size_unaugmented_is_the_fixed_transform(coco_mini_root):
   expected = _expected_unaugmented(coco_mini_root, 512, 128)
   ids = _match(_take(ds, 1)[0], expected)
   assert sorted(ids) == [785, 40083, 196141, 197388]  # one epoch, permuted
+
+
+def test_rectangular_unaugmented_batch(coco_mini_root):
+  """(w, h) sizes (configs/coco_mini.py at 1/4): [b, H, W, 3] images,
+  [b, h, w, ...] targets, each example the fixed 'long' transform."""
+  ds = _make(coco_mini_root, input_size=(112, 64), heatmap_size=(28, 16),
+             scale_type='long', augment=False, global_batch_size=4)
+  b = _take(ds, 1)[0]
+  assert b['image'].shape == (4, 64, 112, 3)
+  assert b['heatmaps'].shape == (4, 16, 28, 17)
+  assert b['mask'].shape == (4, 16, 28)
+  assert b['joints'].max() < 17 * 16 * 28
+  expected = _expected_unaugmented(coco_mini_root, (112, 64), (28, 16),
+                                   'long')
+  assert sorted(_match(b, expected)) == [785, 40083, 196141, 197388]
 
 
 def test_bad_images_are_replaced_and_counted(coco_mini_root, tmp_path):

@@ -6,6 +6,7 @@ tests that need exact control (resume, NaN) use it, see
 test_checkpoints.py.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ import optax
 
 from ae_jax import sharding
 from ae_jax import train_lib
+from ae_jax.data import transforms
 from ae_jax.models.ae_model import AEModel
 from configs import tiny
 
@@ -65,23 +67,27 @@ def small_model_and_lr():
 
 def synthetic_batch(seed, step, batch, input_size, heatmap_size,
                     nan=False):
-  """One contract-conforming batch from (seed, step): a few people/image."""
+  """One contract-conforming batch from (seed, step): a few people/image.
+
+  Sizes are an int (square) or (w, h), as config.data.input_size.
+  """
   rng = np.random.default_rng([seed, step])
-  h = heatmap_size
-  image = rng.normal(size=(batch, input_size, input_size, 3))
-  heatmaps = np.zeros((batch, h, h, K), np.float32)
+  in_w, in_h = transforms.as_wh(input_size)
+  w, h = transforms.as_wh(heatmap_size)
+  image = rng.normal(size=(batch, in_h, in_w, 3))
+  heatmaps = np.zeros((batch, h, w, K), np.float32)
   joints = np.zeros((batch, M, K, 2), np.int32)
-  yy, xx = np.mgrid[:h, :h]
+  yy, xx = np.mgrid[:h, :w]
   for b in range(batch):
     for p in range(rng.integers(0, 4)):
-      xy = rng.integers(0, h, size=(K, 2))
+      xy = rng.integers(0, (w, h), size=(K, 2))
       vis = rng.uniform(size=K) > 0.3
-      joints[b, p, :, 0] = np.arange(K) * h * h + xy[:, 1] * h + xy[:, 0]
+      joints[b, p, :, 0] = np.arange(K) * h * w + xy[:, 1] * w + xy[:, 0]
       joints[b, p, :, 1] = vis
       for k in np.nonzero(vis)[0]:
         g = np.exp(-((xx - xy[k, 0])**2 + (yy - xy[k, 1])**2) / 8.0)
         heatmaps[b, :, :, k] = np.maximum(heatmaps[b, :, :, k], g)
-  mask = np.ones((batch, h, h), np.float32)
+  mask = np.ones((batch, h, w), np.float32)
   mask[:, : h // 4, : h // 4] = 0.0  # a crowd region
   if nan:
     image[0, 0, 0, 0] = np.nan
@@ -182,6 +188,30 @@ def test_create_train_state_is_placed(tiny_setup):
   leaf = jax.tree_util.tree_leaves(state.params)[0]
   assert leaf.sharding.is_fully_replicated
   assert leaf.dtype == np.float32
+
+
+def test_rectangular_input_state_and_step_shapes():
+  """input_size (W, H): the state initialises from an [1, H, W, 3] input and
+  the train step traces on a [b, H, W, 3] / [b, h, w, K] batch (shapes
+  only: jax.eval_shape, no compile of the step)."""
+  model, lr_fn = small_model_and_lr()
+  mesh = sharding.make_mesh(1)
+  state, shardings = train_lib.create_train_state(
+      jax.random.key(0), model, optax.adam(lr_fn), (96, 64), mesh)
+  batch = synthetic_batch(0, 0, 8, (96, 64), (24, 16))
+  assert batch['image'].shape == (8, 64, 96, 3)
+  assert batch['heatmaps'].shape == (8, 16, 24, K)
+  assert batch['joints'][..., 0].max() < K * 16 * 24
+  step = train_lib.make_train_step(mesh, shardings, model=model, lr_fn=lr_fn)
+  new_state, metrics = jax.eval_shape(step, state, batch, jax.random.key(1))
+  assert metrics['total_loss'].shape == ()
+  assert jax.tree_util.tree_structure(new_state.params) == (
+      jax.tree_util.tree_structure(state.params))
+  out = jax.eval_shape(
+      functools.partial(model.apply, train=False),
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      batch['image'])
+  assert out.shape == (8, 16, 24, 2 * K)  # the maps the targets index
 
 
 def test_load_backbone_replaces_only_backbone(tiny_setup):

@@ -14,11 +14,13 @@ batch and break resume): the example is replaced by the next readable image
 in index order, with its own annotations, so targets stay right. Each such
 replacement is counted per reason and logged (absl) once per file.
 
-Train batch (host-local numpy dict), b = global_batch // process_count:
-  'image'    [b, S, S, 3] float32 ImageNet-normalised RGB
-  'heatmaps' [b, h, h, K] float32 in [0, 1]
-  'mask'     [b, h, h]    float32, 0 = ignore
-  'joints'   [b, M, K, 2] int32 (k * h * h + y * h + x, visible)
+Train batch (host-local numpy dict), b = global_batch // process_count,
+H x W the input size and h x w the heatmap size (config.data.input_size /
+heatmap_size: an int for square, or (w, h) as mmpose's image_size):
+  'image'    [b, H, W, 3] float32 ImageNet-normalised RGB
+  'heatmaps' [b, h, w, K] float32 in [0, 1]
+  'mask'     [b, h, w]    float32, 0 = ignore
+  'joints'   [b, M, K, 2] int32 (k * h * w + y * w + x, visible)
 """
 
 import collections
@@ -95,8 +97,8 @@ class ExampleSource:
     return f'{self.image_dir}/{self.examples[i].file_name}'
 
 
-def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size: int,
-                heatmap_size: int, scale_type: str, trans_factor: float,
+def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size,
+                heatmap_size, scale_type: str, trans_factor: float,
                 sigma: float, max_people: int):
   """Builds the host function for tf.numpy_function.
 
@@ -105,8 +107,8 @@ def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size: int,
   bench_pipeline.py).
 
   Returns:
-    fn(index, rot, scale, u_dx, u_dy, flip) -> (image [S, S, 3] float32,
-    mask [h, h] float32, heatmaps [h, h, K] float32, joints [M, K, 2]
+    fn(index, rot, scale, u_dx, u_dy, flip) -> (image [H, W, 3] float32,
+    mask [h, w] float32, heatmaps [h, w, K] float32, joints [M, K, 2]
     int32).
   """
 
@@ -184,8 +186,8 @@ def _load_source(coco_root: str, split: str, source: str, tfds_data_dir: str):
   raise ValueError(f"Unknown data source {source!r}: 'json' or 'tfds'")
 
 
-def make_train_dataset(coco_root: str, split: str, *, input_size: int,
-                       heatmap_size: int, sigma: float, max_people: int,
+def make_train_dataset(coco_root: str, split: str, *, input_size,
+                       heatmap_size, sigma: float, max_people: int,
                        rot_factor: float, scale_factor, scale_type: str,
                        trans_factor: float, flip_prob: float, augment: bool,
                        global_batch_size: int, seed: int, start_step: int = 0,
@@ -204,8 +206,8 @@ def make_train_dataset(coco_root: str, split: str, *, input_size: int,
   Args:
     coco_root: COCO root folder.
     split: image split, e.g. 'train2017'.
-    input_size: S.
-    heatmap_size: h.
+    input_size: int S (square) or (W, H), mmpose's image_size.
+    heatmap_size: int h (square) or (w, h).
     sigma: heatmap Gaussian sigma (heatmap px).
     max_people: M.
     rot_factor: max rotation (degrees).
@@ -239,6 +241,8 @@ def make_train_dataset(coco_root: str, split: str, *, input_size: int,
     raise ValueError(f'global_batch_size {global_batch_size} is not divisible '
                      f'by the {process_count} processes')
   local_batch = global_batch_size // process_count
+  in_w, in_h = transforms.as_wh(input_size)
+  hm_w, hm_h = transforms.as_wh(heatmap_size)
   src, skipped_in_index = _load_source(coco_root, split, source,
                                        tfds_data_dir)
   for reason, ids in skipped_in_index.items():
@@ -277,11 +281,10 @@ def make_train_dataset(coco_root: str, split: str, *, input_size: int,
     image, mask, heatmaps, joints = tf.numpy_function(
         load, [index, rot, scale, u_dx, u_dy, flip],
         [tf.float32, tf.float32, tf.float32, tf.int32], stateful=False)
-    hm = heatmap_size
     return {
-        'image': tf.ensure_shape(image, [input_size, input_size, 3]),
-        'heatmaps': tf.ensure_shape(heatmaps, [hm, hm, NUM_JOINTS]),
-        'mask': tf.ensure_shape(mask, [hm, hm]),
+        'image': tf.ensure_shape(image, [in_h, in_w, 3]),
+        'heatmaps': tf.ensure_shape(heatmaps, [hm_h, hm_w, NUM_JOINTS]),
+        'mask': tf.ensure_shape(mask, [hm_h, hm_w]),
         'joints': tf.ensure_shape(joints, [max_people, NUM_JOINTS, 2]),
     }
 

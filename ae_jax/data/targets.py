@@ -14,11 +14,13 @@ Facts kept from mmpose:
     round(x - 3s - 1) (so it is centred on the integer joint), clipped to
     the map, max over people;
   * the joint encoding packs each person's kept joints to the front:
-    slot t of person m holds (k * h * h + y * h + x, 1) for its t-th kept
+    slot t of person m holds (k * h * w + y * w + x, 1) for its t-th kept
     joint k, zeros after; only the first M people are encoded.
 
+heatmap_size is an int (square map) or (w, h), as mmpose's output_size.
+
 Shapes: joints [P, K, 3] float32 (x, y, v) in heatmap pixels; heatmaps
-[h, h, K] float32 in [0, 1] (NHWC); encodings [M, K, 2] int32.
+[h, w, K] float32 in [0, 1] (NHWC); encodings [M, K, 2] int32.
 """
 
 import math
@@ -26,30 +28,33 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from ae_jax.data.transforms import as_wh
 
-def _kept_positions(joints, heatmap_size: int):
+
+def _kept_positions(joints, width: int, height: int):
   """Integer positions [P, K] (x, y) and the kept flag [P, K] bool."""
   xy = tf.cast(joints[..., :2], tf.int32)  # truncation toward zero, as int()
   x, y = xy[..., 0], xy[..., 1]
-  kept = ((joints[..., 2] > 0) & (x >= 0) & (y >= 0) & (x < heatmap_size) &
-          (y < heatmap_size))
+  kept = ((joints[..., 2] > 0) & (x >= 0) & (y >= 0) & (x < width) &
+          (y < height))
   return x, y, kept
 
 
-def generate_heatmaps(joints, heatmap_size: int, sigma: float):
+def generate_heatmaps(joints, heatmap_size, sigma: float):
   """Gaussian heatmaps, max over people (mmpose HeatmapGenerator).
 
   Args:
     joints: [P, K, 3] float32 in heatmap pixels (P may be 0).
-    heatmap_size: h.
+    heatmap_size: int h (square) or (w, h).
     sigma: Gaussian sigma in heatmap pixels.
 
   Returns:
-    [h, h, K] float32 in [0, 1].
+    [h, w, K] float32 in [0, 1].
   """
+  width, height = as_wh(heatmap_size)
   joints = tf.convert_to_tensor(joints, tf.float32)
   num_joints = joints.shape[1]
-  x, y, kept = _kept_positions(joints, heatmap_size)
+  x, y, kept = _kept_positions(joints, width, height)
   size = int(math.ceil(6 * sigma + 3))  # len(np.arange(0, 6s + 3))
   center = 3.0 * sigma + 1.0
   # Patch corner and exclusive end, rounded half to even like np.round.
@@ -62,14 +67,14 @@ def generate_heatmaps(joints, heatmap_size: int, sigma: float):
   # Separable per-axis parts of the patch: [P, K, size].
   px = ulx[..., None] + grid
   py = uly[..., None] + grid
-  okx = (px >= 0) & (px < heatmap_size) & (px < brx[..., None])
-  oky = (py >= 0) & (py < heatmap_size) & (py < bry[..., None])
+  okx = (px >= 0) & (px < width) & (px < brx[..., None])
+  oky = (py >= 0) & (py < height) & (py < bry[..., None])
   # exp of the summed squares in float32, as mmpose computes g.
   d2 = ((gridf - center)**2)[:, None] + ((gridf - center)**2)[None, :]
   g = tf.exp(-d2 / (2.0 * sigma**2))  # [size(y), size(x)]
   ok = (oky[..., :, None] & okx[..., None, :]) & kept[..., None, None]
   values = tf.where(ok, g, 0.0)  # [P, K, size, size]
-  # Indices into [K, h, h]; masked updates go to (k, 0, 0) with value 0,
+  # Indices into [K, h, w]; masked updates go to (k, 0, 0) with value 0,
   # harmless under a max because heatmaps are >= 0.
   kk = tf.broadcast_to(tf.range(num_joints)[None, :, None, None],
                        tf.shape(values))
@@ -77,28 +82,29 @@ def generate_heatmaps(joints, heatmap_size: int, sigma: float):
   xx = tf.where(ok, tf.broadcast_to(px[..., None, :], tf.shape(values)), 0)
   idx = tf.reshape(tf.stack([kk, yy, xx], -1), [-1, 3])
   maps = tf.tensor_scatter_nd_max(
-      tf.zeros([num_joints, heatmap_size, heatmap_size], tf.float32), idx,
+      tf.zeros([num_joints, height, width], tf.float32), idx,
       tf.reshape(values, [-1]))
   return tf.transpose(maps, [1, 2, 0])
 
 
-def encode_joints(joints, heatmap_size: int, max_people: int):
+def encode_joints(joints, heatmap_size, max_people: int):
   """mmpose JointsEncoder: (flat tag-map index, 1) per kept joint.
 
   Args:
     joints: [P, K, 3] float32 in heatmap pixels (P may be 0 or > M).
-    heatmap_size: h.
+    heatmap_size: int h (square) or (w, h).
     max_people: M; people beyond it are dropped (mmpose would fail).
 
   Returns:
     [M, K, 2] int32.
   """
+  width, height = as_wh(heatmap_size)
   joints = tf.convert_to_tensor(joints, tf.float32)[:max_people]
   num_joints = joints.shape[1]
   num_people = tf.shape(joints)[0]
-  x, y, kept = _kept_positions(joints, heatmap_size)
+  x, y, kept = _kept_positions(joints, width, height)
   k = tf.range(num_joints, dtype=tf.int32)[None, :]
-  flat = k * heatmap_size * heatmap_size + y * heatmap_size + x
+  flat = k * height * width + y * width + x
   code = tf.stack([flat, tf.ones_like(flat)], -1) * tf.cast(
       kept, tf.int32)[..., None]
   # Stable sort puts each person's kept joints first, in joint order.
@@ -114,7 +120,7 @@ def _gaussian_patch(sigma: float) -> tuple[np.ndarray, float]:
                 (2 * sigma**2)), center
 
 
-def generate_heatmaps_np(joints: np.ndarray, heatmap_size: int,
+def generate_heatmaps_np(joints: np.ndarray, heatmap_size,
                          sigma: float) -> np.ndarray:
   """numpy twin of generate_heatmaps, used inside the pipeline's loader.
 
@@ -124,26 +130,26 @@ def generate_heatmaps_np(joints: np.ndarray, heatmap_size: int,
 
   Args:
     joints: [P, K, 3] float32 in heatmap pixels.
-    heatmap_size: h.
+    heatmap_size: int h (square) or (w, h).
     sigma: Gaussian sigma in heatmap pixels.
 
   Returns:
-    [h, h, K] float32 in [0, 1].
+    [h, w, K] float32 in [0, 1].
   """
-  h = heatmap_size
+  wh = np.array(as_wh(heatmap_size))
   g, center = _gaussian_patch(sigma)
   size_y, size_x = g.shape
-  # [K, h, h] keeps each patch row contiguous; one transpose at the end.
-  out = np.zeros((joints.shape[1], h, h), np.float32)
+  # [K, h, w] keeps each patch row contiguous; one transpose at the end.
+  out = np.zeros((joints.shape[1], wh[1], wh[0]), np.float32)
   xy = joints[..., :2].astype(np.int64)  # truncation toward zero, as int()
-  kept = ((joints[..., 2] > 0) & (xy >= 0).all(-1) & (xy < h).all(-1))
+  kept = ((joints[..., 2] > 0) & (xy >= 0).all(-1) & (xy < wh).all(-1))
   p, k = np.nonzero(kept)
   pts = xy[p, k].astype(np.float64)
   # Corner and end rounded half to even, as np.round in mmpose.
   ul = np.rint(pts - center).astype(np.int64)
   br = np.minimum(np.rint(pts + center + 1).astype(np.int64),
                   ul + (size_x, size_y))
-  lo, hi = np.maximum(ul, 0), np.minimum(br, h)
+  lo, hi = np.maximum(ul, 0), np.minimum(br, wh)
   for (kk, (ux, uy), (x0, y0), (x1, y1)) in zip(
       k.tolist(), ul.tolist(), lo.tolist(), hi.tolist()):
     view = out[kk, y0:y1, x0:x1]
@@ -151,15 +157,16 @@ def generate_heatmaps_np(joints: np.ndarray, heatmap_size: int,
   return out.transpose(1, 2, 0)
 
 
-def encode_joints_np(joints: np.ndarray, heatmap_size: int,
+def encode_joints_np(joints: np.ndarray, heatmap_size,
                      max_people: int) -> np.ndarray:
   """numpy twin of encode_joints (vectorised, stable packing)."""
-  h = heatmap_size
+  w, h = as_wh(heatmap_size)
   joints = joints[:max_people]
   num_people, num_joints = joints.shape[:2]
   xy = joints[..., :2].astype(np.int64)
-  kept = ((joints[..., 2] > 0) & (xy >= 0).all(-1) & (xy < h).all(-1))
-  flat = (np.arange(num_joints) * h * h + xy[..., 1] * h + xy[..., 0])
+  kept = ((joints[..., 2] > 0) & (xy >= 0).all(-1) &
+          (xy < (w, h)).all(-1))
+  flat = (np.arange(num_joints) * h * w + xy[..., 1] * w + xy[..., 0])
   out = np.zeros((max_people, num_joints, 2), np.int32)
   slot = np.cumsum(kept, axis=1) - 1
   p, k = np.nonzero(kept)

@@ -21,13 +21,18 @@ Where each piece runs (measured in bench/bench_pipeline.py, one core):
 Order of operations (mmpose): the affine is built twice from one random
 draw, for the image at input size S and for mask/joints at heatmap size h;
 the image is warped from the decoded RGB uint8, the ignore mask is warped
-from full resolution straight to h x h (bilinear, border 0, then > 0.5);
-joints are mapped with the h-size matrix; then the flip mirrors image, mask
-and joints (x -> h - 1 - x, left/right swap).
+from full resolution straight to the map size (bilinear, border 0, then
+> 0.5); joints are mapped with the map-size matrix; then the flip mirrors
+image, mask and joints (x -> w - 1 - x with w the map width, left/right
+swap).
 
-Shapes: image [H, W, 3] uint8 RGB in, [S, S, 3] uint8 out; mask [h, h]
-float32 {0, 1} (1 = train on this pixel); keypoints [P, K, 3] float32
-(x, y, v), output in heatmap pixels.
+Sizes: input_size / heatmap_size are an int (square, the paper setup) or a
+(w, h) pair as mmpose's image_size / heatmap_size (`as_wh`); the box is
+mmpose's `_get_scale` for that aspect ratio.
+
+Shapes: image [Hi, Wi, 3] uint8 RGB in, [H, W, 3] uint8 out (input size);
+mask [h, w] float32 {0, 1} (1 = train on this pixel); keypoints [P, K, 3]
+float32 (x, y, v), output in heatmap pixels.
 """
 
 import dataclasses
@@ -78,8 +83,48 @@ def shift_from_uniform(u: float, size: float, aug_scale: float,
   return int(min(low + np.floor(u * (high - low)), high - 1))
 
 
-def affine_matrices(height: int, width: int, aug: AugParams, input_size: int,
-                    heatmap_size: int,
+def as_wh(size) -> tuple[int, int]:
+  """A size as (w, h): an int is square (the paper setup), else a pair.
+
+  Args:
+    size: int side, or (w, h) (mmpose's image_size / heatmap_size order).
+
+  Returns:
+    (w, h) ints.
+  """
+  if isinstance(size, (int, np.integer)):
+    return int(size), int(size)
+  try:
+    w, h = size
+  except (TypeError, ValueError):
+    raise ValueError(
+        f'A size is an int or a (w, h) pair, got {size!r}') from None
+  return int(w), int(h)
+
+
+def box_width(img_w: float, img_h: float, out_w: int, out_h: int,
+              scale_type: str) -> float:
+  """Width (px) of the image box that maps onto a (out_w, out_h) output.
+
+  mmpose BottomUpRandomAffine._get_scale: the box has the output's aspect
+  ratio and fits the scaled image by its short ('short': the box lies inside
+  the image, cropping the other axis) or long ('long': the image lies inside
+  the box, padding the other axis) side. Only the width enters
+  get_affine_transform. The aspect factor is applied as one ratio, which is
+  exactly 1.0 for a square output, so the square box is the image side
+  itself, bit for bit.
+  """
+  if scale_type not in ('short', 'long'):
+    raise ValueError(f'Unknown scale_type {scale_type!r}: short or long')
+  # True when the image is relatively taller than the output.
+  taller = img_w / out_w < img_h / out_h
+  if taller == (scale_type == 'long'):
+    return img_h * (out_w / out_h)  # the box height is the image height
+  return img_w
+
+
+def affine_matrices(height: int, width: int, aug: AugParams, input_size,
+                    heatmap_size,
                     scale_type: str = 'short') -> tuple[np.ndarray, ...]:
   """mmpose's two warp matrices: image -> input px, image -> heatmap px.
 
@@ -87,8 +132,8 @@ def affine_matrices(height: int, width: int, aug: AugParams, input_size: int,
     height: image height (px).
     width: image width (px).
     aug: augmentation parameters.
-    input_size: S, square network input side.
-    heatmap_size: h, square target side.
+    input_size: network input, int S (square) or (W, H).
+    heatmap_size: target map, int h (square) or (w, h).
     scale_type: 'short' or 'long' (BottomUpRandomAffine._get_scale).
 
   Returns:
@@ -96,23 +141,18 @@ def affine_matrices(height: int, width: int, aug: AugParams, input_size: int,
   """
   center = np.array([width / 2.0 + aug.dx, height / 2.0 + aug.dy])
   img_w, img_h = width * aug.scale, height * aug.scale
-  # _get_scale with a square output: the box side is the short (or long)
-  # side of the scaled image; only the width enters get_affine_transform.
-  if scale_type == 'short':
-    side = min(img_w, img_h)
-  elif scale_type == 'long':
-    side = max(img_w, img_h)
-  else:
-    raise ValueError(f'Unknown scale_type {scale_type!r}: short or long')
-  box = np.array([side, side]) / affine.PIXEL_STD
-  mats = [affine.get_affine_transform(center, box, aug.rot, (size, size))
-          for size in (input_size, heatmap_size)]
+  mats = []
+  for size in (as_wh(input_size), as_wh(heatmap_size)):
+    # mmpose computes the box per output size (their aspects may differ).
+    side = box_width(img_w, img_h, size[0], size[1], scale_type)
+    box = np.array([side, side * size[1] / size[0]]) / affine.PIXEL_STD
+    mats.append(affine.get_affine_transform(center, box, aug.rot, size))
   return mats[0], mats[1]
 
 
 def transform_example(image: np.ndarray, ignore_mask: np.ndarray,
-                      keypoints: np.ndarray, aug: AugParams, input_size: int,
-                      heatmap_size: int, scale_type: str = 'short'):
+                      keypoints: np.ndarray, aug: AugParams, input_size,
+                      heatmap_size, scale_type: str = 'short'):
   """Random affine + flip with explicit parameters (host numpy/cv2).
 
   Args:
@@ -120,23 +160,22 @@ def transform_example(image: np.ndarray, ignore_mask: np.ndarray,
     ignore_mask: [H, W] uint8, 1 over ignore regions.
     keypoints: [P, K, 3] float32 in image pixels.
     aug: augmentation parameters.
-    input_size: S.
-    heatmap_size: h.
+    input_size: int S or (W, H).
+    heatmap_size: int h or (w, h).
     scale_type: 'short' or 'long'.
 
   Returns:
-    image [S, S, 3] uint8, mask [h, h] float32 (1 = valid),
+    image [H, W, 3] uint8 (input size), mask [h, w] float32 (1 = valid),
     keypoints [P, K, 3] float32 in heatmap pixels.
   """
   height, width = image.shape[:2]
-  mat_in, mat_hm = affine_matrices(height, width, aug, input_size,
-                                   heatmap_size, scale_type)
-  out = cv2.warpAffine(image, mat_in, (input_size, input_size),
-                       flags=cv2.INTER_LINEAR)
+  in_wh, hm_wh = as_wh(input_size), as_wh(heatmap_size)
+  mat_in, mat_hm = affine_matrices(height, width, aug, in_wh, hm_wh,
+                                   scale_type)
+  out = cv2.warpAffine(image, mat_in, in_wh, flags=cv2.INTER_LINEAR)
   # mmpose warps (valid * 255) as uint8 and thresholds the result at 0.5.
   valid = (1 - ignore_mask) * np.uint8(255)
-  mask = cv2.warpAffine(valid, mat_hm, (heatmap_size, heatmap_size),
-                        flags=cv2.INTER_LINEAR)
+  mask = cv2.warpAffine(valid, mat_hm, hm_wh, flags=cv2.INTER_LINEAR)
   mask = (mask / 255.0 > 0.5).astype(np.float32)
   joints = np.array(keypoints, np.float32, copy=True)
   # mmpose stores the warped float64 points back into a float32 array.
@@ -145,7 +184,7 @@ def transform_example(image: np.ndarray, ignore_mask: np.ndarray,
     out = out[:, ::-1]
     mask = mask[:, ::-1]
     joints = joints[:, FLIP_INDEX]
-    joints[..., 0] = heatmap_size - joints[..., 0] - 1
+    joints[..., 0] = hm_wh[0] - joints[..., 0] - 1  # mirror in map width
   return (np.ascontiguousarray(out), np.ascontiguousarray(mask), joints)
 
 
