@@ -5,28 +5,37 @@ Run (2 CPU cores, a few minutes):
   python eval.py --config configs/coco_mini.py --ckpt /tmp/ae_mini \
       --coco_root data/coco_mini
 
-Train = val (val2017 is the only split shipped). Smaller input (256, maps
-64), no augmentation so the full-width model memorises the 4 images; lr
-higher than mmpose's, no decay. First version: 200 steps (~1.4 s/step on
-2 cores, ~5 min) reach loss ~2e-6 and AP 0.31 at test.input_size 256.
-Known limit: with augment=False and scale_type 'short' the training view
-is the central square crop, so people outside it are never trained on.
-(Tried: translation-only augmentation, AP 0.004 after 200 steps; 'long'
-with test.input_size 192, AP 0.0 - the padded square does not match the
-un-padded test view.)
+Train = val (val2017 is the only split shipped). No augmentation, so the
+full-width model memorises the 4 images; lr higher than mmpose's, no decay.
+
+The training view is the test view: a rectangular input (w, h) = (448, 256)
+with scale_type 'long' maps the whole image (height to 256 rows, padded
+left/right) with the zoom and box of the test-time resize at
+test.input_size 256 (inference.get_multi_scale_size: short side 256, long
+side rounded up to 448 for 3 of the 4 images, 384 for 196141, which then
+sees the central columns of its training view). Centers differ by <= 0.5
+image px (mmpose trains at (w/2, h/2), tests at the rounded center).
+Measured before: the square 256 input with 'short' trains only on the
+central square crop (people at the sides never seen: AP 0.31); 'long' with
+a square input pads to a layout the test never shows (AP 0).
 """
 
 from configs import default
 
 
 def get_config():
-  """Full model at 256 px, batch 4, no augmentation, 200 steps."""
+  """Full model at 448 x 256, batch 4, no augmentation, 200 steps."""
   config = default.get_config()
   config.data.coco_root = 'data/coco_mini'
   config.data.train_split = 'val2017'
   config.data.val_split = 'val2017'
-  config.data.input_size = 256
-  config.data.heatmap_size = 64
+  # (w, h) pairs replace the default ints (ConfigDict fields keep their
+  # type, so the int fields are removed first).
+  del config.data['input_size']
+  del config.data['heatmap_size']
+  config.data.input_size = (448, 256)  # mmpose image_size [w, h]
+  config.data.heatmap_size = (112, 64)  # mmpose heatmap_size [w, h]
+  config.data.scale_type = 'long'  # whole image, as the test-time resize
   config.data.augment = False  # memorise: no affine jitter, no flip
   config.data.shuffle_buffer = 4
   config.train.global_batch_size = 4  # one epoch = one step
@@ -36,5 +45,8 @@ def get_config():
   config.optim.lr = 2e-3
   config.optim.warmup_steps = 20
   config.optim.decay_epochs = (100000,)  # no decay within the run
-  config.test.input_size = 256
+  config.test.input_size = 256  # short side at test: the training height
+  # Training never flips (augment False), so the mirrored view was never
+  # seen; averaging it in would blend in an untrained prediction.
+  config.test.flip = False
   return config

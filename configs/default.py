@@ -31,8 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tfds_data_dir = ''  # TFDS data_dir when source == 'tfds'
   config.data.train_split = 'train2017'
   config.data.val_split = 'val2017'
+  # int S (square, the paper setup) or (w, h) as mmpose's [w, h] lists.
   config.data.input_size = 512  # data_cfg.image_size
-  config.data.heatmap_size = 128  # data_cfg.heatmap_size
+  config.data.heatmap_size = 128  # data_cfg.heatmap_size (int or (w, h))
   config.data.sigma = 2.0  # BottomUpGenerateTarget sigma
   config.data.max_people = 30  # max_num_people
   config.data.rot_factor = 30.0  # BottomUpRandomAffine rot_factor (degrees)
