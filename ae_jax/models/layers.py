@@ -19,6 +19,7 @@ Both formulations compute the same sums (tests/test_models.py).
 Layout NHWC; kernels HWIO.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -56,15 +57,68 @@ class DepthwiseConv3x3(nn.Module):
       return lax.conv_general_dilated(x, kernel, (s, s), ((1, 1), (1, 1)),
                                       dimension_numbers=_DN,
                                       feature_group_count=c)
-    h_out = (x.shape[1] - 1) // s + 1
-    w_out = (x.shape[2] - 1) // s + 1
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = None
-    for u in range(3):
-      for v in range(3):
-        tap = xp[:, u:u + s * (h_out - 1) + 1:s, v:v + s * (w_out - 1) + 1:s]
-        y = tap * kernel[u, v, 0] if y is None else y + tap * kernel[u, v, 0]
-    return y
+    return _depthwise3x3(x, kernel, s)
+
+
+def _depthwise_taps(x: jnp.ndarray, stride: int, h_out: int, w_out: int):
+  """The 9 shifted (strided) views of x padded by 1, as (u, v, view)."""
+  # Materialise the padded input once: without the barrier XLA fused its
+  # producer (BN + ReLU6) into each of the 9 slices and wrote 9 tensors.
+  xp = lax.optimization_barrier(
+      jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+  span = lambda n: stride * (n - 1) + 1
+  return [(u, v, xp[:, u:u + span(h_out):stride, v:v + span(w_out):stride])
+          for u in range(3) for v in range(3)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise3x3(x: jnp.ndarray, kernel: jnp.ndarray,
+                  stride: int) -> jnp.ndarray:
+  """Depthwise 3x3 (padding 1) as 9 shifted multiply-adds.
+
+  A custom VJP keeps only x as the residual: with plain autodiff XLA
+  saved the 9 views (each recomputing the producer, e.g. BN + ReLU6) as
+  separate full tensors; here the backward recomputes them inside its
+  fusions (measured 1.7x faster per stride-1 layer).
+  """
+  return _depthwise3x3_fwd(x, kernel, stride)[0]
+
+
+def _depthwise3x3_fwd(x, kernel, stride):
+  h_out = (x.shape[1] - 1) // stride + 1
+  w_out = (x.shape[2] - 1) // stride + 1
+  y = None
+  for u, v, tap in _depthwise_taps(x, stride, h_out, w_out):
+    y = tap * kernel[u, v, 0] if y is None else y + tap * kernel[u, v, 0]
+  return y, (x, kernel)
+
+
+def _depthwise3x3_bwd(stride, residuals, dy):
+  x, kernel = residuals
+  h, w = x.shape[1], x.shape[2]
+  h_out, w_out = dy.shape[1], dy.shape[2]
+  # d kernel[u, v] = sum over B, H, W of view(u, v) * dy (float32 sums).
+  dk = jnp.stack([jnp.sum(tap * dy, axis=(0, 1, 2), dtype=jnp.float32)
+                  for _, _, tap in _depthwise_taps(x, stride, h_out, w_out)])
+  dk = dk.reshape(kernel.shape).astype(kernel.dtype)
+  # dx = correlation of dy (dilated by the stride, padded so that
+  # dyp[m] = dy_dilated[m - 1]) with the flipped kernel:
+  # dx[j] = sum_u dyp[j + 2 - u] * kernel[u].
+  hi_h = h - stride * (h_out - 1)
+  hi_w = w - stride * (w_out - 1)
+  dyp = lax.pad(dy, jnp.zeros((), dy.dtype),
+                ((0, 0, 0), (1, hi_h, stride - 1), (1, hi_w, stride - 1),
+                 (0, 0, 0)))
+  dyp = lax.optimization_barrier(dyp)
+  dx = None
+  for u in range(3):
+    for v in range(3):
+      t = dyp[:, 2 - u:2 - u + h, 2 - v:2 - v + w] * kernel[u, v, 0]
+      dx = t if dx is None else dx + t
+  return dx, dk
+
+
+_depthwise3x3.defvjp(_depthwise3x3_fwd, _depthwise3x3_bwd)
 
 
 class ConvTranspose4x4S2(nn.Module):
