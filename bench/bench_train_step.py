@@ -1,6 +1,6 @@
 r"""Train-step throughput: JAX (ours) vs PyTorch, same model, same batch.
 
-  python -m bench.bench_train_step [--batch 8] [--size 512] [--steps 3]
+  python -m bench.bench_train_step [--batch 8] [--size 512] [--repeats 5]
 
 Full AE + MobileNetV2 (widen 1.0, 3 x 256 deconv), fp32, one process on the
 CPU. One step = forward + masked heatmap MSE + AE push/pull + backward +
@@ -39,20 +39,31 @@ def make_batch(batch, size, seed=0):
       'joints': joints}
 
 
-def time_steps(step, steps):
-  """Median seconds of `steps` calls after 1 warm-up call (compile)."""
+def timed(fn):
+  """Seconds of one call of `fn`."""
   t0 = time.perf_counter()
-  step()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return first, float(np.median(times))
+  fn()
+  return time.perf_counter() - t0
 
 
-def bench_jax(batch_np, steps):
+def interleaved(runners, repeats):
+  """Per-runner seconds of `repeats` calls, runners taking turns.
+
+  The machine is shared: taking turns spreads load changes over all
+  implementations instead of biasing one. Each runner is called once
+  first (compile / allocator warm-up), untimed.
+  """
+  for fn in runners.values():
+    fn()
+  times = {name: [] for name in runners}
+  for _ in range(repeats):
+    for name, fn in runners.items():
+      times[name].append(timed(fn))
+  return times
+
+
+def bench_jax(batch_np, fwd_batches):
+  """JAX train step + forward-only runners, compiled FLOPs per image."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from ae_jax import sharding, train_lib  # pylint: disable=g-import-not-at-top
@@ -71,20 +82,28 @@ def bench_jax(batch_np, steps):
   compiled = step_fn.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
   b = batch_np['image'].shape[0]
-  flops_step = _flops(compiled) / b
-  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      batch['image']).compile()
-  flops_fwd = _flops(fwd) / b
+  info = {'compile_s': compile_s, 'flops_train': _flops(compiled) / b}
+  # A copy: the train step donates (deletes) the state's buffers.
+  variables = jax.tree_util.tree_map(
+      lambda a: a.copy(),
+      {'params': state.params, 'batch_stats': state.batch_stats})
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  runners = {}
+  for fb in fwd_batches:
+    x = batch['image'][:fb]
+    fwd = apply.lower(variables, x).compile()
+    if fb == b:
+      info['flops_fwd'] = _flops(fwd) / b
+    runners[f'fwd{fb}'] = (
+        lambda fwd=fwd, x=x: jax.block_until_ready(fwd(variables, x)))
   holder = {'state': state}
 
   def run():
     holder['state'], metrics = compiled(holder['state'], batch, rng)
     jax.block_until_ready(metrics)
 
-  _, median = time_steps(run, steps)
-  return {'compile_s': compile_s, 'step_s': median,
-          'flops_train': flops_step, 'flops_fwd': flops_fwd}
+  runners['train'] = run
+  return runners, info
 
 
 def _flops(compiled):
@@ -117,7 +136,8 @@ def torch_losses(out, heatmaps, mask, joints):
   return hm.mean() + 1e-3 * push.mean() + 1e-3 * pull.mean()
 
 
-def bench_torch(batch_np, steps, threads, channels_last):
+def bench_torch(batch_np, threads, channels_last, fwd_batches):
+  """PyTorch train step + forward-only (eval, no_grad) runners."""
   import torch  # pylint: disable=g-import-not-at-top
   from tests.torch_reference import AETorchModel  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
@@ -133,13 +153,20 @@ def bench_torch(batch_np, steps, threads, channels_last):
   joints = torch.from_numpy(batch_np['joints']).long()
 
   def run():
+    model.train()
     opt.zero_grad(set_to_none=True)
     loss = torch_losses(model(image), heatmaps, mask, joints)
     loss.backward()
     opt.step()
 
-  _, median = time_steps(run, steps)
-  return {'step_s': median}
+  def forward(fb):
+    model.eval()
+    with torch.no_grad():
+      model(image[:fb].contiguous(memory_format=fmt))
+
+  runners = {f'fwd{fb}': (lambda fb=fb: forward(fb)) for fb in fwd_batches}
+  runners['train'] = run
+  return runners
 
 
 def machine():
@@ -149,45 +176,84 @@ def machine():
   return f'{os.cpu_count()} cores, {cpu or platform.processor()}'
 
 
+def _stats(times):
+  """(median, min, max) of a list of seconds."""
+  return float(np.median(times)), float(min(times)), float(max(times))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--size', type=int, default=512)
-  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--repeats', type=int, default=5,
+                      help='timed train steps per implementation')
+  parser.add_argument('--fwd-repeats', type=int, default=3)
   parser.add_argument('--output', default=os.path.join(
       os.path.dirname(__file__), 'RESULTS_train.md'))
   args = parser.parse_args()
   threads = os.cpu_count()
+  fwd_batches = sorted({1, args.batch})
   batch = make_batch(args.batch, args.size)
-  jx = bench_jax(batch, args.steps)
-  tn = bench_torch(batch, args.steps, threads, channels_last=False)
-  tc = bench_torch(batch, args.steps, threads, channels_last=True)
-  ips = lambda r: args.batch / r['step_s']
-  best_torch = max(ips(tn), ips(tc))
-  rows = [
-      ('JAX (ours), jit, NHWC', jx['step_s'], ips(jx)),
-      ('PyTorch, NCHW', tn['step_s'], ips(tn)),
-      ('PyTorch, channels_last', tc['step_s'], ips(tc)),
-  ]
+  impls = {'JAX (ours), jit, NHWC': None, 'PyTorch, NCHW': False,
+           'PyTorch, channels_last': True}
+  runners, info = {}, None
+  for name, channels_last in impls.items():
+    if channels_last is None:
+      runners[name], info = bench_jax(batch, fwd_batches)
+    else:
+      runners[name] = bench_torch(batch, threads, channels_last, fwd_batches)
+  # Train steps, then forward passes; implementations take turns.
+  train = interleaved({n: r['train'] for n, r in runners.items()},
+                      args.repeats)
+  fwd = {fb: interleaved({n: r[f'fwd{fb}'] for n, r in runners.items()},
+                         args.fwd_repeats) for fb in fwd_batches}
+  names = list(impls)
+  jax_name, torch_names = names[0], names[1:]
+  ips = lambda n, secs, b: b / float(np.median(secs[n]))
+  best = max(torch_names, key=lambda n: ips(n, train, args.batch))
+  ratio = lambda secs, b, n: ips(jax_name, secs, b) / ips(n, secs, b)
+  ratios = [args.batch / t / ips(best, train, args.batch)
+            for t in train[jax_name]]
   lines = [
       '## Train step (bench/bench_train_step.py)', '',
       f'Machine: {machine()}; batch {args.batch}, {args.size}x{args.size}, '
-      f'fp32, {threads} threads each, median of {args.steps} steps after '
-      f'warm-up. One step = forward + losses + backward + Adam. '
+      f'fp32, {threads} threads each; {args.repeats} timed train steps per '
+      f'implementation after one warm-up, implementations taking turns. '
+      f'One step = forward + losses + backward + Adam. '
       f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; JAX convs: '
-      f'conv_impl auto (decomposed on CPU).', '',
-      '| implementation | s/step | images/s |', '|---|---|---|']
-  lines += [f'| {n} | {s:.2f} | {i:.2f} |' for n, s, i in rows]
+      f'conv_impl auto (GEMM / decomposed on CPU).', '',
+      'Command: `python -m bench.bench_train_step` (defaults: --batch 8 '
+      '--size 512 --repeats 5 --fwd-repeats 3).', '',
+      '| implementation | s/step median (min-max) | images/s |',
+      '|---|---|---|']
+  for n in names:
+    med, lo, hi = _stats(train[n])
+    lines.append(f'| {n} | {med:.2f} ({lo:.2f}-{hi:.2f}) | '
+                 f'{args.batch / med:.2f} |')
   lines += [
       '',
-      f'Ratio JAX / best PyTorch: **{ips(jx) / best_torch:.2f}x** '
-      f'(vs NCHW {ips(jx) / ips(tn):.2f}x, vs channels_last '
-      f'{ips(jx) / ips(tc):.2f}x). Target >= 1.3x.', '',
+      f'Ratio JAX / best PyTorch ({best}): '
+      f'**{ratio(train, args.batch, best):.2f}x** (per-step ratios '
+      f'{min(ratios):.2f}-{max(ratios):.2f}); vs '
+      + ', '.join(f'{n}: {ratio(train, args.batch, n):.2f}x'
+                  for n in torch_names) + '. Target >= 1.3x.', '',
+      f'Forward only (eval mode, no gradient), median of {args.fwd_repeats}:',
+      '', '| implementation | ' + ' | '.join(
+          f'batch {fb}: ms/batch, images/s' for fb in fwd_batches) + ' |',
+      '|---|' + '---|' * len(fwd_batches)]
+  for n in names:
+    cells = [f'{np.median(fwd[fb][n]) * 1e3:.0f} ms, '
+             f'{ips(n, fwd[fb], fb):.2f}' for fb in fwd_batches]
+    lines.append(f'| {n} | ' + ' | '.join(cells) + ' |')
+  lines += [
+      '', 'Forward ratio JAX / best PyTorch: ' + ', '.join(
+          f'batch {fb} {min(ratio(fwd[fb], fb, n) for n in torch_names):.2f}x'
+          for fb in fwd_batches) + '.', '',
       f'XLA compiled FLOPs per image: train step '
-      f'{jx["flops_train"] / 1e9:.1f} GFLOP, forward '
-      f'{jx["flops_fwd"] / 1e9:.1f} GFLOP '
+      f'{info["flops_train"] / 1e9:.1f} GFLOP, forward '
+      f'{info["flops_fwd"] / 1e9:.1f} GFLOP '
       f'(cost_analysis of the compiled programs / batch). '
-      f'JAX step compile: {jx["compile_s"]:.0f} s.', '']
+      f'JAX step compile: {info["compile_s"]:.0f} s.', '']
   text = '\n'.join(lines)
   print(text)
   with open(args.output, 'w') as f:
