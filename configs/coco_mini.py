@@ -17,7 +17,9 @@ sees the central columns of its training view). Centers differ by <= 0.5
 image px (mmpose trains at (w/2, h/2), tests at the rounded center).
 Measured before: the square 256 input with 'short' trains only on the
 central square crop (people at the sides never seen: AP 0.31); 'long' with
-a square input pads to a layout the test never shows (AP 0).
+a square input pads to a layout the test never shows (AP 0). This config,
+200 steps: loss 5.1e-3 -> 9.7e-6, AP 0.457 (AP50 0.584), 11.6 min wall on
+2 shared cores (668 s in the train loop, ~2.8 s/step under contention).
 """
 
 from configs import default
