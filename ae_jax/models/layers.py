@@ -11,8 +11,8 @@ choose the formulation per backend with `impl`:
     over 2x2 windows whose 4 sub-pixel phases are interleaved by
     depth-to-space; dense convs (1x1, the 3x3 stem) as im2col + one GEMM,
     since XLA:CPU runs dot_general and its transposes as tuned GEMMs but
-    convolution gradients as slow generic convolutions (train step 2x
-    faster at batch 8, bench/RESULTS_train.md);
+    convolution gradients as slow generic convolutions (head gradient
+    2.6x faster at batch 8 512x512, bench/RESULTS_train.md);
   'auto': 'decomposed' on CPU, 'native' elsewhere.
 Both formulations compute the same sums (tests/test_models.py).
 
