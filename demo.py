@@ -16,8 +16,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _CKPT = flags.DEFINE_string('ckpt', None, 'Variables dir or train workdir.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory for the PNGs.')
-_MIN_SCORE = flags.DEFINE_float('min_score', 0.0,
-                                'Draw people with a score above this.')
+_MIN_SCORE = flags.DEFINE_float(
+    'min_score', 0.2, 'Draw people whose score (mean joint heatmap value) '
+    'is above this; grouping also returns many low-score fragments.')
 flags.mark_flags_as_required(['ckpt', 'out'])
 
 
