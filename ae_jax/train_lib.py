@@ -12,7 +12,8 @@ the paper's global batch of 192 the estimate is only less noisy. Running
 statistics use PyTorch's momentum (0.1), so they converge alike.
 
 Legend: B global batch, S input size, h heatmap size, K=17 joints, M=30
-people. Batch: image [B, S, S, 3] float32 normalised, heatmaps
+people. Batch: image [B, S, S, 3] uint8 RGB (normalised on device by
+`normalize_images`; float32 input is taken as normalised), heatmaps
 [B, h, h, K] float32, mask [B, h, h] float32, joints [B, M, K, 2] int32.
 """
 
@@ -38,9 +39,24 @@ from ae_jax import checkpoints
 from ae_jax import losses
 from ae_jax import sharding
 from ae_jax.data import transforms
+from ae_jax.keypoints import IMAGENET_MEAN, IMAGENET_STD
 from ae_jax.models.ae_model import AEModel
 
 BATCH_KEYS = ('image', 'heatmaps', 'mask', 'joints')
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 RGB [B, H, W, 3] -> ImageNet-normalised float32, on device.
+
+  mmpose's NormalizeTensor (x / 255, minus mean, over std) in float32; XLA
+  may use reciprocal multiplies, so it matches host normalisation to 1-2
+  ulp (5e-7, tested). Float input is taken as already normalised and
+  passed through.
+  """
+  if images.dtype != jnp.uint8:
+    return images
+  x = images.astype(jnp.float32) / 255.0
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
 class TrainState(train_state.TrainState):
@@ -216,7 +232,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array],
   def loss_fn(params):
     outputs, updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats},
-        batch['image'], train=True, mutable=['batch_stats'],
+        normalize_images(batch['image']), train=True,
+        mutable=['batch_stats'],
         rngs={'dropout': step_rng})
     parts = losses.compute_losses(
         outputs, batch['heatmaps'], batch['mask'], batch['joints'],

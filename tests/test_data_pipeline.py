@@ -41,7 +41,7 @@ def test_contract_and_same_seed_same_batches(coco_mini_root):
   assert ds.num_examples == 4
   first = _take(ds, 3)
   b = first[0]
-  assert b['image'].shape == (3, 64, 64, 3) and b['image'].dtype == np.float32
+  assert b['image'].shape == (3, 64, 64, 3) and b['image'].dtype == np.uint8
   assert b['heatmaps'].shape == (3, 16, 16, 17)
   assert b['heatmaps'].min() >= 0 and b['heatmaps'].max() <= 1
   assert b['mask'].shape == (3, 16, 16) and b['mask'].dtype == np.float32
@@ -81,7 +81,7 @@ def _expected_unaugmented(root, size, hm_size, scale_type='short'):
         coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width),
         ex.keypoints, transforms.AugParams(), size, hm_size, scale_type)
     out[ex.image_id] = dict(
-        image=transforms.normalize_image_np(img), mask=mask,
+        image=img, mask=mask,
         heatmaps=targets.generate_heatmaps_np(joints, hm_size, 2.0),
         joints=targets.encode_joints_np(joints, hm_size, 30))
   return out

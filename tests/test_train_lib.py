@@ -239,3 +239,16 @@ def test_mini_coco_loss_decreases(coco_mini_root, tmp_path):
   losses = [h['total_loss'] for h in summary['history']]
   assert len(losses) == 6
   assert losses[-1] < losses[0]
+
+
+def test_normalize_images_on_device_equals_host_normalisation():
+  """uint8 batches are normalised in the step exactly as mmpose on host."""
+  from ae_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(0, 256, (2, 8, 12, 3),
+                                            dtype=np.uint8)
+  got = np.asarray(jax.jit(train_lib.normalize_images)(image))
+  want = np.stack([transforms.normalize_image_np(im) for im in image])
+  # XLA may turn the divisions into reciprocal multiplies: 1-2 ulp.
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  floats = want.astype(np.float32)
+  assert train_lib.normalize_images(floats) is floats  # already normalised

@@ -17,7 +17,10 @@ replacement is counted per reason and logged (absl) once per file.
 Train batch (host-local numpy dict), b = global_batch // process_count,
 H x W the input size and h x w the heatmap size (config.data.input_size /
 heatmap_size: an int for square, or (w, h) as mmpose's image_size):
-  'image'    [b, H, W, 3] float32 ImageNet-normalised RGB
+  'image'    [b, H, W, 3] uint8 RGB 0-255; the ImageNet normalisation runs
+             on device inside the jitted train step
+             (train_lib.normalize_images), which keeps the host copies and
+             the host->device transfer 4x smaller than float32
   'heatmaps' [b, h, w, K] float32 in [0, 1]
   'mask'     [b, h, w]    float32, 0 = ignore
   'joints'   [b, M, K, 2] int32 (k * h * w + y * w + x, visible)
@@ -139,7 +142,7 @@ def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size,
         flip=bool(flip > 0.5))
     out, mask, joints = transforms.transform_example(
         image, ignore, ex.keypoints, aug, input_size, heatmap_size, scale_type)
-    return (transforms.normalize_image_np(out), mask,
+    return (out, mask,
             np.ascontiguousarray(
                 targets.generate_heatmaps_np(joints, heatmap_size, sigma)),
             targets.encode_joints_np(joints, heatmap_size, max_people))
@@ -280,7 +283,7 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
         aug_seed, rot_factor, scale_factor, flip_prob, augment)
     image, mask, heatmaps, joints = tf.numpy_function(
         load, [index, rot, scale, u_dx, u_dy, flip],
-        [tf.float32, tf.float32, tf.float32, tf.int32], stateful=False)
+        [tf.uint8, tf.float32, tf.float32, tf.int32], stateful=False)
     return {
         'image': tf.ensure_shape(image, [in_h, in_w, 3]),
         'heatmaps': tf.ensure_shape(heatmaps, [hm_h, hm_w, NUM_JOINTS]),
