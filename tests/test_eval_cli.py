@@ -7,14 +7,12 @@ import shutil
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from ae_jax import checkpoints
 from ae_jax.models import ae_model
 from configs import tiny as tiny_config
+from tests.conftest import random_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,21 +22,9 @@ def tiny_ckpt(tmp_path_factory):
   """A randomly initialised tiny-config AEModel saved as variables."""
   config = tiny_config.get_config()
   model = ae_model.AEModel(**config.model)
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, 64, 64, 3)))
-  rng = np.random.default_rng(0)
-
-  def fill(path, s):  # random weights; BN stats at identity
-    name = jax.tree_util.keystr(path)
-    if 'var' in name:
-      return np.ones(s.shape, np.float32)
-    if 'mean' in name:
-      return np.zeros(s.shape, np.float32)
-    return (rng.normal(size=s.shape) * 0.2).astype(np.float32)
-
+  variables = random_variables(model)  # BN statistics at identity
   ckpt = tmp_path_factory.mktemp('ckpt') / 'tiny'
-  checkpoints.save_variables(str(ckpt),
-                             jax.tree_util.tree_map_with_path(fill, shapes))
+  checkpoints.save_variables(str(ckpt), variables)
   return ckpt
 
 

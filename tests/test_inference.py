@@ -15,23 +15,9 @@ from ae_jax import inference
 from ae_jax import keypoints
 from ae_jax.data import affine
 from ae_jax.models import ae_model
+from tests.conftest import random_variables
 
 torch = pytest.importorskip('torch')
-
-
-def random_variables(model, seed=0):
-  """Random variables by shape (cheaper than compiling model.init)."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, 64, 64, 3)))
-  rng = np.random.default_rng(seed)
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'var' in name:
-      return np.ones(s.shape, np.float32)
-    if 'mean' in name:
-      return np.zeros(s.shape, np.float32)
-    return (rng.normal(size=s.shape) * 0.2).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope='module')
