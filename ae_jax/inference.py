@@ -37,6 +37,7 @@ import numpy as np
 from ae_jax import grouping
 from ae_jax import keypoints
 from ae_jax.data import affine
+from ae_jax.models import ae_model
 
 BASE_LENGTH = 64  # Input sides are multiples of this (stride 32, x2 margin).
 
@@ -101,8 +102,7 @@ def _scale_maps(model: nn.Module, variables, image: jnp.ndarray, flip: bool,
                 out_hw: Tuple[int, int] | None):
   """One scale: heatmaps [h', w', K] and tags [h', w', K, L] (on device)."""
   num_joints = model.num_joints
-  x = image.astype(jnp.float32) / 255.0
-  x = (x - keypoints.IMAGENET_MEAN) / keypoints.IMAGENET_STD
+  x = ae_model.normalize_images(image)
   batch = jnp.stack([x, x[:, ::-1]]) if flip else x[None]
   out = model.apply(variables, batch, train=False)
   heat, tag = out[0, ..., :num_joints], out[0, ..., num_joints:]

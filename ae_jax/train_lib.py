@@ -13,7 +13,7 @@ statistics use PyTorch's momentum (0.1), so they converge alike.
 
 Legend: B global batch, S input size, h heatmap size, K=17 joints, M=30
 people. Batch: image [B, S, S, 3] uint8 RGB (normalised on device by
-`normalize_images`; float32 input is taken as normalised), heatmaps
+ae_model.normalize_images; float32 input is taken as normalised), heatmaps
 [B, h, h, K] float32, mask [B, h, h] float32, joints [B, M, K, 2] int32.
 """
 
@@ -39,24 +39,10 @@ from ae_jax import checkpoints
 from ae_jax import losses
 from ae_jax import sharding
 from ae_jax.data import transforms
-from ae_jax.keypoints import IMAGENET_MEAN, IMAGENET_STD
 from ae_jax.models.ae_model import AEModel
+from ae_jax.models.ae_model import normalize_images
 
 BATCH_KEYS = ('image', 'heatmaps', 'mask', 'joints')
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-  """uint8 RGB [B, H, W, 3] -> ImageNet-normalised float32, on device.
-
-  mmpose's NormalizeTensor (x / 255, minus mean, over std) in float32; XLA
-  may use reciprocal multiplies, so it matches host normalisation to 1-2
-  ulp (5e-7, tested). Float input is taken as already normalised and
-  passed through.
-  """
-  if images.dtype != jnp.uint8:
-    return images
-  x = images.astype(jnp.float32) / 255.0
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
 class TrainState(train_state.TrainState):

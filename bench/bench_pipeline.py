@@ -17,7 +17,7 @@ ToTensor + NormalizeTensor in float32 numpy, HeatmapGenerator and
 JointsEncoder loops, then stacking into a batch.
 
 Ours yields uint8 images: the ImageNet normalisation runs on device inside
-the jitted train step (train_lib.normalize_images, one fused elementwise op
+the jitted train step (ae_model.normalize_images, one fused elementwise op
 there), which also makes the host copies and the host->device transfer 4x
 smaller; the reference normalises on the host as mmpose does.
 

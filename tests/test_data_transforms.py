@@ -29,6 +29,7 @@ from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
 from ae_jax.data import targets  # pylint: disable=g-import-not-at-top
 from ae_jax.data import transforms  # pylint: disable=g-import-not-at-top
 from ae_jax.keypoints import FLIP_INDEX  # pylint: disable=g-import-not-at-top
+from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -149,7 +150,7 @@ def _ours(root, image_id, aug, s_in, s_hm, scale_type='short'):
   out, mask, joints = transforms.transform_example(
       image, ignore, ex.keypoints, aug, s_in, s_hm, scale_type)
   return dict(
-      uint8=out, image=transforms.normalize_image_np(out), mask=mask,
+      uint8=out, image=np.asarray(ae_model.normalize_images(out)), mask=mask,
       joints_xy=joints,
       heatmaps=targets.generate_heatmaps(joints, s_hm, 2.0).numpy(),
       enc=targets.encode_joints(joints, s_hm, 30).numpy(),
@@ -330,23 +331,6 @@ def test_sample_augmentation_ranges(mode):
   again = tf.stack(transforms.sample_augmentation(seeds[7], 30.0, (0.75, 1.5),
                                                   0.5)).numpy()
   np.testing.assert_array_equal(again, got[7])  # stateless: same seed, same
-
-
-@pytest.mark.parametrize('mode', ['eager', 'map'])
-def test_normalize_image(mode):
-  img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)
-  if mode == 'eager':
-    got = transforms.normalize_image(img).numpy()
-  else:
-    ds = tf.data.Dataset.from_tensors(img).map(transforms.normalize_image)
-    got = next(iter(ds)).numpy()
-  np.testing.assert_allclose(got, (img / 255.0 - MEAN) / STD, atol=1e-6)
-
-
-def test_normalize_table_is_bit_exact():
-  img = np.arange(256, dtype=np.uint8)[None, :, None].repeat(3, 2)
-  want = (img.astype(np.float32) / np.float32(255.0) - MEAN) / STD
-  np.testing.assert_array_equal(transforms.normalize_image_np(img), want)
 
 
 def test_shift_matches_randint_range():

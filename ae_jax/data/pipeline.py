@@ -19,7 +19,7 @@ H x W the input size and h x w the heatmap size (config.data.input_size /
 heatmap_size: an int for square, or (w, h) as mmpose's image_size):
   'image'    [b, H, W, 3] uint8 RGB 0-255; the ImageNet normalisation runs
              on device inside the jitted train step
-             (train_lib.normalize_images), which keeps the host copies and
+             (models/ae_model.normalize_images), which keeps the host copies and
              the host->device transfer 4x smaller than float32
   'heatmaps' [b, h, w, K] float32 in [0, 1]
   'mask'     [b, h, w]    float32, 0 = ignore

@@ -13,10 +13,10 @@ Where each piece runs (measured in bench/bench_pipeline.py, one core):
   * Targets run in the same host function with the numpy twins in
     targets.py (0.5 ms for 6 people vs 2-3 ms for the TF-graph versions,
     whose scatters cost ~110 ns per update).
-  * Normalisation is a 256-entry per-channel float32 table applied with
-    cv2.LUT (`normalize_image_np`): bit-identical to mmpose's float32
-    (x / 255 - mean) / std and ~10x cheaper than the same TF ops, whose
-    [3]-vector broadcasts took ~5 ms per 512x512 image on one core.
+  * Images stay uint8 on the host: the ImageNet normalisation runs on
+    device in the train step (models/ae_model.normalize_images), which
+    beat both TF ops (~5 ms per 512x512 image on one core) and a cv2.LUT
+    table, and makes host copies and transfers 4x smaller.
 
 Order of operations (mmpose): the affine is built twice from one random
 draw, for the image at input size S and for mask/joints at heatmap size h;
@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from ae_jax.data import affine
-from ae_jax.keypoints import FLIP_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from ae_jax.keypoints import FLIP_INDEX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,21 +215,3 @@ def sample_augmentation(seed, rot_factor: float, scale_factor, flip_prob: float,
   scale = u[1] * (hi - lo) + lo
   flip = tf.cast(u[4] < flip_prob, tf.float32)
   return rot, scale, u[2], u[3], flip
-
-
-# [256, 3] float32: the normalised value of each uint8 level per channel,
-# computed with mmpose's float32 operation order.
-_NORM_TABLE = ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
-                - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
-
-
-def normalize_image_np(image: np.ndarray) -> np.ndarray:
-  """uint8 RGB [H, W, 3] -> float32 ImageNet-normalised, via cv2.LUT."""
-  return cv2.LUT(image, _NORM_TABLE.reshape(256, 1, 3))
-
-
-def normalize_image(image):
-  """uint8 RGB [..., 3] -> float32 (x / 255 - mean) / std, as mmpose (TF)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  x = tf.cast(image, tf.float32) / 255.0
-  return (x - IMAGENET_MEAN) / IMAGENET_STD

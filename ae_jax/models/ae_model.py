@@ -14,6 +14,7 @@ from typing import Any, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ae_jax.keypoints import IMAGENET_MEAN, IMAGENET_STD
 from ae_jax.models.ae_head import AEHead
 from ae_jax.models.mobilenet_v2 import MobileNetV2
 
@@ -39,6 +40,20 @@ class AEModel(nn.Module):
                conv_impl=self.conv_impl, dtype=dtype,
                name='keypoint_head')(x, train)
     return x.astype(jnp.float32)
+
+
+def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
+  """uint8 RGB [..., H, W, 3] -> ImageNet-normalised float32 model input.
+
+  mmpose's NormalizeTensor (x / 255, minus mean, over std) in float32, run
+  on device by the train step and by inference. XLA may use reciprocal
+  multiplies, so it matches host float32 normalisation to 1-2 ulp (tested).
+  Float input is taken as already normalised and passed through.
+  """
+  if images.dtype != jnp.uint8:
+    return images
+  x = images.astype(jnp.float32) / 255.0
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def split_outputs(outputs: jnp.ndarray, num_joints: int = 17):
