@@ -39,6 +39,7 @@ from ae_jax import checkpoints
 from ae_jax import losses
 from ae_jax import sharding
 from ae_jax.data import transforms
+from ae_jax.models import layers
 from ae_jax.models.ae_model import AEModel
 from ae_jax.models.ae_model import normalize_images
 
@@ -244,7 +245,7 @@ def make_train_step(mesh: jax.sharding.Mesh, state_shardings: Any,
       functools.partial(train_step, **step_kwargs),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), rep),
       out_shardings=(state_shardings, rep),
-      donate_argnums=0)
+      donate_argnums=0, compiler_options=layers.compiler_options())
 
 
 # ------------------------------------------------------------------ logging
