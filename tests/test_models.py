@@ -180,3 +180,39 @@ def test_decomposed_deconv_gradients_equal_native():
   for a, b in zip(jax.tree_util.tree_leaves(grads('decomposed')),
                   jax.tree_util.tree_leaves(grads('native'))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('act', [None, 'relu', 'relu6'])
+@pytest.mark.parametrize('train', [True, False])
+def test_fused_batch_norm_equals_flax_batch_norm_and_activation(act, train):
+  # layers.BatchNorm has a hand-written backward; flax's BatchNorm followed
+  # by the activation, differentiated by JAX, is the reference.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = 3.0 * jax.random.normal(jax.random.key(0), (4, 6, 5, 7)) + 1.0
+  acts = {None: lambda z: z, 'relu': nn.relu, 'relu6': nn.relu6}
+  kw = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+  ours = layers.BatchNorm(act=act, **kw)
+  ref = nn.BatchNorm(**kw)
+  variables = {
+      'params': {'scale': jax.random.uniform(jax.random.key(1), (7,)) + 0.5,
+                 'bias': jax.random.normal(jax.random.key(2), (7,))},
+      'batch_stats': {'mean': jax.random.normal(jax.random.key(3), (7,)),
+                      'var': jax.random.uniform(jax.random.key(4), (7,)) + .5}}
+  assert (jax.tree_util.tree_structure(ours.init(jax.random.key(0), x)) ==
+          jax.tree_util.tree_structure(variables))
+  g = jax.random.normal(jax.random.key(5), x.shape)
+
+  def run(module, post):
+    def loss(v, x):
+      y, upd = module.apply(v, x, mutable=['batch_stats'])
+      return jnp.sum(post(y) * g), (post(y), upd)
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(variables, x)
+
+  (gv, gx), (y, upd) = run(ours, lambda y: y)
+  (rgv, rgx), (ry, rupd) = run(ref, acts[act])
+  np.testing.assert_allclose(y, ry, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, rgx, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves((gv, upd)),
+                  jax.tree_util.tree_leaves((rgv, rupd))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -31,8 +31,8 @@ class AEHead(nn.Module):
     for i, features in enumerate(self.num_deconv_filters):
       x = ConvTranspose4x4S2(features, impl=self.conv_impl, dtype=self.dtype,
                              name=f'deconv_layers_{3 * i}')(x)
-      x = batch_norm(train, self.dtype, name=f'deconv_layers_{3 * i + 1}')(x)
-      x = nn.relu(x)
+      x = batch_norm(train, self.dtype, 'relu',
+                     name=f'deconv_layers_{3 * i + 1}')(x)
     # mmpose normal_init(std=0.001, bias=0) for the final layer.
     return Conv(2 * self.num_joints, 1, use_bias=True, impl=self.conv_impl,
                 dtype=self.dtype, kernel_init=nn.initializers.normal(0.001),

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ae_jax.models.layers import Conv, DepthwiseConv3x3
+from ae_jax.models.layers import BatchNorm, Conv, DepthwiseConv3x3
 
 # (expand ratio t, channels c, repeats n, first stride s), mmcls arch_settings.
 ARCH_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -35,11 +35,11 @@ def make_divisible(value: float, divisor: int = 8,
   return new_value
 
 
-def batch_norm(train: bool, dtype: Any, name: Optional[str] = None):
-  """BatchNorm with PyTorch's eps/momentum; statistics kept in float32."""
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPSILON, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+def batch_norm(train: bool, dtype: Any, act: Optional[str] = None,
+               name: Optional[str] = None):
+  """BatchNorm (+ fused act) with PyTorch's eps/momentum; float32 stats."""
+  return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                   epsilon=BN_EPSILON, act=act, dtype=dtype, name=name)
 
 
 # mmcv kaiming_init: normal, fan_out, ReLU gain (BN weight 1, bias 0).
@@ -69,8 +69,8 @@ class ConvBN(nn.Module):
       x = Conv(self.features, self.kernel_size, self.stride,
                impl=self.conv_impl, dtype=self.dtype,
                kernel_init=KAIMING_FAN_OUT, name='conv')(x)
-    x = batch_norm(train, self.dtype, name='bn')(x)
-    return nn.relu6(x) if self.act else x
+    return batch_norm(train, self.dtype, 'relu6' if self.act else None,
+                      name='bn')(x)
 
 
 class InvertedResidual(nn.Module):
