@@ -7,7 +7,9 @@ CPU. One step = forward + masked heatmap MSE + AE push/pull + backward +
 Adam. PyTorch uses tests/torch_reference.AETorchModel (the same
 architecture, mmpose keys) with a vectorised loss of the same definition,
 in NCHW and channels_last, with as many intra-op threads as JAX gets cores.
-Also reports XLA's compiled FLOPs per image (train step and forward).
+Also reports XLA's compiled FLOPs per image (train step and forward) and,
+per part, the gradient of the backbone alone and of the head alone (train
+mode, loss mean(y^2)), to show where the two implementations differ.
 Writes bench/RESULTS_train.md.
 
 Legend: B batch, S input size, h = S/4, K=17, M=30.
@@ -67,6 +69,7 @@ def bench_jax(batch_np, fwd_batches):
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from ae_jax import sharding, train_lib  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import layers  # pylint: disable=g-import-not-at-top
   from ae_jax.models.ae_model import AEModel  # pylint: disable=g-import-not-at-top
   size = batch_np['image'].shape[1]
   model = AEModel()
@@ -103,7 +106,37 @@ def bench_jax(batch_np, fwd_batches):
     jax.block_until_ready(metrics)
 
   runners['train'] = run
+  runners.update(_jax_part_grads(model, batch_np))
+  info['compiler_options'] = layers.compiler_options()
   return runners, info
+
+
+def _jax_part_grads(model, batch_np):
+  """Runners for d mean(y^2) / d params of the backbone and of the head."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from ae_jax.models.ae_head import AEHead  # pylint: disable=g-import-not-at-top
+  from ae_jax.models.mobilenet_v2 import MobileNetV2  # pylint: disable=g-import-not-at-top
+  image = jnp.asarray(batch_np['image'])
+  b, size = image.shape[0], image.shape[1]
+  feats = jnp.asarray(np.random.default_rng(1).normal(
+      size=(b, size // 32, size // 32, 1280)).astype(np.float32))
+  runners = {}
+  for name, module, x in (('backbone', MobileNetV2(), image),
+                          ('head', AEHead(), feats)):
+    variables = module.init(jax.random.key(0), x)
+
+    def loss(params, x, module=module, stats=variables['batch_stats']):
+      y, _ = module.apply({'params': params, 'batch_stats': stats}, x,
+                          train=True, mutable=['batch_stats'])
+      return jnp.mean(y * y)
+
+    grad = jax.jit(jax.grad(loss)).lower(variables['params'], x).compile(
+        compiler_options=layers.compiler_options())
+    runners[name] = (lambda grad=grad, p=variables['params'], x=x:
+                     jax.block_until_ready(grad(p, x)))
+  return runners
 
 
 def _flops(compiled):
@@ -166,6 +199,19 @@ def bench_torch(batch_np, threads, channels_last, fwd_batches):
 
   runners = {f'fwd{fb}': (lambda fb=fb: forward(fb)) for fb in fwd_batches}
   runners['train'] = run
+  feats = torch.from_numpy(np.random.default_rng(1).normal(
+      size=(image.shape[0], 1280, image.shape[2] // 32,
+            image.shape[3] // 32)).astype(np.float32))
+  feats = feats.contiguous(memory_format=fmt)
+  for name, module, x in (('backbone', model.backbone, image),
+                          ('head', model.keypoint_head, feats)):
+
+    def grad(module=module, x=x):
+      module.zero_grad(set_to_none=True)
+      y = module(x)
+      (y * y).mean().backward()
+
+    runners[name] = grad
   return runners
 
 
@@ -188,6 +234,8 @@ def main():
   parser.add_argument('--repeats', type=int, default=5,
                       help='timed train steps per implementation')
   parser.add_argument('--fwd-repeats', type=int, default=3)
+  parser.add_argument('--part-repeats', type=int, default=3,
+                      help='timed backbone / head gradients (0: skip)')
   parser.add_argument('--output', default=os.path.join(
       os.path.dirname(__file__), 'RESULTS_train.md'))
   args = parser.parse_args()
@@ -207,6 +255,9 @@ def main():
                       args.repeats)
   fwd = {fb: interleaved({n: r[f'fwd{fb}'] for n, r in runners.items()},
                          args.fwd_repeats) for fb in fwd_batches}
+  parts = {p: interleaved({n: r[p] for n, r in runners.items()},
+                          args.part_repeats)
+           for p in ('backbone', 'head') if args.part_repeats}
   names = list(impls)
   jax_name, torch_names = names[0], names[1:]
   ips = lambda n, secs, b: b / float(np.median(secs[n]))
@@ -220,8 +271,9 @@ def main():
       f'fp32, {threads} threads each; {args.repeats} timed train steps per '
       f'implementation after one warm-up, implementations taking turns. '
       f'One step = forward + losses + backward + Adam. '
-      f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; JAX convs: '
-      f'conv_impl auto (GEMM / decomposed on CPU).', '',
+      f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; JAX compiler '
+      f'options {info["compiler_options"]} (ae_jax.models.layers); JAX '
+      f'convs: conv_impl auto (GEMM / decomposed on CPU).', '',
       'Command: `python -m bench.bench_train_step` (defaults: --batch 8 '
       '--size 512 --repeats 5 --fwd-repeats 3).', '',
       '| implementation | s/step median (min-max) | images/s |',
@@ -254,6 +306,15 @@ def main():
       f'{info["flops_fwd"] / 1e9:.1f} GFLOP '
       f'(cost_analysis of the compiled programs / batch). '
       f'JAX step compile: {info["compile_s"]:.0f} s.', '']
+  if parts:
+    lines += [
+        f'Per part, gradient of mean(y^2) in train mode, median of '
+        f'{args.part_repeats} (seconds; the head takes a random '
+        f'[B, S/32, S/32, 1280] map):', '',
+        '| implementation | backbone | head |', '|---|---|---|']
+    lines += [f'| {n} | ' + ' | '.join(
+        f'{np.median(parts[p][n]):.2f}' for p in parts) + ' |' for n in names]
+    lines.append('')
   text = '\n'.join(lines)
   print(text)
   with open(args.output, 'w') as f:
