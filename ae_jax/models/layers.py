@@ -1,4 +1,4 @@
-"""Convolutions whose gradients are fast on every backend.
+"""Convolutions and BatchNorm whose gradients are fast on every backend.
 
 XLA:CPU lowers the backward pass of a grouped (depthwise) convolution and of
 a transposed convolution (an lhs-dilated convolution) to slow generic loops:
@@ -15,6 +15,9 @@ choose the formulation per backend with `impl`:
     2.6x faster at batch 8 512x512, bench/RESULTS_train.md);
   'auto': 'decomposed' on CPU, 'native' elsewhere.
 Both formulations compute the same sums (tests/test_models.py).
+`BatchNorm` (+ fused ReLU/ReLU6) has a two-pass hand-written backward on
+all backends; `compiler_options` gives the XLA options the train step uses
+(memory-optimised scheduling on CPU).
 
 Layout NHWC; kernels HWIO.
 """
