@@ -19,14 +19,12 @@ Legend: K=17 joints, H x W map size, L tag dim, P people.
 """
 
 import argparse
-import os
-import platform
-import subprocess
 import time
 
 import numpy as np
 
 from ae_jax import grouping
+from bench import common
 
 _JOINT_ORDER = [0, 1, 2, 3, 4, 5, 6, 11, 12, 7, 8, 9, 10, 13, 14, 15, 16]
 
@@ -200,17 +198,6 @@ def synthetic_maps(num_people, height=512, width=680, tag_dim=2, seed=0,
   return np.ascontiguousarray(heat), np.ascontiguousarray(tag)
 
 
-def _machine():
-  try:
-    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True,
-                           check=False).stdout.splitlines()
-    model = next((l.split(':', 1)[1].strip() for l in lscpu
-                  if l.startswith('Model name')), platform.processor())
-  except OSError:
-    model = platform.processor()
-  return f'{os.cpu_count()} CPU cores ({model}), numpy {np.__version__}'
-
-
 def _same(a, b):
   (pa, sa), (pb, sb) = a, b
   return (pa.shape == pb.shape and np.array_equal(pa[..., :3], pb[..., :3])
@@ -276,7 +263,7 @@ def main():
                       help='also time the full eval pipeline (slow)')
   parser.add_argument('--output', default='bench/RESULTS_eval.md')
   args = parser.parse_args()
-  machine = _machine()
+  machine = f'{common.machine()}, numpy {np.__version__}'
   print(machine)
   rows = bench_grouping()
   lines = ['## Evaluation: grouping and eval speed', '',
@@ -302,9 +289,7 @@ def main():
               'input for multi-scale) plus fixed costs; grouping adds the '
               'times above per image. The machine is shared (load ~4 on 2 '
               'cores): +-40% run to run.']
-  with open(args.output, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  print(f'wrote {args.output}')
+  common.write_report(lines, args.output)
 
 
 if __name__ == '__main__':

@@ -28,7 +28,6 @@ and warp, TF-graph targets vs the loops).
 import argparse
 import os
 import platform
-import subprocess
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -40,6 +39,7 @@ from pycocotools import coco as coco_api  # pylint: disable=g-import-not-at-top
 from pycocotools import mask as mask_api  # pylint: disable=g-import-not-at-top
 
 from ae_jax.keypoints import FLIP_INDEX  # pylint: disable=g-import-not-at-top
+from bench import common  # pylint: disable=g-import-not-at-top
 
 ROOT = 'data/coco_mini'
 SPLIT = 'val2017'
@@ -240,11 +240,9 @@ def main():
     ref.append(_time(ref_it, args.batches, args.batch))
   ops = _per_op_ms()
   ours_best, ref_best = max(o[1] for o in ours), max(r[1] for r in ref)
-  cpu = subprocess.run(['bash', '-c', "lscpu | grep 'Model name'"],
-                       capture_output=True, text=True).stdout.strip()
   lines = [
       '## Train input pipeline (bench/bench_pipeline.py)', '',
-      f'Machine: {os.cpu_count()} cores ({cpu.split(":")[-1].strip()}), '
+      f'Machine: {common.machine()}, '
       f'{platform.python_version()}, TF {tf.__version__}, cv2 '
       f'{cv2.__version__}; shared with other jobs (noisy).',
       'One core: process pinned to one CPU (sched_setaffinity = taskset -c '
@@ -269,10 +267,7 @@ def main():
       '',
       '| op (one call, wall-clock, loaded machine) | ms |', '|---|---|'
   ] + [f'| {k} | {v:.2f} |' for k, v in ops.items()] + ['']
-  text = '\n'.join(lines)
-  print(text)
-  with open(args.out, 'w') as f:
-    f.write(text)
+  common.write_report(lines, args.out)
 
 
 if __name__ == '__main__':

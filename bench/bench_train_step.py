@@ -17,11 +17,11 @@ Legend: B batch, S input size, h = S/4, K=17, M=30.
 
 import argparse
 import os
-import platform
-import subprocess
 import time
 
 import numpy as np
+
+from bench import common
 
 K, M = 17, 30
 
@@ -215,13 +215,6 @@ def bench_torch(batch_np, threads, channels_last, fwd_batches):
   return runners
 
 
-def machine():
-  cpu = subprocess.run(['bash', '-c', 'lscpu | grep "Model name"'],
-                       capture_output=True, text=True).stdout.strip()
-  cpu = ' '.join(cpu.replace('Model name:', '').split())
-  return f'{os.cpu_count()} cores, {cpu or platform.processor()}'
-
-
 def _stats(times):
   """(median, min, max) of a list of seconds."""
   return float(np.median(times)), float(min(times)), float(max(times))
@@ -267,7 +260,7 @@ def main():
             for t in train[jax_name]]
   lines = [
       '## Train step (bench/bench_train_step.py)', '',
-      f'Machine: {machine()}; batch {args.batch}, {args.size}x{args.size}, '
+      f'Machine: {common.machine()}; batch {args.batch}, {args.size}x{args.size}, '
       f'fp32, {threads} threads each; {args.repeats} timed train steps per '
       f'implementation after one warm-up, implementations taking turns. '
       f'One step = forward + losses + backward + Adam. '
@@ -315,10 +308,7 @@ def main():
     lines += [f'| {n} | ' + ' | '.join(
         f'{np.median(parts[p][n]):.2f}' for p in parts) + ' |' for n in names]
     lines.append('')
-  text = '\n'.join(lines)
-  print(text)
-  with open(args.output, 'w') as f:
-    f.write(text)
+  common.write_report(lines, args.output)
 
 
 if __name__ == '__main__':
