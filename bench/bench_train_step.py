@@ -260,7 +260,8 @@ def main():
             for t in train[jax_name]]
   lines = [
       '## Train step (bench/bench_train_step.py)', '',
-      f'Machine: {common.machine()}; batch {args.batch}, {args.size}x{args.size}, '
+      f'Machine: {common.machine()}; batch {args.batch}, '
+      f'{args.size}x{args.size}, '
       f'fp32, {threads} threads each; {args.repeats} timed train steps per '
       f'implementation after one warm-up, implementations taking turns. '
       f'One step = forward + losses + backward + Adam. '

@@ -49,7 +49,8 @@ def compiler_options():
   and keeps far more activations alive: its temp buffer was 7.4 GB at
   batch 8 512x512 vs 2.8 GB memory-optimised. XLA:CPU maps that buffer
   fresh on every call, so the extra pages cost ~1.1M page faults and
-  ~5 s of kernel time per step (train step 8.0 -> 5.5 s, bench/RESULTS_train.md).
+  ~5 s of kernel time per step (train step 8.0 -> 5.5 s,
+  bench/RESULTS_train.md).
   """
   if jax.default_backend() == 'cpu':
     return {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
@@ -171,25 +172,21 @@ def _im2col(xp: jnp.ndarray, k: int, stride: int, h_out: int,
   return taps[0] if k == 1 else jnp.concatenate(taps, axis=-1)
 
 
-def _dot(cols: jnp.ndarray, kernel2d: jnp.ndarray) -> jnp.ndarray:
-  """[..., K] x [K, N] -> [..., N] as one GEMM (fast forward and backward)."""
-  return _dot_vjp(cols, kernel2d)
-
-
 @jax.custom_vjp
-def _dot_vjp(cols, kernel2d):
-  """`_dot` whose backward materialises dy once, row-major.
+def _dot(cols: jnp.ndarray, kernel2d: jnp.ndarray) -> jnp.ndarray:
+  """[..., K] x [K, N] -> [..., N] as one GEMM (fast forward and backward).
 
-  With plain autodiff, XLA:CPU wrote the BatchNorm backward that produces
-  dy transposed ([N, C] -> [C, N], ~1 GB/s) to feed the weight-gradient
-  GEMM: 0.7 s of the 3.1 s backbone gradient at batch 8 512x512. Behind
-  the barrier both GEMMs read dy as written (backbone gradient 2.7 s).
+  Its backward materialises dy once, row-major. With plain autodiff,
+  XLA:CPU wrote the BatchNorm backward that produces dy transposed
+  ([N, C] -> [C, N], ~1 GB/s) to feed the weight-gradient GEMM: 0.7 s of
+  the 3.1 s backbone gradient at batch 8 512x512. Behind the barrier both
+  GEMMs read dy as written (backbone gradient 2.7 s).
   """
   return lax.dot_general(cols, kernel2d, (((cols.ndim - 1,), (0,)), ((), ())))
 
 
 def _dot_fwd(cols, kernel2d):
-  return _dot_vjp(cols, kernel2d), (cols, kernel2d)
+  return _dot(cols, kernel2d), (cols, kernel2d)
 
 
 def _dot_bwd(residuals, dy):
@@ -202,7 +199,7 @@ def _dot_bwd(residuals, dy):
   return dcols, dk
 
 
-_dot_vjp.defvjp(_dot_fwd, _dot_bwd)
+_dot.defvjp(_dot_fwd, _dot_bwd)
 
 
 def _subpixel_deconv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
