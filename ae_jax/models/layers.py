@@ -305,14 +305,17 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+# Output range (lo, hi) of each fused activation: forward clips to it, the
+# backward passes the gradient only strictly inside it.
+_ACT_RANGE = {'relu': (0.0, None), 'relu6': (0.0, 6.0)}
+
+
 def _activation(z: jnp.ndarray, act: Optional[str]) -> jnp.ndarray:
   if act is None:
     return z
-  if act == 'relu':
-    return jnp.maximum(z, 0.0)
-  if act == 'relu6':
-    return jnp.clip(z, 0.0, 6.0)
-  raise ValueError(f'activation must be None, relu or relu6: {act}')
+  if act not in _ACT_RANGE:
+    raise ValueError(f'activation must be None, relu or relu6: {act}')
+  return jnp.clip(z, *_ACT_RANGE[act])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -345,7 +348,8 @@ def _bn_act_bwd(act, epsilon, residuals, cotangents):
   xhat = (x.astype(jnp.float32) - mean) * inv
   if act is not None:
     z = xhat * scale + bias
-    keep = (z > 0.0) & (z < 6.0) if act == 'relu6' else z > 0.0
+    lo, hi = _ACT_RANGE[act]
+    keep = z > lo if hi is None else (z > lo) & (z < hi)
     dy = jnp.where(keep, dy, 0.0)
   dbias = jnp.sum(dy, axes)
   dscale = jnp.sum(dy * xhat, axes)
