@@ -176,8 +176,8 @@ def test_sample_augmentation_ranges(mode):
   if mode == 'eager':
     got = np.stack([draw(s).numpy() for s in seeds])
   else:
-    got = np.stack(list(
-        tf.data.Dataset.from_tensor_slices(seeds).map(draw).as_numpy_iterator()))
+    ds = tf.data.Dataset.from_tensor_slices(seeds).map(draw)
+    got = np.stack(list(ds.as_numpy_iterator()))
   rot, scale, udx, udy, flip = got.T
   assert np.abs(rot).max() <= 30 and rot.std() > 10
   assert scale.min() >= 0.75 and scale.max() <= 1.5

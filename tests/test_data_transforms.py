@@ -16,18 +16,16 @@ differ by <= 8 levels on < 0.1% of pixels (measured with the pinned OpenCV
 float32 exp) and encodings (exact) match.
 """
 
+import cv2
 import numpy as np
+from pycocotools import coco as coco_api
 import pytest
 
-cv2 = pytest.importorskip('cv2')
-
-from pycocotools import coco as coco_api  # pylint: disable=g-import-not-at-top
-
-from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
-from ae_jax.data import targets  # pylint: disable=g-import-not-at-top
-from ae_jax.data import transforms  # pylint: disable=g-import-not-at-top
-from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
-from tests.references import mmpose_pipeline  # pylint: disable=g-import-not-at-top
+from ae_jax.data import coco
+from ae_jax.data import targets
+from ae_jax.data import transforms
+from ae_jax.models import ae_model
+from tests.references import mmpose_pipeline
 
 SPLIT = 'val2017'
 

@@ -35,7 +35,7 @@ def read_rgb(path: str) -> np.ndarray:
   return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def get_affine_transform(center, scale, rot, output_size, inv=False):
+def get_affine_transform(center, scale, rot, output_size):
   """mmpose get_affine_transform: 3 float32 point pairs, cv2 solves.
 
   scale is the box (w, h) in units of 200 px; only its width sets the zoom.
@@ -55,8 +55,6 @@ def get_affine_transform(center, scale, rot, output_size, inv=False):
   dst[0] = (dst_w * 0.5, dst_h * 0.5)
   dst[1] = dst[0] + dst_dir
   dst[2] = third(dst[0], dst[1])
-  if inv:
-    return cv2.getAffineTransform(dst, src)
   return cv2.getAffineTransform(src, dst)
 
 
