@@ -60,8 +60,11 @@ def split_paths(coco_root: str, split: str) -> tuple[str, str]:
 
 
 class ImageError(IOError):
-  """An image that is missing or cannot be decoded; `reason` is MISSING or
-  CORRUPT, the message names the file."""
+  """An image file that is missing or cannot be decoded (message: the file).
+
+  Attributes:
+    reason: MISSING or CORRUPT (the pipeline counts skips by it).
+  """
 
   def __init__(self, message: str, reason: str):
     super().__init__(message)

@@ -1,4 +1,4 @@
-"""mmpose 0.x BottomUpRandomAffine + BottomUpRandomFlip, and normalisation.
+"""mmpose 0.x BottomUpRandomAffine + BottomUpRandomFlip, and the train sizes.
 
 Where each piece runs (measured in bench/bench_pipeline.py, one core):
   * JPEG decode (coco.decode_image), the two warps here and the targets
@@ -29,8 +29,8 @@ swap).
 
 Sizes: config.data.input_size / heatmap_size are an int (square, the paper
 setup) or a (w, h) pair as mmpose's image_size / heatmap_size; they are
-normalised once, to (w, h) pairs, by `train_sizes`, and every function
-below takes the pairs. The box is mmpose's `_get_scale` for that aspect
+normalised once, to (w, h) pairs, by `train_sizes` (which also checks the
+heatmap size), and the warps below take the pairs. The box is mmpose's `_get_scale` for that aspect
 ratio.
 
 Shapes: image [Hi, Wi, 3] uint8 RGB in, [H, W, 3] uint8 out (input size);
