@@ -29,7 +29,7 @@ def main(argv):
   import cv2  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
   from ae_jax import checkpoints, draw, inference
-  from ae_jax.data import eval_input  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:
@@ -42,8 +42,8 @@ def main(argv):
   failed = 0
   for path in images:
     try:
-      image = eval_input.decode_image(path)
-    except eval_input.ImageError as e:
+      image = coco.decode_image(path)
+    except coco.ImageError as e:
       logging.error('%s', e)
       failed += 1
       continue

@@ -316,7 +316,7 @@ def make_dataset(config: ml_collections.ConfigDict, start_step: int):
       flip_prob=d.flip_prob, augment=d.augment,
       global_batch_size=config.train.global_batch_size, seed=config.seed,
       start_step=start_step, source=d.source,
-      tfds_data_dir=d.tfds_data_dir, shuffle_buffer=d.shuffle_buffer,
+      tfds_data_dir=d.tfds_data_dir,
       num_parallel_calls=d.num_parallel_calls)
 
 

@@ -9,12 +9,14 @@ heatmaps, mask, joints) from the mini COCO images, repeated, in batches of
 thread, and tf.data runs on a private thread pool of size 1 with map
 parallelism 1 (so "per core" is not flattered by idle hyper-threads).
 
-The reference is a straightforward numpy + cv2 implementation of mmpose
-0.x's train pipeline as mmpose runs it: mmcv-style decode (cv2 BGR -> RGB),
-`_get_mask` (pycocotools decode + sum), 3-point get_affine_transform,
-cv2.warpAffine of image and mask, `image[:, ::-1].copy() - zeros` flip,
-ToTensor + NormalizeTensor in float32 numpy, HeatmapGenerator and
-JointsEncoder loops, then stacking into a batch.
+The reference is tests/references/mmpose_pipeline.py, a straightforward
+numpy + cv2 implementation of mmpose 0.x's train pipeline as mmpose runs
+it (the one the parity tests compare against): mmcv-style decode (cv2 BGR
+-> RGB), `_get_mask` (pycocotools decode + sum), 3-point
+get_affine_transform, cv2.warpAffine of image and mask,
+`image[:, ::-1] - zeros` flip, ToTensor + NormalizeTensor in float32 numpy,
+HeatmapGenerator and JointsEncoder loops; here its parameters are drawn
+with np.random in mmpose's order and the examples stacked into a batch.
 
 Ours yields uint8 images: the ImageNet normalisation runs on device inside
 the jitted train step (ae_model.normalize_images, one fused elementwise op
@@ -22,7 +24,10 @@ there), which also makes the host copies and the host->device transfer 4x
 smaller; the reference normalises on the host as mmpose does.
 
 A per-op section measures the choices in transforms.py (cv2 vs TF decode
-and warp, TF-graph targets vs the loops).
+and warp; the numpy targets used).
+
+Smoke run (seconds): python -m bench.bench_pipeline --batches 1 --batch 4 \
+    --out /tmp/pipeline.md
 """
 
 import argparse
@@ -36,30 +41,14 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 import cv2  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from pycocotools import coco as coco_api  # pylint: disable=g-import-not-at-top
-from pycocotools import mask as mask_api  # pylint: disable=g-import-not-at-top
 
-from ae_jax.keypoints import FLIP_INDEX  # pylint: disable=g-import-not-at-top
-from bench import common  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from bench import common
+from tests.references import mmpose_pipeline
 
 ROOT = 'data/coco_mini'
 SPLIT = 'val2017'
 S, H, SIGMA, M = 512, 128, 2, 30
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def _mmpose_matrix(center, scale, rot, size):
-  src_w = scale[0] * 200.0
-  r = np.deg2rad(rot)
-  src_dir = np.array([-(src_w * -0.5) * np.sin(r), (src_w * -0.5) * np.cos(r)])
-  perp = lambda a, b: b + np.array([-(a - b)[1], (a - b)[0]])
-  src = np.zeros((3, 2), np.float32)
-  dst = np.zeros((3, 2), np.float32)
-  src[0], src[1] = center, center + src_dir
-  dst[0] = (size * 0.5, size * 0.5)
-  dst[1] = dst[0] + np.array([0.0, size * -0.5])
-  src[2], dst[2] = perp(src[0], src[1]), perp(dst[0], dst[1])
-  return cv2.getAffineTransform(src, dst)
 
 
 class Reference:
@@ -69,79 +58,25 @@ class Reference:
     self.coco = coco_api.COCO(f'{ROOT}/annotations/person_keypoints_'
                               f'{SPLIT}.json')
     self.ids = sorted(self.coco.getImgIds())
-    xs = np.arange(0, 6 * SIGMA + 3, 1, np.float32)
-    c = 3 * SIGMA + 1
-    self.g = np.exp(-((xs - c)**2 + (xs[:, None] - c)**2) / (2 * SIGMA**2))
     self.rng = np.random.RandomState(0)
 
   def example(self, image_id):
     info = self.coco.imgs[image_id]
-    h, w = info['height'], info['width']
-    with open(f'{ROOT}/{SPLIT}/{info["file_name"]}', 'rb') as f:
-      buf = np.frombuffer(f.read(), np.uint8)
-    img = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    img = mmpose_pipeline.read_rgb(f'{ROOT}/{SPLIT}/{info["file_name"]}')
     anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
-    m = np.zeros((h, w), np.float32)
-    for obj in anns:
-      if obj['iscrowd']:
-        m += mask_api.decode(mask_api.frPyObjects(obj['segmentation'], h, w))
-      elif obj['num_keypoints'] == 0:
-        for rle in mask_api.frPyObjects(obj['segmentation'], h, w):
-          m += mask_api.decode(rle)
-    mask = m < 0.5
-    people = [a for a in anns if a['iscrowd'] == 0 or a['num_keypoints'] > 0]
-    joints = np.zeros((len(people), 17, 3), np.float32)
-    for i, a in enumerate(people):
-      joints[i] = np.array(a['keypoints']).reshape(-1, 3)
-    # BottomUpRandomAffine.
-    center = np.array((w / 2, h / 2))
+    h, w = img.shape[:2]
+    # BottomUpRandomAffine's draws, in its order, then BottomUpRandomFlip's.
     aug_scale = self.rng.random_sample() * 0.75 + 0.75
-    img_scale = np.array([w, h], np.float32) * aug_scale
     rot = (self.rng.random_sample() * 2 - 1) * 30
-    center[0] += self.rng.randint(-40 * img_scale[0] / 200.0,
-                                  40 * img_scale[0] / 200.0)
-    center[1] += self.rng.randint(-40 * img_scale[1] / 200.0,
-                                  40 * img_scale[1] / 200.0)
-    side = img_scale.min()
-    scale = np.array([side, side]) / 200.0
-    mat = _mmpose_matrix(center, scale, rot, H)
-    mask = cv2.warpAffine((mask * 255).astype(np.uint8), mat, (H, H)) / 255
-    mask = (mask > 0.5).astype(np.float32)
-    flat = joints[..., :2].reshape(-1, 2)
-    joints[..., :2] = (np.concatenate([flat, flat[:, :1] * 0 + 1], 1) @
-                       mat.T).reshape(joints.shape[:2] + (2,))
-    img = cv2.warpAffine(img, _mmpose_matrix(center, scale, rot, S), (S, S))
-    # BottomUpRandomFlip.
-    if self.rng.random_sample() < 0.5:
-      img = img[:, ::-1].copy() - np.zeros_like(img)
-      mask = mask[:, ::-1].copy()
-      joints = joints[:, FLIP_INDEX]
-      joints[:, :, 0] = H - joints[:, :, 0] - 1
-    # ToTensor + NormalizeTensor (CHW float32).
-    x = img.transpose(2, 0, 1).astype(np.float32) / 255.0
-    x = (x - MEAN[:, None, None]) / STD[:, None, None]
-    # BottomUpGenerateTarget: HeatmapGenerator + JointsEncoder loops.
-    hms = np.zeros((17, H, H), np.float32)
-    enc = np.zeros((M, 17, 2), np.float32)
-    for p, person in enumerate(joints):
-      tot = 0
-      for k, pt in enumerate(person):
-        xi, yi = int(pt[0]), int(pt[1])
-        if pt[2] <= 0 or xi < 0 or yi < 0 or xi >= H or yi >= H:
-          continue
-        enc[p][tot] = (k * H * H + yi * H + xi, 1)
-        tot += 1
-        ul = int(np.round(xi - 3 * SIGMA - 1)), int(np.round(yi - 3 * SIGMA -
-                                                             1))
-        br = int(np.round(xi + 3 * SIGMA + 2)), int(np.round(yi + 3 * SIGMA +
-                                                             2))
-        c, d = max(0, -ul[0]), min(br[0], H) - ul[0]
-        a, b = max(0, -ul[1]), min(br[1], H) - ul[1]
-        cc, dd = max(0, ul[0]), min(br[0], H)
-        aa, bb = max(0, ul[1]), min(br[1], H)
-        hms[k, aa:bb, cc:dd] = np.maximum(hms[k, aa:bb, cc:dd],
-                                          self.g[a:b, c:d])
-    return x, hms, mask, enc.astype(np.int32)
+    dx = self.rng.randint(-40 * w * aug_scale / 200.0,
+                          40 * w * aug_scale / 200.0)
+    dy = self.rng.randint(-40 * h * aug_scale / 200.0,
+                          40 * h * aug_scale / 200.0)
+    flip = self.rng.random_sample() < 0.5
+    ex = mmpose_pipeline.train_example(
+        img, anns, rot=rot, aug_scale=aug_scale, shift=(dx, dy), flip=flip,
+        input_wh=(S, S), heatmap_wh=(H, H), sigma=SIGMA, max_people=M)
+    return ex['image'], ex['heatmaps'], ex['mask'], ex['enc']
 
   def batches(self, batch):
     i = 0
@@ -172,6 +107,7 @@ def _per_op_ms():
   """Single-op timings (ms) behind the choices in transforms.py."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ae_jax.data import targets  # pylint: disable=g-import-not-at-top
+  hm_wh = (H, H)
   data = open(f'{ROOT}/{SPLIT}/000000000785.jpg', 'rb').read()
   buf = np.frombuffer(data, np.uint8)
   img = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
@@ -186,18 +122,14 @@ def _per_op_ms():
   joints = np.random.default_rng(0).uniform(0, H, (6, 17, 3)).astype(
       np.float32)
   joints[..., 2] = 1
-  tj = tf.constant(joints)
-  hm = tf.function(lambda j: (targets.generate_heatmaps(j, H, 2.0),
-                              targets.encode_joints(j, H, M)))
   ops = {
       'decode cv2.imdecode': lambda: cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB),
       'decode tf.io.decode_jpeg': lambda: tf.io.decode_jpeg(tdata, channels=3),
       'warp 512 cv2.warpAffine': lambda: cv2.warpAffine(img, mat, (S, S)),
       'warp 512 tf ImageProjectiveTransformV3': lambda: warp(fimg),
-      'targets tf graph (6 people)': lambda: hm(tj),
-      'targets numpy twins (6 people, used)': lambda: (
-          targets.generate_heatmaps_np(joints, H, 2.0),
-          targets.encode_joints_np(joints, H, M)),
+      'targets numpy (6 people, used)': lambda: (
+          targets.generate_heatmaps(joints, hm_wh, 2.0),
+          targets.encode_joints(joints, hm_wh, M)),
   }
   out = {}
   for name, fn in ops.items():

@@ -45,7 +45,7 @@ def get_config():
   del config.data['input_size']
   del config.data['heatmap_size']
   config.data.input_size = (448, 256)  # mmpose image_size [w, h]
-  config.data.heatmap_size = (112, 64)  # mmpose heatmap_size [w, h]
+  config.data.heatmap_size = (112, 64)  # mmpose heatmap_size [w, h] = /4
   config.data.scale_type = 'long'  # whole image, as the test-time resize
   # Jitter the center by 1-2 px only (mmpose randint bound trans_factor *
   # side / 200): enough to make the memorised net robust to the test-time
@@ -55,7 +55,6 @@ def get_config():
   config.data.scale_factor = (1.0, 1.0)
   config.data.trans_factor = 0.7
   config.data.flip_prob = 0.0
-  config.data.shuffle_buffer = 4
   config.train.global_batch_size = 4  # one epoch = one step
   config.train.num_steps = 200
   config.train.log_every_steps = 10

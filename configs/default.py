@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.val_split = 'val2017'
   # int S (square, the paper setup) or (w, h) as mmpose's [w, h] lists.
   config.data.input_size = 512  # data_cfg.image_size
-  config.data.heatmap_size = 128  # data_cfg.heatmap_size (int or (w, h))
+  # data_cfg.heatmap_size: input_size / 4 (the model's stride; checked).
+  config.data.heatmap_size = 128
   config.data.sigma = 2.0  # BottomUpGenerateTarget sigma
   config.data.max_people = 30  # max_num_people
   config.data.rot_factor = 30.0  # BottomUpRandomAffine rot_factor (degrees)
@@ -42,7 +43,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.trans_factor = 40.0  # BottomUpRandomAffine trans_factor (px)
   config.data.flip_prob = 0.5  # BottomUpRandomFlip flip_prob
   config.data.augment = True  # False: no affine jitter or flip (overfit runs)
-  config.data.shuffle_buffer = 2048
   config.data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
 
   # Loss factors: MultiLossFactory heatmaps_loss_factor, push/pull_loss_factor.

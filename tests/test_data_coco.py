@@ -5,23 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
-from pycocotools import mask as mask_api
 
 from ae_jax.data import coco
-
-
-def _mmpose_valid_mask(anns, h, w):
-  """mmpose _get_mask: sum the decoded ignore masks, valid = m < 0.5."""
-  m = np.zeros((h, w), np.float32)
-  for obj in anns:
-    if obj['iscrowd']:
-      rles = mask_api.frPyObjects(obj['segmentation'], h, w)
-      for rle in rles if isinstance(rles, list) else [rles]:
-        m += mask_api.decode(rle)
-    elif obj['num_keypoints'] == 0:
-      for rle in mask_api.frPyObjects(obj['segmentation'], h, w):
-        m += mask_api.decode(rle)
-  return m < 0.5
+from tests.references import mmpose_pipeline
 
 
 def test_mini_coco_index(coco_mini_root):
@@ -39,7 +25,8 @@ def test_mini_coco_index(coco_mini_root):
                                np.float32).reshape(-1, 17, 3))
     ignore = coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width)
     np.testing.assert_array_equal(ignore == 0,
-                                  _mmpose_valid_mask(anns, ex.height, ex.width))
+                                  mmpose_pipeline.valid_mask(
+                                      anns, ex.height, ex.width))
   # The two images with a no-keypoint person carry an ignore region.
   with_ignore = [e.image_id for e in index.examples if e.ignore_rle]
   assert with_ignore == [40083, 196141]
@@ -66,6 +53,42 @@ def test_filtering_no_people_and_crowd_only(coco_mini_root, tmp_path):
 def test_missing_files_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match='person_keypoints_train2017'):
     coco.load_coco_index(str(tmp_path), 'train2017')
+  (tmp_path / 'annotations').mkdir()
+  (tmp_path / 'annotations' / 'person_keypoints_train2017.json').write_text(
+      '{}')
+  with pytest.raises(FileNotFoundError, match='image folder'):
+    coco.load_coco_index(str(tmp_path), 'train2017')
+
+
+def test_split_paths(tmp_path):
+  assert coco.split_paths('/data/coco', 'val2017') == (
+      '/data/coco/annotations/person_keypoints_val2017.json',
+      '/data/coco/val2017')
+
+
+def test_decode_image_rgb_and_errors(tmp_path):
+  """One decoder for train and eval: RGB; missing, empty and undecodable
+  files raise ImageError naming the file, with the skip reason."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'red.png'
+  bgr = np.zeros((4, 5, 3), np.uint8)
+  bgr[..., 2] = 255  # red in cv2's BGR order
+  cv2.imwrite(str(path), bgr)
+  for source in (str(path), path.read_bytes()):
+    rgb = coco.decode_image(source)
+    assert rgb.shape == (4, 5, 3) and rgb.dtype == np.uint8
+    assert (rgb[..., 0] == 255).all() and (rgb[..., 1:] == 0).all()
+  (tmp_path / 'empty.jpg').write_bytes(b'')
+  (tmp_path / 'bad.jpg').write_bytes(b'not a jpeg')
+  for name, reason, text in [('nothere.jpg', coco.MISSING, 'cannot read'),
+                             ('empty.jpg', coco.CORRUPT, '0 bytes'),
+                             ('bad.jpg', coco.CORRUPT, 'cannot decode')]:
+    with pytest.raises(coco.ImageError, match=name) as e:
+      coco.decode_image(str(tmp_path / name))
+    assert e.value.reason == reason and text in str(e.value)
+  with pytest.raises(coco.ImageError, match='x.jpg') as e:
+    coco.decode_image(b'', 'x.jpg')
+  assert e.value.reason == coco.CORRUPT
 
 
 @pytest.fixture(scope='module')

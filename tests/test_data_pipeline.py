@@ -4,9 +4,9 @@ import itertools
 import json
 import shutil
 
-import cv2
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from ae_jax.data import coco
 from ae_jax.data import pipeline
@@ -71,19 +71,20 @@ def test_hosts_split_the_global_batch(coco_mini_root):
 def _expected_unaugmented(root, size, hm_size, scale_type='short'):
   """Per image id: the fixed-parameter transform (checked in its own test)."""
   index = coco.load_coco_index(str(root), 'val2017')
+  in_wh, hm_wh = transforms.train_sizes(size, hm_size)
   out = {}
-  for ex in index.examples:
-    bgr = cv2.imread(str(root / 'val2017' / ex.file_name))
-    if bgr is None:  # a file the test broke
+  for i, ex in enumerate(index.examples):
+    try:
+      image = coco.decode_image(index.image_path(i))
+    except coco.ImageError:  # a file the test broke
       continue
     img, mask, joints = transforms.transform_example(
-        cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
-        coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width),
-        ex.keypoints, transforms.AugParams(), size, hm_size, scale_type)
+        image, coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width),
+        ex.keypoints, transforms.AugParams(), in_wh, hm_wh, scale_type)
     out[ex.image_id] = dict(
         image=img, mask=mask,
-        heatmaps=targets.generate_heatmaps_np(joints, hm_size, 2.0),
-        joints=targets.encode_joints_np(joints, hm_size, 30))
+        heatmaps=targets.generate_heatmaps(joints, hm_wh, 2.0),
+        joints=targets.encode_joints(joints, hm_wh, 30))
   return out
 
 
@@ -147,6 +148,15 @@ def test_bad_images_are_replaced_and_counted(coco_mini_root, tmp_path):
   assert set(ds.skips.files) == {'000000040083.jpg', '000000196141.jpg'}
 
 
+def test_config_errors_are_caught_at_the_call(coco_mini_root):
+  """Every argument is named: an unknown key (e.g. a removed config key) or
+  a heatmap size that is not the input / 4 fails before any work."""
+  with pytest.raises(TypeError, match='shuffle_buffer'):
+    _make(coco_mini_root, shuffle_buffer=16)
+  with pytest.raises(ValueError, match='heatmap_size'):
+    _make(coco_mini_root, input_size=512, heatmap_size=100)
+
+
 def test_unreadable_dataset_fails_clearly(coco_mini_root, tmp_path):
   root = tmp_path / 'coco'
   shutil.copytree(coco_mini_root, root)
@@ -154,3 +164,25 @@ def test_unreadable_dataset_fails_clearly(coco_mini_root, tmp_path):
     f.write_bytes(b'')
   with pytest.raises(Exception, match='could not be read'):
     _take(_make(root), 1)
+
+
+@pytest.mark.parametrize('mode', ['eager', 'map'])
+def test_sample_augmentation_ranges(mode):
+  def draw(seed):
+    return tf.stack(pipeline.sample_augmentation(
+        seed, 30.0, (0.75, 1.5), 0.5))
+  seeds = tf.stack([tf.zeros([256], tf.int64), tf.range(256, dtype=tf.int64)],
+                   1)
+  if mode == 'eager':
+    got = np.stack([draw(s).numpy() for s in seeds])
+  else:
+    ds = tf.data.Dataset.from_tensor_slices(seeds).map(draw)
+    got = np.stack(list(ds.as_numpy_iterator()))
+  rot, scale, udx, udy, flip = got.T
+  assert np.abs(rot).max() <= 30 and rot.std() > 10
+  assert scale.min() >= 0.75 and scale.max() <= 1.5
+  assert 0 <= udx.min() and udy.max() < 1
+  assert set(np.unique(flip)) == {0.0, 1.0} and 0.3 < flip.mean() < 0.7
+  again = tf.stack(pipeline.sample_augmentation(seeds[7], 30.0, (0.75, 1.5),
+                                                  0.5)).numpy()
+  np.testing.assert_array_equal(again, got[7])  # stateless: same seed, same

@@ -1,19 +1,16 @@
-"""Heatmaps and joint encodings equal loop references written from the spec.
+"""Heatmaps and joint encodings equal mmpose's loops (the reference).
 
-Each TF op is run eagerly and inside a tf.data map (as big_vision pp tests);
-the numpy twins (used by the pipeline loader) against the same loops.
-Tolerance: heatmaps 1e-6 absolute (float32 exp of the same squared distance;
-the TF op may fuse differently), encodings exact.
+The reference is mmpose 0.x's HeatmapGenerator / JointsEncoder as loops
+(tests/references/mmpose_pipeline.generate_targets). Tolerance: heatmaps
+1e-6 absolute (float32 exp of the same squared distance, vectorised in
+another order), encodings exact.
 """
-
-import math
 
 import numpy as np
 import pytest
 
-tf = pytest.importorskip('tensorflow')
-
-from ae_jax.data import targets  # pylint: disable=g-import-not-at-top
+from ae_jax.data import targets
+from tests.references import mmpose_pipeline
 
 K = 17
 
@@ -23,41 +20,14 @@ def _wh(size):
 
 
 def _ref_heatmaps(joints, size, sigma):
-  """Per-pixel loops: Gaussian around int(x), int(y) within the 6s+3 patch.
-
-  size is an int (square) or (w, h) as mmpose's output_size.
-  """
-  w, h = _wh(size)
-  out = np.zeros((h, w, K), np.float32)
-  radius = 3 * sigma + 1  # patch spans [x - r, x + r] for integer sigma
-  for person in joints:
-    for k, (x, y, v) in enumerate(person):
-      if v <= 0:
-        continue
-      xi, yi = int(x), int(y)  # truncation toward zero, as mmpose
-      if not (0 <= xi < w and 0 <= yi < h):
-        continue
-      for py in range(h):
-        for px in range(w):
-          if abs(px - xi) <= radius and abs(py - yi) <= radius:
-            val = np.float32(math.exp(-((px - xi)**2 + (py - yi)**2) /
-                                      (2 * sigma**2)))
-            out[py, px, k] = max(out[py, px, k], val)
-  return out
+  """[h, w, K] from the reference's [K, h, w]."""
+  maps, _ = mmpose_pipeline.generate_targets(joints, _wh(size), sigma)
+  return maps.transpose(1, 2, 0)
 
 
 def _ref_encode(joints, size, max_people):
-  """JointsEncoder: k * (w * h) + y * w + x for kept joints, packed."""
-  w, h = _wh(size)
-  out = np.zeros((max_people, K, 2), np.int32)
-  for i, person in enumerate(joints[:max_people]):
-    tot = 0
-    for k, (x, y, v) in enumerate(person):
-      xi, yi = int(x), int(y)
-      if v > 0 and 0 <= xi < w and 0 <= yi < h:
-        out[i, tot] = (k * w * h + yi * w + xi, 1)
-        tot += 1
-  return out
+  return mmpose_pipeline.generate_targets(joints, _wh(size), 2,
+                                          max_people)[1]
 
 
 def _random_joints(rng, num_people, size):
@@ -70,19 +40,6 @@ def _random_joints(rng, num_people, size):
   return joints
 
 
-def _run(fn, joints, mode, np_fn=None):
-  if mode == 'numpy':  # the twin the pipeline's loader uses
-    return np_fn(joints)
-  if mode == 'eager':
-    return fn(tf.constant(joints)).numpy()
-  # Ragged person count through a tf.data map, like the pipeline.
-  ds = tf.data.Dataset.from_generator(
-      lambda: iter([joints]), output_signature=tf.TensorSpec(
-          [None, K, 3], tf.float32)).map(fn)
-  return next(iter(ds)).numpy()
-
-
-@pytest.mark.parametrize('mode', ['eager', 'map', 'numpy'])
 @pytest.mark.parametrize('num_people,size,seed', [
     (0, 32, 0),  # no people: all zero
     (1, 32, 1),  # one person
@@ -91,11 +48,10 @@ def _run(fn, joints, mode, np_fn=None):
     (4, (28, 16), 4),  # wide (w, size) map: x in [16, 28) is kept
     (4, (12, 24), 5),  # tall (w, size) map
 ])
-def test_heatmaps_match_loops(mode, num_people, size, seed):
+def test_heatmaps_match_loops(num_people, size, seed):
   joints = _random_joints(np.random.default_rng(seed), num_people, size)
   joints[0:1, 0] = (-0.5, 3.2, 2) if num_people else 0  # int() -> x = 0
-  got = _run(lambda j: targets.generate_heatmaps(j, size, 2.0), joints, mode,
-             lambda j: targets.generate_heatmaps_np(j, size, 2.0))
+  got = targets.generate_heatmaps(joints, _wh(size), 2.0)
   want = _ref_heatmaps(joints, size, 2)
   w, h = _wh(size)
   assert got.shape == (h, w, K) and got.dtype == np.float32
@@ -104,7 +60,6 @@ def test_heatmaps_match_loops(mode, num_people, size, seed):
     assert got[3, 0, 0] == 1.0  # the (-0.5, 3.2) joint peaks at (0, 3)
 
 
-@pytest.mark.parametrize('mode', ['eager', 'map', 'numpy'])
 @pytest.mark.parametrize('num_people,size,max_people,seed', [
     (0, 32, 30, 0),  # padding only
     (4, 32, 30, 1),  # packed to the front per person
@@ -112,10 +67,9 @@ def test_heatmaps_match_loops(mode, num_people, size, seed):
     (6, (28, 16), 30, 3),  # wide (w, size) map: index k*size*w + y*w + x
     (6, (12, 24), 30, 4),  # tall (w, size) map
 ])
-def test_encode_joints_match_loops(mode, num_people, size, max_people, seed):
+def test_encode_joints_match_loops(num_people, size, max_people, seed):
   joints = _random_joints(np.random.default_rng(seed), num_people, size)
-  got = _run(lambda j: targets.encode_joints(j, size, max_people), joints, mode,
-             lambda j: targets.encode_joints_np(j, size, max_people))
+  got = targets.encode_joints(joints, _wh(size), max_people)
   want = _ref_encode(joints, size, max_people)
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, want)
@@ -125,7 +79,7 @@ def test_heatmap_full_size_peak_and_support():
   """At 128 with sigma 2 each joint is a 15x15 patch peaking at 1."""
   joints = np.zeros((1, K, 3), np.float32)
   joints[0, 4] = (60.7, 100.2, 1)
-  got = targets.generate_heatmaps(tf.constant(joints), 128, 2.0).numpy()
+  got = targets.generate_heatmaps(joints, (128, 128), 2.0)
   ys, xs = np.nonzero(got[..., 4])
   assert (ys.min(), ys.max(), xs.min(), xs.max()) == (93, 107, 53, 67)
   assert got[100, 60, 4] == 1.0 and got[..., :4].max() == 0
@@ -138,7 +92,7 @@ def test_rect_encoding_indexes_the_loss_tag_maps():
   from ae_jax import losses  # pylint: disable=g-import-not-at-top
   w, h = 28, 16
   joints = _random_joints(np.random.default_rng(7), 5, (w, h))
-  enc = targets.encode_joints_np(joints, (w, h), 30)
+  enc = targets.encode_joints(joints, (w, h), 30)
   tags = np.random.default_rng(8).normal(size=(1, h, w, K)).astype(np.float32)
   got = np.asarray(losses.gather_joint_tags(jnp.asarray(tags),
                                             jnp.asarray(enc[None])))[0]

@@ -1,166 +1,74 @@
 """Train transforms with fixed parameters equal an mmpose-style cv2 reference.
 
-The reference below is written from mmpose 0.x's description: mmcv decode
-(cv2 BGR -> RGB), `_get_mask` (sum of decoded crowd / no-keypoint masks,
-valid = m < 0.5), the 3-point cv2.getAffineTransform on float32 points,
-cv2.warpAffine of the image (input size) and of mask * 255 (heatmap size,
-then > 0.5), flip after the affine, ToTensor + NormalizeTensor, and the
-HeatmapGenerator / JointsEncoder loops.
+The reference is tests/references/mmpose_pipeline.py (written from mmpose
+0.x's description: mmcv decode, `_get_mask`, the 3-point
+get_affine_transform, warps of image and mask * 255, flip after the affine,
+ToTensor + NormalizeTensor, the HeatmapGenerator / JointsEncoder loops).
 
 Tolerances, and why: our matrix is mmpose's in closed form, equal to the
-3-point construction to ~1e-12 px, and cv2 snaps source coordinates to 1/32
-px, so a handful of pixels may round the other way: the uint8 image may
-differ by <= 2 levels on < 0.1% of pixels (measured: 1 level, < 0.04%),
-the mask on < 0.5% of pixels (measured: none). Joints agree to 1e-4 heatmap
-px (measured 1.5e-5) and fall in the same integer cells, so heatmaps (1e-6,
+3-point construction (on float32 points) to ~1e-4 output px, and OpenCV 4
+snaps source coordinates to 1/32 px, so a handful of pixels may round the
+other way, by a step of the image at a sharp edge: the uint8 image may
+differ by <= 8 levels on < 0.1% of pixels (measured with the pinned OpenCV
+4.14: 6 levels, < 0.08%; OpenCV 5 gave 1 level, < 0.04%), the mask on
+< 0.5% of pixels (measured: none). Joints agree to 1e-4 heatmap px
+(measured 1.5e-5) and fall in the same integer cells, so heatmaps (1e-6,
 float32 exp) and encodings (exact) match.
 """
 
+import cv2
 import numpy as np
+from pycocotools import coco as coco_api
 import pytest
 
-cv2 = pytest.importorskip('cv2')
-tf = pytest.importorskip('tensorflow')
+from ae_jax.data import coco
+from ae_jax.data import targets
+from ae_jax.data import transforms
+from ae_jax.models import ae_model
+from tests.references import mmpose_pipeline
 
-from pycocotools import coco as coco_api  # pylint: disable=g-import-not-at-top
-from pycocotools import mask as mask_api  # pylint: disable=g-import-not-at-top
-
-from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
-from ae_jax.data import targets  # pylint: disable=g-import-not-at-top
-from ae_jax.data import transforms  # pylint: disable=g-import-not-at-top
-from ae_jax.keypoints import FLIP_INDEX  # pylint: disable=g-import-not-at-top
-from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
-
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 SPLIT = 'val2017'
 
 
-def _mmpose_matrix(center, scale, rot, size):
-  """get_affine_transform: 3 float32 point pairs -> cv2.getAffineTransform.
-
-  size is the output (w, h); as in mmpose only its width sets the zoom.
-  """
-  src_w = scale[0] * 200.0
-  dst_w, dst_h = size
-  r = np.deg2rad(rot)
-  src_dir = np.array([-(src_w * -0.5) * np.sin(r), (src_w * -0.5) * np.cos(r)])
-  dst_dir = np.array([0.0, dst_w * -0.5])
-  perp = lambda a, b: b + np.array([-(a - b)[1], (a - b)[0]])
-  src = np.zeros((3, 2), np.float32)
-  dst = np.zeros((3, 2), np.float32)
-  src[0], src[1] = center, center + src_dir
-  dst[0] = dst[1] = (dst_w * 0.5, dst_h * 0.5)
-  dst[1] = dst[0] + dst_dir
-  src[2], dst[2] = perp(src[0], src[1]), perp(dst[0], dst[1])
-  return cv2.getAffineTransform(src, dst)
+def _wh(size):
+  return (size, size) if np.isscalar(size) else tuple(size)
 
 
-def _get_scale(img_scale, out_size, scale_type):
-  """BottomUpRandomAffine._get_scale: box (w, h) px, float32 as mmpose."""
-  w, h = img_scale
-  w_out, h_out = out_size
-  if w / w_out < h / h_out:
-    if scale_type == 'long':
-      box = (h / h_out * w_out, h)
-    else:
-      box = (w, w / w_out * h_out)
-  else:
-    if scale_type == 'long':
-      box = (w, w / w_out * h_out)
-    else:
-      box = (h / h_out * w_out, h)
-  return np.array(box, np.float32)
-
-
-def _reference(root, image_id, aug, s_in, s_hm, scale_type='short', sigma=2,
-               max_people=30):
-  """One example as mmpose's train pipeline builds it (loops, cv2)."""
+def _reference(root, image_id, aug, s_in, s_hm, scale_type='short'):
+  """One example as mmpose's train pipeline builds it (the reference)."""
   api = coco_api.COCO(str(root / 'annotations' /
                           f'person_keypoints_{SPLIT}.json'))
   info = api.imgs[image_id]
-  bgr = cv2.imread(str(root / SPLIT / info['file_name']), cv2.IMREAD_COLOR)
-  img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-  h, w = info['height'], info['width']
+  img = mmpose_pipeline.read_rgb(str(root / SPLIT / info['file_name']))
   anns = api.loadAnns(api.getAnnIds(imgIds=image_id))
-  m = np.zeros((h, w), np.float32)
-  for obj in anns:
-    if obj['iscrowd']:
-      m += mask_api.decode(mask_api.frPyObjects(obj['segmentation'], h, w))
-    elif obj['num_keypoints'] == 0:
-      for rle in mask_api.frPyObjects(obj['segmentation'], h, w):
-        m += mask_api.decode(rle)
-  valid = m < 0.5
-  people = [a for a in anns if a['iscrowd'] == 0 or a['num_keypoints'] > 0]
-  joints = np.array([np.reshape(a['keypoints'], (-1, 3)) for a in people],
-                    np.float32)
-  # BottomUpRandomAffine: sizes are an int (square) or (w, h).
-  in_w, in_h = (s_in, s_in) if np.isscalar(s_in) else s_in
-  hm_w, hm_h = (s_hm, s_hm) if np.isscalar(s_hm) else s_hm
-  center = np.array((w / 2, h / 2)) + (aug.dx, aug.dy)
-  img_scale = np.array([w, h], np.float32) * np.float32(aug.scale)
-  mat_hm = _mmpose_matrix(center, _get_scale(img_scale, (hm_w, hm_h),
-                                             scale_type) / 200.0,
-                          aug.rot, (hm_w, hm_h))
-  mat_in = _mmpose_matrix(center, _get_scale(img_scale, (in_w, in_h),
-                                             scale_type) / 200.0,
-                          aug.rot, (in_w, in_h))
-  mask = cv2.warpAffine((valid * 255).astype(np.uint8), mat_hm,
-                        (hm_w, hm_h)) / 255
-  mask = (mask > 0.5).astype(np.float32)
-  for p in range(len(joints)):
-    for k in range(17):
-      x, y = joints[p, k, :2]
-      joints[p, k, :2] = mat_hm @ np.array([x, y, 1.0])
-  out = cv2.warpAffine(img, mat_in, (in_w, in_h))
-  if aug.flip:  # BottomUpRandomFlip: mirror in the map width
-    out = out[:, ::-1].copy()
-    mask = mask[:, ::-1].copy()
-    joints = joints[:, FLIP_INDEX]
-    joints[:, :, 0] = hm_w - joints[:, :, 0] - 1
-  hms = np.zeros((17, hm_h, hm_w), np.float32)
-  xs = np.arange(0, 6 * sigma + 3, 1, np.float32)
-  g = np.exp(-((xs - 3 * sigma - 1)**2 + (xs[:, None] - 3 * sigma - 1)**2) /
-             (2 * sigma**2))
-  enc = np.zeros((max_people, 17, 2), np.int32)
-  for p, person in enumerate(joints):
-    tot = 0
-    for k, (x, y, v) in enumerate(person):
-      xi, yi = int(x), int(y)
-      if v <= 0 or not (0 <= xi < hm_w and 0 <= yi < hm_h):
-        continue
-      enc[p, tot] = (k * hm_w * hm_h + yi * hm_w + xi, 1)
-      tot += 1
-      for dy in range(len(xs)):
-        for dx in range(len(xs)):
-          py, px = yi - 3 * sigma - 1 + dy, xi - 3 * sigma - 1 + dx
-          if 0 <= py < hm_h and 0 <= px < hm_w:
-            hms[k, py, px] = max(hms[k, py, px], g[dy, dx])
-  norm = (out.astype(np.float32) / 255.0 - MEAN) / STD
-  return dict(uint8=out, image=norm, mask=mask, joints_xy=joints,
-              heatmaps=hms.transpose(1, 2, 0), enc=enc)
+  ref = mmpose_pipeline.train_example(
+      img, anns, rot=aug.rot, aug_scale=aug.scale, shift=(aug.dx, aug.dy),
+      flip=aug.flip, input_wh=_wh(s_in), heatmap_wh=_wh(s_hm),
+      scale_type=scale_type)
+  return dict(uint8=ref['uint8'], image=ref['image'].transpose(1, 2, 0),
+              mask=ref['mask'], joints_xy=ref['joints'],
+              heatmaps=ref['heatmaps'].transpose(1, 2, 0), enc=ref['enc'])
 
 
 def _ours(root, image_id, aug, s_in, s_hm, scale_type='short'):
   index = coco.load_coco_index(str(root), SPLIT)
-  ex = [e for e in index.examples if e.image_id == image_id][0]
-  bgr = cv2.imread(str(root / SPLIT / ex.file_name), cv2.IMREAD_COLOR)
-  image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+  i = [e.image_id for e in index.examples].index(image_id)
+  ex = index.examples[i]
+  image = coco.decode_image(index.image_path(i))
   ignore = coco.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width)
+  in_wh, hm_wh = transforms.train_sizes(s_in, s_hm)
   out, mask, joints = transforms.transform_example(
-      image, ignore, ex.keypoints, aug, s_in, s_hm, scale_type)
+      image, ignore, ex.keypoints, aug, in_wh, hm_wh, scale_type)
   return dict(
       uint8=out, image=np.asarray(ae_model.normalize_images(out)), mask=mask,
       joints_xy=joints,
-      heatmaps=targets.generate_heatmaps(joints, s_hm, 2.0).numpy(),
-      enc=targets.encode_joints(joints, s_hm, 30).numpy(),
-      heatmaps_np=targets.generate_heatmaps_np(joints, s_hm, 2.0),
-      enc_np=targets.encode_joints_np(joints, s_hm, 30))
+      heatmaps=targets.generate_heatmaps(joints, hm_wh, 2.0),
+      enc=targets.encode_joints(joints, hm_wh, 30))
 
 
 def _compare(ours, ref):
   diff = np.abs(ours['uint8'].astype(int) - ref['uint8'])
-  assert (diff > 0).mean() < 1e-3 and diff.max() <= 2, diff.max()
+  assert (diff > 0).mean() < 1e-3 and diff.max() <= 8, diff.max()
   assert (ours['mask'] != ref['mask']).mean() < 5e-3
   np.testing.assert_allclose(ours['joints_xy'], ref['joints_xy'], atol=1e-4)
   # Same integer cells (true for these parameters) -> identical targets.
@@ -168,8 +76,6 @@ def _compare(ours, ref):
                                 np.trunc(ref['joints_xy'][..., :2]))
   np.testing.assert_allclose(ours['heatmaps'], ref['heatmaps'], atol=1e-6)
   np.testing.assert_array_equal(ours['enc'], ref['enc'])
-  np.testing.assert_allclose(ours['heatmaps_np'], ref['heatmaps'], atol=1e-6)
-  np.testing.assert_array_equal(ours['enc_np'], ref['enc'])
   same = diff == 0
   np.testing.assert_allclose(ours['image'][same], ref['image'][same],
                              atol=1e-6)
@@ -242,6 +148,18 @@ def test_as_wh():
     transforms.as_wh('big')
 
 
+def test_train_sizes_normalise_once_and_check_the_stride():
+  assert transforms.train_sizes(512, 128) == ((512, 512), (128, 128))
+  assert transforms.train_sizes((448, 256), [112, 64]) == ((448, 256),
+                                                           (112, 64))
+  # The heatmap is the model's output: input / 4, else a one-line error
+  # naming the key (it used to abort deep in a broadcast of the loss).
+  with pytest.raises(ValueError, match=r'heatmap_size 100 .* \(128, 128\)'):
+    transforms.train_sizes(512, 100)
+  with pytest.raises(ValueError, match='heatmap_size'):
+    transforms.train_sizes((448, 256), (112, 112))
+
+
 @pytest.mark.parametrize('image_id', [785, 40083, 196141, 197388])
 def test_long_rect_training_view_is_the_test_view(coco_mini_root, image_id):
   """configs/coco_mini.py trains on (448, 256) 'long' unaugmented; at test
@@ -309,28 +227,6 @@ def test_flip_swaps_left_right(coco_mini_root):
   assert flip['heatmaps'][int(y), int(x), lw] == 1.0
   py, px = np.unravel_index(plain['heatmaps'][..., rw].argmax(), (32, 32))
   assert int(y) == py and abs(int(x) - (31 - px)) <= 1
-
-
-@pytest.mark.parametrize('mode', ['eager', 'map'])
-def test_sample_augmentation_ranges(mode):
-  def draw(seed):
-    return tf.stack(transforms.sample_augmentation(
-        seed, 30.0, (0.75, 1.5), 0.5))
-  seeds = tf.stack([tf.zeros([256], tf.int64), tf.range(256, dtype=tf.int64)],
-                   1)
-  if mode == 'eager':
-    got = np.stack([draw(s).numpy() for s in seeds])
-  else:
-    got = np.stack(list(
-        tf.data.Dataset.from_tensor_slices(seeds).map(draw).as_numpy_iterator()))
-  rot, scale, udx, udy, flip = got.T
-  assert np.abs(rot).max() <= 30 and rot.std() > 10
-  assert scale.min() >= 0.75 and scale.max() <= 1.5
-  assert 0 <= udx.min() and udy.max() < 1
-  assert set(np.unique(flip)) == {0.0, 1.0} and 0.3 < flip.mean() < 0.7
-  again = tf.stack(transforms.sample_augmentation(seeds[7], 30.0, (0.75, 1.5),
-                                                  0.5)).numpy()
-  np.testing.assert_array_equal(again, got[7])  # stateless: same seed, same
 
 
 def test_shift_matches_randint_range():

@@ -16,16 +16,15 @@ import numpy as np
 PIXEL_STD = 200.0  # mmpose's scale unit.
 
 
-def get_affine_transform(center, scale, rot: float, output_size,
-                         inv: bool = False) -> np.ndarray:
-  """Returns the [2, 3] matrix mapping image px -> output px (or inverse).
+def get_affine_transform(center, scale, rot: float,
+                         output_size) -> np.ndarray:
+  """Returns the [2, 3] matrix mapping image px -> output px.
 
   Args:
     center: [2] box center (x, y) in image pixels.
     scale: [2] box size (w, h) in units of 200 px; only w sets the zoom.
     rot: rotation in degrees (counter-clockwise in the image as mmpose).
     output_size: (w, h) of the output in pixels.
-    inv: if True, return the output -> image matrix instead.
   """
   center = np.asarray(center, np.float64)
   out_w, out_h = float(output_size[0]), float(output_size[1])
@@ -35,9 +34,6 @@ def get_affine_transform(center, scale, rot: float, output_size,
   # R(-rot) scaled: image -> output.
   lin = s * np.array([[cos, sin], [-sin, cos]])
   half = np.array([out_w * 0.5, out_h * 0.5])
-  if inv:
-    lin_inv = np.array([[cos, -sin], [sin, cos]]) / s
-    return np.concatenate([lin_inv, (center - lin_inv @ half)[:, None]], 1)
   return np.concatenate([lin, (half - lin @ center)[:, None]], 1)
 
 

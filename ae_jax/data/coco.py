@@ -1,4 +1,8 @@
-"""COCO person keypoints -> raw training examples (pycocotools, host side).
+"""COCO person keypoints -> raw examples, and image decoding (host side).
+
+The one place for the files of a COCO root (`split_paths`: the annotation
+json and image folder of a split) and for decoding an image file
+(`decode_image`, used by the train pipeline, evaluation and the demo).
 
 Reads a standard COCO root (`annotations/person_keypoints_{split}.json` and
 `{split}/*.jpg`) the way mmpose 0.x `BottomUpCocoDataset` (test_mode False)
@@ -25,6 +29,7 @@ import dataclasses
 import os
 from typing import Any
 
+import cv2
 import numpy as np
 from pycocotools import coco as coco_lib
 from pycocotools import mask as mask_utils
@@ -38,10 +43,65 @@ MISSING = 'missing_image'  # file absent at read time
 CORRUPT = 'corrupt_image'  # file present but not decodable
 
 
-def annotation_path(coco_root: str, split: str) -> str:
-  """Returns `{coco_root}/annotations/person_keypoints_{split}.json`."""
-  return os.path.join(coco_root, 'annotations',
-                      f'person_keypoints_{split}.json')
+def split_paths(coco_root: str, split: str) -> tuple[str, str]:
+  """Files of one split of a COCO root.
+
+  Args:
+    coco_root: folder with `annotations/` and `{split}/`.
+    split: e.g. 'train2017'.
+
+  Returns:
+    (annotation json `{coco_root}/annotations/person_keypoints_{split}.json`,
+    image folder `{coco_root}/{split}`).
+  """
+  return (os.path.join(coco_root, 'annotations',
+                       f'person_keypoints_{split}.json'),
+          os.path.join(coco_root, split))
+
+
+class ImageError(IOError):
+  """An image file that is missing or cannot be decoded (message: the file).
+
+  Attributes:
+    reason: MISSING or CORRUPT (the pipeline counts skips by it).
+  """
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+def decode_image(path_or_bytes, name: str | None = None) -> np.ndarray:
+  """Decodes a JPEG/PNG file (or its bytes) to RGB with cv2, as mmcv does.
+
+  Args:
+    path_or_bytes: a file path, or the file's bytes (TFDS records).
+    name: file name for error messages (default: the path).
+
+  Returns:
+    [H, W, 3] uint8 RGB.
+
+  Raises:
+    ImageError: the file cannot be read (MISSING) or is empty or not a
+      decodable image (CORRUPT).
+  """
+  if isinstance(path_or_bytes, (bytes, np.bytes_)):
+    data = path_or_bytes
+  else:
+    name = name or str(path_or_bytes)
+    try:
+      with open(path_or_bytes, 'rb') as f:
+        data = f.read()
+    except OSError as e:
+      raise ImageError(f'cannot read image {name}: {e.strerror}',
+                       MISSING) from None
+  buf = np.frombuffer(data, np.uint8)
+  # cv2.imdecode asserts on an empty buffer: a zero-byte file is corrupt.
+  image = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB) if buf.size else None
+  if image is None:
+    raise ImageError(f'cannot decode image {name} ({len(data)} bytes)',
+                     CORRUPT)
+  return image
 
 
 @dataclasses.dataclass
@@ -122,6 +182,28 @@ class CocoIndex:
     return os.path.join(self.image_dir, self.examples[i].file_name)
 
 
+class ExampleSource:
+  """Random access to raw train examples: annotations + image file or bytes.
+
+  Built from a CocoIndex (json) or from TFDS records (tfds_coco.py); the
+  pipeline reads both the same way.
+  """
+
+  def __init__(self, examples, image_dir: str = '', image_bytes=None):
+    self.examples = examples  # sequence of CocoExample
+    self.image_dir = image_dir
+    self._image_bytes = image_bytes  # callable i -> bytes (TFDS source)
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def image(self, i: int):
+    """The path of example i's image file, or its bytes (TFDS)."""
+    if self._image_bytes is not None:
+      return self._image_bytes(i)
+    return os.path.join(self.image_dir, self.examples[i].file_name)
+
+
 def filter_examples(coco: coco_lib.COCO):
   """Yields (image_id, CocoExample | skip reason) for every image id."""
   for image_id in sorted(coco.getImgIds()):
@@ -133,6 +215,18 @@ def filter_examples(coco: coco_lib.COCO):
       yield image_id, CROWD_ONLY
       continue
     yield image_id, example
+
+
+def load_coco(coco_root: str, split: str) -> coco_lib.COCO:
+  """The split's keypoint annotations (pycocotools); a clear error if absent.
+
+  Raises:
+    FileNotFoundError: the annotation file is missing (named).
+  """
+  ann_file, _ = split_paths(coco_root, split)
+  if not os.path.isfile(ann_file):
+    raise FileNotFoundError(f'COCO annotation file not found: {ann_file}')
+  return coco_lib.COCO(ann_file)
 
 
 def load_coco_index(coco_root: str, split: str) -> CocoIndex:
@@ -150,13 +244,10 @@ def load_coco_index(coco_root: str, split: str) -> CocoIndex:
     FileNotFoundError: the annotation file or image folder is missing.
     ValueError: no usable image in the split.
   """
-  ann_file = annotation_path(coco_root, split)
-  if not os.path.isfile(ann_file):
-    raise FileNotFoundError(f'COCO annotation file not found: {ann_file}')
-  image_dir = os.path.join(coco_root, split)
-  if not os.path.isdir(image_dir):
+  ann_file, image_dir = split_paths(coco_root, split)
+  if os.path.isfile(ann_file) and not os.path.isdir(image_dir):
     raise FileNotFoundError(f'COCO image folder not found: {image_dir}')
-  coco = coco_lib.COCO(ann_file)
+  coco = load_coco(coco_root, split)
   examples, skipped = [], collections.defaultdict(list)
   for image_id, item in filter_examples(coco):
     if isinstance(item, str):

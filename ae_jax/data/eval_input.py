@@ -1,9 +1,10 @@
 """Evaluation input: every image of a COCO split, decoded RGB, in id order.
 
 mmpose's bottom-up test set is all images of the split (val2017: 5000),
-people or not. Images are read with cv2 (as mmcv does) and converted to RGB.
-A missing or undecodable file is not fatal: it is logged by name, counted in
-`EvalImages.skipped` and left out (its ground truth still counts in AP).
+people or not. Images are decoded by `coco.decode_image` (cv2, as mmcv,
+RGB), the decoder the train pipeline uses. A missing, empty or undecodable
+file is not fatal: it is logged by name, counted in `EvalImages.skipped` and
+left out (its ground truth still counts in AP).
 
 Shapes: image [H, W, 3] uint8 RGB, pixels 0-255.
 """
@@ -14,46 +15,15 @@ import os
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 from absl import logging
-import cv2
 import numpy as np
-from pycocotools import coco as coco_api
 
-
-class ImageError(IOError):
-  """An image file that is missing or cannot be decoded."""
+from ae_jax.data import coco as coco_lib
 
 
 class EvalExample(NamedTuple):
   image_id: int
   file_name: str
   image: np.ndarray  # [H, W, 3] uint8 RGB
-
-
-def annotation_path(coco_root: str, split: str) -> str:
-  """Path of the person keypoints json of `split` under `coco_root`."""
-  return os.path.join(coco_root, 'annotations',
-                      f'person_keypoints_{split}.json')
-
-
-def load_coco(coco_root: str, split: str) -> coco_api.COCO:
-  """Loads the split's keypoint annotations; a clear error if absent."""
-  path = annotation_path(coco_root, split)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'COCO annotation file not found: {path}')
-  return coco_api.COCO(path)
-
-
-def decode_image(path: str) -> np.ndarray:
-  """Reads an image file as [H, W, 3] uint8 RGB; ImageError names the file."""
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as e:
-    raise ImageError(f'cannot read image {path}: {e.strerror}') from None
-  image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-  if image is None:
-    raise ImageError(f'cannot decode image {path} ({len(data)} bytes)')
-  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 @dataclasses.dataclass
@@ -76,12 +46,12 @@ class EvalImages:
   prefetch: int = 8
 
   def __post_init__(self):
-    self.coco = load_coco(self.coco_root, self.split)
+    self.coco = coco_lib.load_coco(self.coco_root, self.split)
     ids = sorted(self.coco.getImgIds())
     if self.max_images is not None:
       ids = ids[:self.max_images]
     self.image_ids: List[int] = ids
-    self.image_dir = os.path.join(self.coco_root, self.split)
+    _, self.image_dir = coco_lib.split_paths(self.coco_root, self.split)
     self.skipped: List[Tuple[str, str]] = []
 
   def __len__(self) -> int:
@@ -90,8 +60,9 @@ class EvalImages:
   def _load(self, image_id: int):
     name = self.coco.imgs[image_id]['file_name']
     try:
-      return name, decode_image(os.path.join(self.image_dir, name)), None
-    except ImageError as e:
+      image = coco_lib.decode_image(os.path.join(self.image_dir, name))
+      return name, image, None
+    except coco_lib.ImageError as e:
       return name, None, str(e)
 
   def __iter__(self) -> Iterator[EvalExample]:

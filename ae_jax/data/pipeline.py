@@ -16,7 +16,8 @@ replacement is counted per reason and logged (absl) once per file.
 
 Train batch (host-local numpy dict), b = global_batch // process_count,
 H x W the input size and h x w the heatmap size (config.data.input_size /
-heatmap_size: an int for square, or (w, h) as mmpose's image_size):
+heatmap_size: an int for square, or (w, h) as mmpose's image_size; the
+heatmap size is the input size / 4, checked by transforms.train_sizes):
   'image'    [b, H, W, 3] uint8 RGB 0-255; the ImageNet normalisation runs
              on device inside the jitted train step
              (models/ae_model.normalize_images), which keeps the host copies and
@@ -28,11 +29,12 @@ heatmap_size: an int for square, or (w, h) as mmpose's image_size):
 
 import collections
 import threading
-from typing import Any, Iterator
+from typing import Iterator
 
 from absl import logging
 import cv2
 import numpy as np
+import tensorflow as tf
 
 from ae_jax.data import coco as coco_lib
 from ae_jax.data import targets
@@ -61,56 +63,27 @@ class SkipCounter:
                         reason)
 
 
-def read_image(path_or_bytes) -> tuple[np.ndarray | None, str | None]:
-  """Decodes a JPEG/PNG to RGB uint8 with cv2 (mmpose's decoder).
-
-  Returns:
-    (image [H, W, 3] uint8, None) or (None, skip reason).
-  """
-  if isinstance(path_or_bytes, (bytes, np.bytes_)):
-    data = path_or_bytes
-  else:
-    try:
-      with open(path_or_bytes, 'rb') as f:
-        data = f.read()
-    except OSError:
-      return None, coco_lib.MISSING
-  buf = np.frombuffer(data, np.uint8)
-  image = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB) if buf.size else None
-  if image is None:
-    return None, coco_lib.CORRUPT
-  return image, None
-
-
-class ExampleSource:
-  """Random access to raw examples: annotations + image file or bytes."""
-
-  def __init__(self, examples: list[coco_lib.CocoExample], image_dir: str = '',
-               image_bytes=None):
-    self.examples = examples
-    self.image_dir = image_dir
-    self._image_bytes = image_bytes  # callable i -> bytes (TFDS source)
-
-  def __len__(self) -> int:
-    return len(self.examples)
-
-  def image(self, i: int):
-    if self._image_bytes is not None:
-      return self._image_bytes(i)
-    return f'{self.image_dir}/{self.examples[i].file_name}'
-
-
-def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size,
-                heatmap_size, scale_type: str, trans_factor: float,
-                sigma: float, max_people: int):
+def make_loader(source: coco_lib.ExampleSource, skips: SkipCounter, *,
+                input_wh: tuple[int, int], heatmap_wh: tuple[int, int],
+                scale_type: str, trans_factor: float, sigma: float,
+                max_people: int):
   """Builds the host function for tf.numpy_function.
 
-  Decode, affine, flip, normalisation and targets run here in cv2/numpy:
-  on one core this beat the TF-graph alternatives (see transforms.py and
-  bench_pipeline.py).
+  Decode, affine, flip and targets run here in cv2/numpy: on one core this
+  beat the TF-graph alternatives (see transforms.py and bench_pipeline.py).
+
+  Args:
+    source: the examples.
+    skips: counts the unreadable images replaced.
+    input_wh: network input (W, H).
+    heatmap_wh: target map (w, h).
+    scale_type: 'short' or 'long'.
+    trans_factor: max center shift (mmpose units), 0 = none.
+    sigma: heatmap Gaussian sigma (heatmap px).
+    max_people: M.
 
   Returns:
-    fn(index, rot, scale, u_dx, u_dy, flip) -> (image [H, W, 3] float32,
+    fn(index, rot, scale, u_dx, u_dy, flip) -> (image [H, W, 3] uint8,
     mask [h, w] float32, heatmaps [h, w, K] float32, joints [M, K, 2]
     int32).
   """
@@ -119,10 +92,11 @@ def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size,
     i = int(index)
     for _ in range(_MAX_REPLACEMENTS):
       ex = source.examples[i]
-      image, reason = read_image(source.image(i))
-      if image is not None:
+      try:
+        image = coco_lib.decode_image(source.image(i), ex.file_name)
         break
-      skips.add(reason, ex.file_name)
+      except coco_lib.ImageError as e:
+        skips.add(e.reason, ex.file_name)
       i = (i + 1) % len(source)
     else:
       raise RuntimeError(f'{_MAX_REPLACEMENTS} consecutive COCO images could '
@@ -141,11 +115,11 @@ def make_loader(source: ExampleSource, skips: SkipCounter, *, input_size,
         dy=transforms.shift_from_uniform(float(u_dy), height, s, trans_factor),
         flip=bool(flip > 0.5))
     out, mask, joints = transforms.transform_example(
-        image, ignore, ex.keypoints, aug, input_size, heatmap_size, scale_type)
+        image, ignore, ex.keypoints, aug, input_wh, heatmap_wh, scale_type)
     return (out, mask,
             np.ascontiguousarray(
-                targets.generate_heatmaps_np(joints, heatmap_size, sigma)),
-            targets.encode_joints_np(joints, heatmap_size, max_people))
+                targets.generate_heatmaps(joints, heatmap_wh, sigma)),
+            targets.encode_joints(joints, heatmap_wh, max_people))
 
   return load
 
@@ -178,11 +152,40 @@ class TrainDataset:
     return self.dataset.as_numpy_iterator()
 
 
+def sample_augmentation(seed, rot_factor: float, scale_factor, flip_prob: float,
+                        augment: bool = True):
+  """Draws one example's parameters from a stateless seed (TF).
+
+  The center shift depends on the image size, so it is drawn as two
+  uniforms in [0, 1) that transforms.shift_from_uniform maps on the host.
+
+  Args:
+    seed: [2] int32/int64 stateless seed.
+    rot_factor: max |rotation| in degrees.
+    scale_factor: (min, max) zoom.
+    flip_prob: probability of a horizontal flip.
+    augment: if False, the identity (rot 0, scale 1, centered, no flip).
+
+  Returns:
+    float32 tensors: rot, scale, u_dx, u_dy, flip (0/1).
+  """
+  u = tf.random.stateless_uniform([5], seed=seed, dtype=tf.float32)
+  if not augment:
+    return (tf.constant(0.), tf.constant(1.), tf.constant(0.5),
+            tf.constant(0.5), tf.constant(0.))
+  lo, hi = float(scale_factor[0]), float(scale_factor[1])
+  rot = (u[0] * 2.0 - 1.0) * rot_factor
+  scale = u[1] * (hi - lo) + lo
+  flip = tf.cast(u[4] < flip_prob, tf.float32)
+  return rot, scale, u[2], u[3], flip
+
+
 def _load_source(coco_root: str, split: str, source: str, tfds_data_dir: str):
   """Returns (ExampleSource, skipped-in-index dict)."""
   if source == 'json':
     index = coco_lib.load_coco_index(coco_root, split)
-    return ExampleSource(index.examples, index.image_dir), index.skipped
+    return (coco_lib.ExampleSource(index.examples, index.image_dir),
+            index.skipped)
   if source == 'tfds':
     from ae_jax.data import tfds_coco  # pylint: disable=g-import-not-at-top
     return tfds_coco.load_source(coco_root, split, tfds_data_dir)
@@ -195,22 +198,20 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
                        trans_factor: float, flip_prob: float, augment: bool,
                        global_batch_size: int, seed: int, start_step: int = 0,
                        source: str = 'json', tfds_data_dir: str = '',
-                       shuffle_buffer: int = 2048,
                        num_parallel_calls: int = -1,
                        process_index: int | None = None,
-                       process_count: int | None = None,
-                       **unused: Any) -> TrainDataset:
+                       process_count: int | None = None) -> TrainDataset:
   """Builds the infinite, deterministic AE train stream for this host.
 
   Keyword names follow config.data (configs/default.py); `split` is
   config.data.train_split, the batch size and seed come from config.train /
-  config.seed. Extra config.data keys (e.g. val_split) are ignored.
+  config.seed (train_lib.make_dataset passes them).
 
   Args:
     coco_root: COCO root folder.
     split: image split, e.g. 'train2017'.
     input_size: int S (square) or (W, H), mmpose's image_size.
-    heatmap_size: int h (square) or (w, h).
+    heatmap_size: int h (square) or (w, h); must be input_size / 4.
     sigma: heatmap Gaussian sigma (heatmap px).
     max_people: M.
     rot_factor: max rotation (degrees).
@@ -224,18 +225,19 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
     start_step: first global step to produce (resume).
     source: 'json' (pycocotools) or 'tfds' (tfds_coco builder).
     tfds_data_dir: TFDS data_dir for source 'tfds'.
-    shuffle_buffer: unused; every epoch is a full permutation, which a
-      buffer shuffle can only approximate. Kept for config compatibility.
     num_parallel_calls: map parallelism, -1 = AUTOTUNE.
     process_index: host index (default jax.process_index()).
     process_count: number of hosts (default jax.process_count()).
-    **unused: other config.data keys.
 
   Returns:
     A TrainDataset.
+
+  Raises:
+    ValueError: bad sizes (transforms.train_sizes), or a global batch that
+      the processes cannot split evenly.
   """
-  del shuffle_buffer, unused
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  (in_w, in_h), (hm_w, hm_h) = transforms.train_sizes(input_size,
+                                                      heatmap_size)
   tf.config.set_visible_devices([], 'GPU')
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -244,8 +246,6 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
     raise ValueError(f'global_batch_size {global_batch_size} is not divisible '
                      f'by the {process_count} processes')
   local_batch = global_batch_size // process_count
-  in_w, in_h = transforms.as_wh(input_size)
-  hm_w, hm_h = transforms.as_wh(heatmap_size)
   src, skipped_in_index = _load_source(coco_root, split, source,
                                        tfds_data_dir)
   for reason, ids in skipped_in_index.items():
@@ -253,8 +253,8 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
   num = len(src)
   logging.info('COCO %s: %d training images.', split, num)
   skips = SkipCounter()
-  load = make_loader(src, skips, input_size=input_size,
-                     heatmap_size=heatmap_size, scale_type=scale_type,
+  load = make_loader(src, skips, input_wh=(in_w, in_h),
+                     heatmap_wh=(hm_w, hm_h), scale_type=scale_type,
                      trans_factor=trans_factor if augment else 0.0,
                      sigma=sigma, max_people=max_people)
 
@@ -279,7 +279,7 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
   def transform(g, index):
     aug_seed = tf.random.experimental.stateless_fold_in(
         tf.constant([seed, _SALT_AUGMENT], tf.int64), g)
-    rot, scale, u_dx, u_dy, flip = transforms.sample_augmentation(
+    rot, scale, u_dx, u_dy, flip = sample_augmentation(
         aug_seed, rot_factor, scale_factor, flip_prob, augment)
     image, mask, heatmaps, joints = tf.numpy_function(
         load, [index, rot, scale, u_dx, u_dy, flip],

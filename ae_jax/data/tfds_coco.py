@@ -66,7 +66,7 @@ class CocoKeypoints(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     root = dl_manager.manual_dir
     splits = [s for s in _SPLITS
-              if os.path.isfile(coco_lib.annotation_path(root, s))]
+              if os.path.isfile(coco_lib.split_paths(root, s)[0])]
     if not splits:
       raise FileNotFoundError(
           f'No annotations/person_keypoints_{{train,val}}2017.json in {root}')
@@ -135,13 +135,12 @@ def build(coco_root: str, data_dir: str) -> CocoKeypoints:
 
 
 def load_source(coco_root: str, split: str, data_dir: str):
-  """ExampleSource over the TFDS records for the pipeline.
+  """coco.ExampleSource over the TFDS records for the pipeline.
 
   Returns:
     (ExampleSource, skipped-in-index dict; empty: the builder logged it).
   """
-  from ae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   records = _Records(build(coco_root, data_dir).as_data_source(split=split))
-  source = pipeline.ExampleSource(
+  source = coco_lib.ExampleSource(
       records, image_bytes=lambda i: records.get(i)[1])
   return source, {}

@@ -1,18 +1,19 @@
-"""mmpose 0.x BottomUpRandomAffine + BottomUpRandomFlip, and normalisation.
+"""mmpose 0.x BottomUpRandomAffine + BottomUpRandomFlip, and the train sizes.
 
 Where each piece runs (measured in bench/bench_pipeline.py, one core):
-  * JPEG decode and the two warps run in cv2 on the host inside one
-    `tf.numpy_function` (`load_and_transform`): cv2 releases the GIL in
-    imdecode/warpAffine, so tf.data's parallel map still scales, and it is
-    the decoder/warp mmpose uses, so images and masks match mmpose exactly.
-    tf.io.decode_jpeg differs from cv2 (other chroma upsampling, up to 19
-    levels) and tf.raw_ops.ImageProjectiveTransformV3 was 6x slower than
+  * JPEG decode (coco.decode_image), the two warps here and the targets
+    (targets.py) run in cv2/numpy on the host inside one
+    `tf.numpy_function` (the loader built by pipeline.make_loader): cv2
+    releases the GIL in imdecode/warpAffine, so tf.data's parallel map
+    still scales, and it is the decoder/warp mmpose uses, so images and
+    masks match mmpose exactly. tf.io.decode_jpeg differs from cv2 (other
+    chroma upsampling, up to 19 levels) and
+    tf.raw_ops.ImageProjectiveTransformV3 was 6x slower than
     cv2.warpAffine for a 512x512x3 output (7.7 vs 1.3 ms).
   * The random parameters are drawn in TF from stateless seeds
-    (`sample_augmentation`), so a (seed, example position) pair fixes them.
-  * Targets run in the same host function with the numpy twins in
-    targets.py (0.5 ms for 6 people vs 2-3 ms for the TF-graph versions,
-    whose scatters cost ~110 ns per update).
+    (pipeline.sample_augmentation), so a (seed, example position) pair
+    fixes them; `shift_from_uniform` maps the drawn uniforms to mmpose's
+    integer center shift on the host.
   * Images stay uint8 on the host: the ImageNet normalisation runs on
     device in the train step (models/ae_model.normalize_images), which
     beat both TF ops (~5 ms per 512x512 image on one core) and a cv2.LUT
@@ -26,9 +27,11 @@ from full resolution straight to the map size (bilinear, border 0, then
 image, mask and joints (x -> w - 1 - x with w the map width, left/right
 swap).
 
-Sizes: input_size / heatmap_size are an int (square, the paper setup) or a
-(w, h) pair as mmpose's image_size / heatmap_size (`as_wh`); the box is
-mmpose's `_get_scale` for that aspect ratio.
+Sizes: config.data.input_size / heatmap_size are an int (square, the paper
+setup) or a (w, h) pair as mmpose's image_size / heatmap_size; they are
+normalised once, to (w, h) pairs, by `train_sizes` (which also checks the
+heatmap size), and the warps below take the pairs. The box is mmpose's `_get_scale` for that aspect
+ratio.
 
 Shapes: image [Hi, Wi, 3] uint8 RGB in, [H, W, 3] uint8 out (input size);
 mask [h, w] float32 {0, 1} (1 = train on this pixel); keypoints [P, K, 3]
@@ -102,6 +105,34 @@ def as_wh(size) -> tuple[int, int]:
   return int(w), int(h)
 
 
+HEATMAP_STRIDE = 4  # input px per heatmap px: the model's output stride.
+
+
+def train_sizes(input_size, heatmap_size):
+  """Normalises the train sizes once: ((W, H), (w, h)), validated.
+
+  Args:
+    input_size: config.data.input_size, int S or (W, H).
+    heatmap_size: config.data.heatmap_size, int h or (w, h); must be the
+      input size / HEATMAP_STRIDE (the map size the model predicts).
+
+  Returns:
+    ((W, H), (w, h)) ints.
+
+  Raises:
+    ValueError: a size is malformed, or the heatmap size is not the input
+      size / 4 (named as its config key).
+  """
+  in_wh, hm_wh = as_wh(input_size), as_wh(heatmap_size)
+  want = tuple(s / HEATMAP_STRIDE for s in in_wh)
+  if hm_wh != want:
+    raise ValueError(
+        f'config.data.heatmap_size {heatmap_size!r} must be input_size '
+        f'{input_size!r} / {HEATMAP_STRIDE} = ({want[0]:g}, {want[1]:g}) '
+        f'(w, h): the model predicts heatmaps at stride {HEATMAP_STRIDE}')
+  return in_wh, hm_wh
+
+
 def box_width(img_w: float, img_h: float, out_w: int, out_h: int,
               scale_type: str) -> float:
   """Width (px) of the image box that maps onto a (out_w, out_h) output.
@@ -123,8 +154,8 @@ def box_width(img_w: float, img_h: float, out_w: int, out_h: int,
   return img_w
 
 
-def affine_matrices(height: int, width: int, aug: AugParams, input_size,
-                    heatmap_size,
+def affine_matrices(height: int, width: int, aug: AugParams,
+                    input_wh: tuple[int, int], heatmap_wh: tuple[int, int],
                     scale_type: str = 'short') -> tuple[np.ndarray, ...]:
   """mmpose's two warp matrices: image -> input px, image -> heatmap px.
 
@@ -132,8 +163,8 @@ def affine_matrices(height: int, width: int, aug: AugParams, input_size,
     height: image height (px).
     width: image width (px).
     aug: augmentation parameters.
-    input_size: network input, int S (square) or (W, H).
-    heatmap_size: target map, int h (square) or (w, h).
+    input_wh: network input (W, H).
+    heatmap_wh: target map (w, h).
     scale_type: 'short' or 'long' (BottomUpRandomAffine._get_scale).
 
   Returns:
@@ -142,7 +173,7 @@ def affine_matrices(height: int, width: int, aug: AugParams, input_size,
   center = np.array([width / 2.0 + aug.dx, height / 2.0 + aug.dy])
   img_w, img_h = width * aug.scale, height * aug.scale
   mats = []
-  for size in (as_wh(input_size), as_wh(heatmap_size)):
+  for size in (input_wh, heatmap_wh):
     # mmpose computes the box per output size (their aspects may differ).
     side = box_width(img_w, img_h, size[0], size[1], scale_type)
     box = np.array([side, side * size[1] / size[0]]) / affine.PIXEL_STD
@@ -151,8 +182,9 @@ def affine_matrices(height: int, width: int, aug: AugParams, input_size,
 
 
 def transform_example(image: np.ndarray, ignore_mask: np.ndarray,
-                      keypoints: np.ndarray, aug: AugParams, input_size,
-                      heatmap_size, scale_type: str = 'short'):
+                      keypoints: np.ndarray, aug: AugParams,
+                      input_wh: tuple[int, int], heatmap_wh: tuple[int, int],
+                      scale_type: str = 'short'):
   """Random affine + flip with explicit parameters (host numpy/cv2).
 
   Args:
@@ -160,8 +192,8 @@ def transform_example(image: np.ndarray, ignore_mask: np.ndarray,
     ignore_mask: [H, W] uint8, 1 over ignore regions.
     keypoints: [P, K, 3] float32 in image pixels.
     aug: augmentation parameters.
-    input_size: int S or (W, H).
-    heatmap_size: int h or (w, h).
+    input_wh: network input (W, H).
+    heatmap_wh: target map (w, h).
     scale_type: 'short' or 'long'.
 
   Returns:
@@ -169,7 +201,7 @@ def transform_example(image: np.ndarray, ignore_mask: np.ndarray,
     keypoints [P, K, 3] float32 in heatmap pixels.
   """
   height, width = image.shape[:2]
-  in_wh, hm_wh = as_wh(input_size), as_wh(heatmap_size)
+  in_wh, hm_wh = tuple(input_wh), tuple(heatmap_wh)
   mat_in, mat_hm = affine_matrices(height, width, aug, in_wh, hm_wh,
                                    scale_type)
   out = cv2.warpAffine(image, mat_in, in_wh, flags=cv2.INTER_LINEAR)
@@ -186,32 +218,3 @@ def transform_example(image: np.ndarray, ignore_mask: np.ndarray,
     joints = joints[:, FLIP_INDEX]
     joints[..., 0] = hm_wh[0] - joints[..., 0] - 1  # mirror in map width
   return (np.ascontiguousarray(out), np.ascontiguousarray(mask), joints)
-
-
-def sample_augmentation(seed, rot_factor: float, scale_factor, flip_prob: float,
-                        augment: bool = True):
-  """Draws one example's parameters from a stateless seed (TF).
-
-  The center shift depends on the image size, so it is drawn as two
-  uniforms in [0, 1) that `shift_from_uniform` maps on the host.
-
-  Args:
-    seed: [2] int32/int64 stateless seed.
-    rot_factor: max |rotation| in degrees.
-    scale_factor: (min, max) zoom.
-    flip_prob: probability of a horizontal flip.
-    augment: if False, the identity (rot 0, scale 1, centered, no flip).
-
-  Returns:
-    float32 tensors: rot, scale, u_dx, u_dy, flip (0/1).
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  u = tf.random.stateless_uniform([5], seed=seed, dtype=tf.float32)
-  if not augment:
-    return (tf.constant(0.), tf.constant(1.), tf.constant(0.5),
-            tf.constant(0.5), tf.constant(0.))
-  lo, hi = float(scale_factor[0]), float(scale_factor[1])
-  rot = (u[0] * 2.0 - 1.0) * rot_factor
-  scale = u[1] * (hi - lo) + lo
-  flip = tf.cast(u[4] < flip_prob, tf.float32)
-  return rot, scale, u[2], u[3], flip
