@@ -46,7 +46,8 @@ def test_reference_is_not_trivially_equal():
   image = _rgb(IMAGES[0])
   aug = transforms.AugParams(rot=17.3, scale=1.21, dx=13.7, dy=-8.2,
                              flip=False)
-  mat, _ = transforms.affine_matrices(*image.shape[:2], aug, 512, 128)
+  mat, _ = transforms.affine_matrices(*image.shape[:2], aug, (512, 512),
+                                      (128, 128))
   want = opencv4_warp.warp_affine(image, mat, (512, 512))
   assert (want == 0).all(axis=-1).mean() > 0.01  # some border
   nearest = cv2.warpAffine(image, mat, (512, 512), flags=cv2.INTER_NEAREST)
@@ -62,20 +63,20 @@ def test_train_warps_equal_opencv4(path):
   ignore = np.zeros((height, width), np.uint8)
   ignore[height // 3:height // 2, width // 4:width // 2] = 1
   rng = np.random.default_rng(zlib.crc32(os.path.basename(path).encode()))
-  for input_size, heatmap_size in ((512, 128), ((448, 256), (112, 64))):
+  for sizes in ((512, 128), ((448, 256), (112, 64))):
+    input_wh, heatmap_wh = transforms.train_sizes(*sizes)
     aug = transforms.AugParams(
         rot=rng.uniform(-30, 30), scale=rng.uniform(0.75, 1.5),
         dx=rng.uniform(-40, 40), dy=rng.uniform(-40, 40), flip=False)
     keypoints = np.zeros((1, 17, 3), np.float32)
     got_image, got_mask, _ = transforms.transform_example(
-        image, ignore, keypoints, aug, input_size, heatmap_size)
+        image, ignore, keypoints, aug, input_wh, heatmap_wh)
     mat_in, mat_hm = transforms.affine_matrices(height, width, aug,
-                                                input_size, heatmap_size)
-    want = opencv4_warp.warp_affine(image, mat_in,
-                                    transforms.as_wh(input_size))
+                                                input_wh, heatmap_wh)
+    want = opencv4_warp.warp_affine(image, mat_in, input_wh)
     assert np.array_equal(got_image, want), _report(got_image, want)
     valid = opencv4_warp.warp_affine((1 - ignore) * np.uint8(255), mat_hm,
-                                     transforms.as_wh(heatmap_size))
+                                     heatmap_wh)
     want_mask = (valid / 255.0 > 0.5).astype(np.float32)
     assert np.array_equal(got_mask, want_mask)
 
