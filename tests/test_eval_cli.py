@@ -45,7 +45,7 @@ def test_eval_cli_prints_table_and_names_missing_image(
   out = tmp_path / 'results.json'
   proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
                str(tiny_ckpt), '--coco_root', str(root), '--output', str(out),
-               '--config.test.detection_threshold=0.2'])
+               '--config.test.grouping.detection_threshold=0.2'])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| AP | AP50 | AP75 | APm | APl | AR | AR50 |' in proc.stdout
   assert '000000196141.jpg' in proc.stdout
