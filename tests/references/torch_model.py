@@ -2,8 +2,9 @@
 
 Written from the published architectures (MobileNetV2, Sandler et al. 2018;
 the Simple Baselines deconvolution head, Xiao et al. 2018, that mmpose 0.x's
-AESimpleHead uses), not from mmpose's code: no mmpose/mmcv/mmcls imports. Module attribute names are chosen so
-that `state_dict()` keys are exactly mmpose's:
+AESimpleHead uses), not from mmpose's code: no mmpose/mmcv/mmcls imports.
+Module attribute names are chosen so that `state_dict()` keys are exactly
+mmpose's:
 
   backbone.conv1.{conv,bn}.*                  stem ConvModule (conv, bn)
   backbone.layer{i}.{j}.conv.{k}.{conv,bn}.*  inverted residual blocks; k in
