@@ -30,9 +30,9 @@ def main(argv):
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   model = ae_model.AEModel(**config.model)
-  try:
+  try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
     predictor = inference.load_predictor(model, _CKPT.value, **config.test)
-  except checkpoints.CheckpointError as e:
+  except (checkpoints.CheckpointError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   failed = draw.annotate_images(predictor, images, _OUT.value,
                                 person_threshold=_MIN_SCORE.value)

@@ -51,9 +51,9 @@ def main(argv):
                jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
   model = ae_model.AEModel(**config.model)
-  try:
+  try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
     predictor = inference.load_predictor(model, _CKPT.value, **config.test)
-  except checkpoints.CheckpointError as e:
+  except (checkpoints.CheckpointError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   split = _SPLIT.value
   metrics, info = coco_eval.evaluate(
@@ -62,6 +62,7 @@ def main(argv):
   print(coco_eval.format_report(
       metrics, info, split,
       f'scales {list(predictor.scales)}, flip {predictor.flip}'))
+
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

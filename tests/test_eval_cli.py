@@ -64,6 +64,15 @@ def test_eval_cli_rejects_bad_checkpoint(tmp_path, coco_mini_root):
   assert 'checkpoint directory not found' in proc.stderr
 
 
+def test_eval_cli_names_bad_test_scales_in_one_line(tiny_ckpt, coco_mini_root):
+  proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
+               str(tiny_ckpt), '--coco_root', str(coco_mini_root),
+               '--config.test.scales=(2, 0.5)'])
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr
+  assert 'error: multi-scale test needs scale 1' in proc.stderr
+
+
 def test_demo_writes_pngs(tiny_ckpt, coco_mini_root, tmp_path):
   import cv2  # pylint: disable=g-import-not-at-top
   image = coco_mini_root / 'val2017' / '000000000785.jpg'
