@@ -1,4 +1,4 @@
-r"""Draws detected skeletons on images and writes PNGs.
+r"""Draws detected skeletons on images and writes PNGs (<out>/<stem>.png).
 
   python demo.py --ckpt /tmp/ae_mini --config configs/coco_mini.py \
       data/coco_mini/val2017/000000000785.jpg --out /tmp/demo
@@ -8,7 +8,6 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,36 +25,20 @@ def main(argv):
   images = argv[1:]
   if not images:
     raise app.UsageError('give one or more image files')
-  import cv2  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
   from ae_jax import checkpoints, draw, inference
-  from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  try:
-    variables = checkpoints.restore_variables(_CKPT.value)
-  except checkpoints.CheckpointError as e:
+  model = ae_model.AEModel(**config.model)
+  try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
+    predictor = inference.load_predictor(model, _CKPT.value, **config.test)
+  except (checkpoints.CheckpointError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
-  predictor = inference.Predictor(ae_model.AEModel(**config.model), variables,
-                                  **inference.predictor_kwargs(config.test))
-  os.makedirs(_OUT.value, exist_ok=True)
-  failed = 0
-  for path in images:
-    try:
-      image = coco.decode_image(path)
-    except coco.ImageError as e:
-      logging.error('%s', e)
-      failed += 1
-      continue
-    poses, scores = predictor(image)
-    canvas = draw.draw_poses(image, poses, scores,
-                             person_threshold=_MIN_SCORE.value)
-    name = os.path.splitext(os.path.basename(path))[0] + '.png'
-    out = os.path.join(_OUT.value, name)
-    cv2.imwrite(out, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
-    print(f'{path}: {int((scores > _MIN_SCORE.value).sum())} people -> {out}')
+  failed = draw.annotate_images(predictor, images, _OUT.value,
+                                person_threshold=_MIN_SCORE.value)
   if failed:
-    raise SystemExit(f'error: {failed} image(s) could not be read')
+    raise SystemExit(f'error: {len(failed)} image(s) could not be read: ' +
+                     ', '.join(failed))
 
 
 if __name__ == '__main__':

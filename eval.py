@@ -2,9 +2,11 @@ r"""Evaluates a checkpoint on COCO keypoints: AP table + results json.
 
   python eval.py --config configs/coco512.py --ckpt /tmp/ae_coco512 \
       --coco_root /data/coco --output results.json
-  # paper multi-scale test, no flip:
+  # the paper's multi-scale test (scales 2, 1, 0.5, with flip); grouping
+  # keys sit in config.test.grouping:
   python eval.py --config configs/coco512.py --ckpt DIR --coco_root ROOT \
-      --config.test.scales='(2, 1, 0.5)' --config.test.flip=False
+      --config.test.scales='(2, 1, 0.5)' \
+      --config.test.grouping.detection_threshold=0.1
 
 --ckpt is a converted-variables directory (convert_torch_weights.py) or a
 training workdir (its latest checkpoint). Images that cannot be read are
@@ -48,24 +50,18 @@ def main(argv):
   logging.info('JAX process %d / %d, %d devices (%s).', jax.process_index(),
                jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
-  try:
-    variables = checkpoints.restore_variables(_CKPT.value)
-  except checkpoints.CheckpointError as e:
-    raise SystemExit(f'error: {e}') from None
   model = ae_model.AEModel(**config.model)
-  predictor = inference.Predictor(model, variables,
-                                  **inference.predictor_kwargs(config.test))
-  coco_root = _COCO_ROOT.value or config.data.coco_root
+  try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
+    predictor = inference.load_predictor(model, _CKPT.value, **config.test)
+  except (checkpoints.CheckpointError, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+  split = _SPLIT.value
   metrics, info = coco_eval.evaluate(
-      predictor, coco_root, _SPLIT.value, output_path=_OUTPUT.value,
-      max_images=_MAX_IMAGES.value)
-  print(f'COCO {_SPLIT.value} keypoints, {info["num_images"]} images, '
-        f'{info["num_people"]} people, {info["images_per_second"]:.2f} img/s, '
-        f'scales {list(config.test.scales)}, flip {config.test.flip}')
-  if info['skipped']:
-    print(f'skipped {len(info["skipped"])} unreadable image(s): ' +
-          ', '.join(name for name, _ in info['skipped']))
-  print(coco_eval.format_table(metrics))
+      predictor, _COCO_ROOT.value or config.data.coco_root, split,
+      output_path=_OUTPUT.value, max_images=_MAX_IMAGES.value)
+  print(coco_eval.format_report(
+      metrics, info, split,
+      f'scales {list(predictor.scales)}, flip {predictor.flip}'))
 
 
 if __name__ == '__main__':

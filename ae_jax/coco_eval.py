@@ -95,6 +95,26 @@ def format_table(metrics: Dict[str, float],
   return '\n'.join([head, rule, row])
 
 
+def format_report(metrics: Dict[str, float], info: dict, split: str,
+                  settings: str = '') -> str:
+  """What eval.py prints: a summary line, skipped images, the AP table.
+
+  Args:
+    metrics, info: as returned by `evaluate`.
+    split: the evaluated split, e.g. 'val2017'.
+    settings: appended to the summary line (e.g. the test scales and flip).
+  """
+  lines = [f'COCO {split} keypoints, {info["num_images"]} images, '
+           f'{info["num_people"]} people, '
+           f'{info["images_per_second"]:.2f} img/s' +
+           (f', {settings}' if settings else '')]
+  if info['skipped']:
+    lines.append(f'skipped {len(info["skipped"])} unreadable image(s): ' +
+                 ', '.join(name for name, _ in info['skipped']))
+  lines.append(format_table(metrics))
+  return '\n'.join(lines)
+
+
 def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
              coco_root: str, split: str = 'val2017', *,
              output_path: Optional[str] = None,

@@ -5,14 +5,15 @@ A pure name-and-layout mapping; torch is imported lazily, only by
 Flax `params/backbone/layer2_1/conv_0/bn/scale` (a number after a name joins
 it with '_', as the Flax submodule names in ae_jax/models do).
 
-Layouts (torch -> Flax, NHWC kernels):
+Layouts (torch -> Flax; Flax convs run NHWC with HWIO kernels):
   Conv2d weight [O, I, kh, kw]           -> kernel [kh, kw, I, O]
   depthwise     [C, 1, 3, 3]             -> kernel [3, 3, 1, C] (same rule)
-  ConvTranspose2d weight [I, O, kh, kw]  -> kernel [kh, kw, I, O], spatially
-      flipped: ae_head.py runs nn.ConvTranspose with explicit padding k-1-p
-      and transpose_kernel=False, i.e. a plain conv over the stride-dilated
-      input, while PyTorch's transposed conv correlates with the flipped
-      kernel.
+  ConvTranspose2d weight [I, O, kh, kw]  -> kernel [kh, kw, I, O] (HWIO),
+      spatially flipped: the Flax kernel is that of the equivalent stride-1
+      convolution over the stride-dilated input padded by k - 1 - p
+      (lax.conv_transpose / nn.ConvTranspose with transpose_kernel=False),
+      while PyTorch's transposed conv scatters each input pixel with the
+      kernel as stored, i.e. correlates with the flipped kernel.
   BatchNorm weight/bias -> params scale/bias; running_mean/running_var ->
       batch_stats mean/var; num_batches_tracked is dropped (Flax keeps none).
 

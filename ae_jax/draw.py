@@ -1,13 +1,21 @@
 """Draws detected people (skeleton lines and joint dots) with cv2.
 
+`draw_poses` draws on one image; `annotate_images` runs a predictor over
+image files and writes the drawings as PNGs (demo.py).
+
 Shapes: image [H, W, 3] uint8 RGB; poses [P, K, 3] float32 (x, y image px,
 joint score); scores [P].
 """
 
+import os
+from typing import Callable, List, Sequence, Tuple
+
+from absl import logging
 import cv2
 import numpy as np
 
 from ae_jax import keypoints
+from ae_jax.data import coco
 
 # One colour per person (RGB), cycled.
 _PALETTE = np.array([
@@ -47,3 +55,39 @@ def draw_poses(image: np.ndarray, poses: np.ndarray, scores: np.ndarray,
       cv2.circle(canvas, tuple(map(int, points[k])), thickness + 2, color, -1,
                  cv2.LINE_AA)
   return canvas
+
+
+def annotate_images(
+    predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
+    paths: Sequence[str], out_dir: str,
+    person_threshold: float = 0.2) -> List[str]:
+  """Draws each image's people into {out_dir}/{file stem}.png.
+
+  Args:
+    predict_fn: [H, W, 3] uint8 RGB -> (poses [P, K, 3], scores [P]), e.g.
+      an inference.Predictor.
+    paths: image files.
+    out_dir: created if missing.
+    person_threshold: people scoring at or below this are not drawn.
+
+  Returns:
+    The paths that could not be read (each logged with the reason).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  failed = []
+  for path in paths:
+    try:
+      image = coco.decode_image(path)
+    except coco.ImageError as e:
+      logging.error('%s', e)
+      failed.append(path)
+      continue
+    poses, scores = predict_fn(image)
+    canvas = draw_poses(image, poses, scores,
+                        person_threshold=person_threshold)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(out_dir, stem + '.png')
+    cv2.imwrite(out, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+    logging.info('%s: %d people -> %s', path,
+                 int((scores > person_threshold).sum()), out)
+  return failed

@@ -37,7 +37,7 @@ _REFINE_CHUNK_TILES = 8192
 
 @dataclasses.dataclass(frozen=True)
 class GroupingParams:
-  """mmpose test_cfg keys of the HeatmapParser (names follow config.test)."""
+  """mmpose test_cfg keys of the HeatmapParser (config.test.grouping)."""
   nms_kernel: int = 5  # nms_kernel (nms_padding = (kernel - 1) // 2)
   max_people: int = 30  # max_num_people: top-k candidates per joint
   detection_threshold: float = 0.1

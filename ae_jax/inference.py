@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ae_jax import grouping
+from ae_jax import checkpoints
+from ae_jax import grouping as grouping_lib
 from ae_jax import keypoints
 from ae_jax.data import affine
 from ae_jax.models import ae_model
@@ -155,40 +156,67 @@ def compute_maps(variables, images: Tuple[jnp.ndarray, ...], *,
   return jnp.transpose(heat, (2, 0, 1)), jnp.transpose(tags, (2, 0, 1, 3))
 
 
+def grouping_params(grouping: Any) -> grouping_lib.GroupingParams:
+  """GroupingParams from itself or a mapping of its fields.
+
+  Raises:
+    ValueError: naming a key that is not a GroupingParams field.
+  """
+  if isinstance(grouping, grouping_lib.GroupingParams):
+    return grouping
+  fields = [f.name for f in dataclasses.fields(grouping_lib.GroupingParams)]
+  unknown = sorted(set(grouping.keys()) - set(fields))
+  if unknown:
+    raise ValueError(f'unknown grouping key(s) {unknown}; known: {fields}')
+  return grouping_lib.GroupingParams(**grouping)
+
+
 class Predictor:
   """Image -> people: resize-align, jitted maps, host grouping, map back.
+
+  The keyword arguments are the keys of config.test, so a config group
+  unpacks straight into it: `Predictor(model, variables, **config.test)`.
+  Values are normalised here, once.
 
   Args:
     model: AEModel.
     variables: its {'params', 'batch_stats'}.
-    input_size: short side at scale 1 (config.test.input_size).
-    scales: test scales (config.test.scales), e.g. (2, 1, 0.5).
-    flip: flip test (config.test.flip).
-    project2image: config.test.project2image.
-    params: grouping.GroupingParams from the remaining config.test keys.
+    input_size: short side at scale 1 (px).
+    scales: test scales, e.g. (2, 1, 0.5); run in descending order, and must
+      contain 1 when there are several (tags come from scale 1).
+    flip: flip test.
+    project2image: resize maps to the scale-1 input size (mmpose's
+      project2image).
+    grouping: grouping.GroupingParams, or a mapping of its fields
+      (config.test.grouping).
   """
 
   def __init__(self, model: nn.Module, variables: Any, *,
                input_size: int = 512, scales: Sequence[float] = (1.0,),
                flip: bool = True, project2image: bool = True,
-               params: grouping.GroupingParams = grouping.GroupingParams()):
+               grouping: Any = grouping_lib.GroupingParams()):
     self.scales = tuple(sorted((float(s) for s in scales), reverse=True))
+    if not self.scales or min(self.scales) <= 0:
+      raise ValueError(f'test scales must be positive, got {self.scales}')
     if len(self.scales) > 1 and 1.0 not in self.scales:
       raise ValueError('multi-scale test needs scale 1 (tags come from it), '
                        f'got {self.scales}')
+    if int(input_size) <= 0:
+      raise ValueError(f'test input_size must be positive, got {input_size}')
     self.model = model
     self.variables = jax.device_put(variables)
-    self.input_size = input_size
-    self.flip = flip
-    self.project2image = project2image
-    self.params = params
+    self.input_size = int(input_size)
+    self.flip = bool(flip)
+    self.project2image = bool(project2image)
+    self.grouping = grouping_params(grouping)
 
   def maps(self, image: np.ndarray):
-    """Device maps for a [H, W, 3] uint8 RGB image, plus center/scale/size.
+    """Device maps for a [H, W, 3] uint8 RGB image, plus its center/scale.
 
     Returns:
-      (heatmaps [K, H', W'], tags [K, H', W', L]) as jax arrays, center,
-      scale and the (w, h) size the maps are on.
+      (heatmaps [K, H', W'], tags [K, H', W', L]) as jax arrays, center [2]
+      and scale [2] of the scale-1 input (get_multi_scale_size), which map
+      the maps back to the image.
     """
     min_scale = min(self.scales)
     (base_w, base_h), center, scale = get_multi_scale_size(
@@ -209,24 +237,22 @@ class Predictor:
     """
     (heat, tags), center, scale = self.maps(image)
     heat, tags = jax.device_get((heat, tags))
-    poses, scores = grouping.group_poses(heat, tags, self.params)
+    poses, scores = grouping_lib.group_poses(heat, tags, self.grouping)
     map_size = (heat.shape[2], heat.shape[1])
-    poses = grouping.transform_to_image(poses, center, scale, map_size)
+    poses = grouping_lib.transform_to_image(poses, center, scale, map_size)
     return poses[..., :3], scores
 
 
-def predictor_kwargs(test_config) -> dict:
-  """Predictor keyword arguments from a config.test group (one mapping).
+def load_predictor(model: nn.Module, ckpt_dir: str, **test) -> Predictor:
+  """Predictor(model, variables of `ckpt_dir`, **test).
 
-  Keys: input_size, scales, flip, project2image, and the GroupingParams
-  fields (nms_kernel, max_people, detection_threshold, tag_threshold,
-  use_detection_val, ignore_too_much, adjust, refine).
+  Args:
+    model: AEModel matching the checkpoint.
+    ckpt_dir: converted-variables directory or training workdir
+      (checkpoints.restore_variables).
+    **test: Predictor keyword arguments (the keys of config.test).
+
+  Raises:
+    checkpoints.CheckpointError: a missing or unreadable checkpoint.
   """
-  fields = [f.name for f in dataclasses.fields(grouping.GroupingParams)]
-  return dict(
-      input_size=int(test_config.input_size),
-      scales=tuple(float(s) for s in test_config.scales),
-      flip=bool(test_config.flip),
-      project2image=bool(test_config.project2image),
-      params=grouping.GroupingParams(
-          **{name: test_config[name] for name in fields}))
+  return Predictor(model, checkpoints.restore_variables(ckpt_dir), **test)

@@ -357,8 +357,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str,
   from ae_jax import inference  # pylint: disable=g-import-not-at-top
   variables = jax.device_get({'params': state.params,
                               'batch_stats': state.batch_stats})
-  predictor = inference.Predictor(model, variables,
-                                  **inference.predictor_kwargs(config.test))
+  predictor = inference.Predictor(model, variables, **config.test)
   split = config.data.val_split
   metrics, _ = coco_eval.evaluate(
       predictor, config.data.coco_root, split,

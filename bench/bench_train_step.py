@@ -172,7 +172,7 @@ def torch_losses(out, heatmaps, mask, joints):
 def bench_torch(batch_np, threads, channels_last, fwd_batches):
   """PyTorch train step + forward-only (eval, no_grad) runners."""
   import torch  # pylint: disable=g-import-not-at-top
-  from tests.torch_reference import AETorchModel  # pylint: disable=g-import-not-at-top
+  from tests.references.torch_model import AETorchModel  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   model = AETorchModel().train()

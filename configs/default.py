@@ -71,18 +71,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.eval_at_end = True
 
-  # test_cfg of the mmpose config.
+  # test_cfg of the mmpose config: inference.Predictor(**config.test).
   config.test = ml_collections.ConfigDict()
   config.test.input_size = 512  # data_cfg.image_size (short side at scale 1)
   config.test.scales = (1.0,)  # test_scale_factor; paper multi: (2, 1, 0.5)
   config.test.flip = True  # flip_test
   config.test.project2image = True
-  config.test.nms_kernel = 5
-  config.test.max_people = 30  # max_num_people (top-k per joint)
-  config.test.detection_threshold = 0.1
-  config.test.tag_threshold = 1.0
-  config.test.use_detection_val = True
-  config.test.ignore_too_much = False
-  config.test.adjust = True
-  config.test.refine = True
+  # HeatmapParser keys: grouping.GroupingParams(**config.test.grouping).
+  config.test.grouping = ml_collections.ConfigDict()
+  config.test.grouping.nms_kernel = 5
+  config.test.grouping.max_people = 30  # max_num_people (top-k per joint)
+  config.test.grouping.detection_threshold = 0.1
+  config.test.grouping.tag_threshold = 1.0
+  config.test.grouping.use_detection_val = True
+  config.test.grouping.ignore_too_much = False
+  config.test.grouping.adjust = True
+  config.test.grouping.refine = True
   return config

@@ -1,8 +1,9 @@
 """Conversion parity: PyTorch reference checkpoint -> CLI -> Flax, same maps.
 
-The reference is tests/torch_reference.py, an independent PyTorch model with
-mmpose's state_dict names, randomised (weights and BN statistics) so that a
-wrong layout, a swapped mean/var or an unflipped deconv kernel shows up.
+The reference is tests/references/torch_model.py, an independent PyTorch
+model with mmpose's state_dict names, randomised (weights and BN statistics)
+so that a wrong layout, a swapped mean/var or an unflipped deconv kernel
+shows up.
 
 Legend: B batch, H x W input, K=17 joints; Flax NHWC, torch NCHW.
 Inputs [B, H, W, 3] float32 ImageNet-normalised RGB (real mini COCO images);
@@ -29,12 +30,12 @@ from ae_jax import train_lib
 from ae_jax.models import ae_model
 
 torch = pytest.importorskip('torch')
-from tests import torch_reference  # pylint: disable=g-import-not-at-top
+from tests.references import torch_model  # pylint: disable=g-import-not-at-top
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO_ROOT, 'convert_torch_weights.py')
 PARAM_COUNT = 9_574_178
-FP32_TOLERANCE = 1e-4  # SPEC: max abs diff on the 34 maps, float32
+FP32_TOLERANCE = 1e-4  # the parity bar: max abs diff on the 34 maps, fp32
 # bfloat16 compute (8-bit mantissa, ~55 layers): max abs diff to float32 at
 # most 3% of the float32 output range, mean abs diff at most 0.5% of it.
 BF16_MAX_FRACTION = 0.03
@@ -72,9 +73,9 @@ def torch_forward(model, images):
 def pose_checkpoint(tmp_path_factory):
   """A randomised full-size reference, saved mmpose-style, converted once."""
   tmp = tmp_path_factory.mktemp('pose')
-  model = torch_reference.randomize_(torch_reference.AETorchModel(), seed=0)
+  model = torch_model.randomize_(torch_model.AETorchModel(), seed=0)
   pth = tmp / 'ae_mobilenetv2_random.pth'
-  torch_reference.save_mmpose_checkpoint(str(pth), model)
+  torch_model.save_mmpose_checkpoint(str(pth), model)
   result = run_cli(pth, tmp / 'flax')
   assert result.returncode == 0, result.stderr
   return {'model': model, 'pth': pth, 'flax_dir': tmp / 'flax',
@@ -144,8 +145,7 @@ def test_bfloat16_stays_close_to_float32(pose_checkpoint, flax_forward,
 
 
 def test_param_counts_match_torch_reference():
-  torch_count = torch_reference.count_parameters(
-      torch_reference.AETorchModel())
+  torch_count = torch_model.count_parameters(torch_model.AETorchModel())
   variables = jax.eval_shape(lambda: ae_model.AEModel().init(
       jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   flax_count = ae_model.count_params(variables['params'])
@@ -153,41 +153,47 @@ def test_param_counts_match_torch_reference():
   assert torch_count == flax_count == PARAM_COUNT
 
 
-def test_transposed_conv_kernel_is_flipped_and_transposed():
-  """PyTorch ConvTranspose2d(4, 2, pad 1) == ae_head's nn.ConvTranspose."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  weight = rng.normal(size=(5, 3, 4, 4)).astype(np.float32)  # [I, O, kh, kw]
-  x = rng.normal(size=(2, 6, 7, 5)).astype(np.float32)
-  deconv = torch.nn.ConvTranspose2d(5, 3, 4, stride=2, padding=1, bias=False)
-  deconv.weight.data = torch.from_numpy(weight)
-  with torch.no_grad():
-    expected = deconv(torch.from_numpy(x.transpose(0, 3, 1, 2)))
-  expected = expected.numpy().transpose(0, 2, 3, 1)
-  path = ('params', 'keypoint_head', 'deconv_layers_0', 'kernel')
-  kernel = convert.convert_tensor(path, weight)
-  layer = nn.ConvTranspose(3, (4, 4), strides=(2, 2),
-                           padding=((2, 2), (2, 2)), use_bias=False)
-  got = layer.apply({'params': {'kernel': kernel}}, x)
-  assert got.shape == expected.shape == (2, 12, 14, 3)
-  np.testing.assert_allclose(got, expected, atol=1e-5)
-  # Without the flip the result differs: the test can tell.
-  unflipped = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))
-  assert not np.allclose(
-      layer.apply({'params': {'kernel': unflipped}}, x), expected, atol=1e-2)
+def test_transposed_conv_kernels_are_flipped_for_the_model():
+  """The head's ConvTranspose2d weights, flipped, drive the model's deconvs.
+
+  Written out here: [I, O, kh, kw] -> [kh, kw, I, O] with kh, kw reversed.
+  The model (whatever layer it runs) matches torch with these kernels and
+  not with the unflipped ones, so the flip is needed, not just harmless.
+  """
+  model = torch_model.randomize_(
+      torch_model.AETorchModel(0.25, (8, 8, 8)), seed=4)
+  result = convert.convert_state_dict(model.state_dict(), widen_factor=0.25,
+                                      num_deconv_filters=(8, 8, 8),
+                                      num_joints=17)
+  head = result.variables['params']['keypoint_head']
+  for i in (0, 3, 6):
+    weight = model.state_dict()[f'keypoint_head.deconv_layers.{i}.weight']
+    np.testing.assert_array_equal(
+        head[f'deconv_layers_{i}']['kernel'],
+        weight.numpy().transpose(2, 3, 0, 1)[::-1, ::-1])
+  images = np.random.default_rng(2).normal(
+      size=(1, 64, 64, 3)).astype(np.float32)
+  expected = torch_forward(model, images)
+  apply = jax.jit(ae_model.AEModel(**result.model_kwargs).apply)
+  np.testing.assert_allclose(apply(result.variables, images), expected,
+                             atol=FP32_TOLERANCE)
+  unflipped = jax.tree_util.tree_map_with_path(
+      lambda path, x: x[::-1, ::-1] if convert.is_transposed_conv(
+          tuple(k.key for k in path)) else x, result.variables)
+  assert not np.allclose(apply(unflipped, images), expected, atol=1e-2)
 
 
 def test_small_model_parity_with_inferred_architecture():
   """In-process conversion of a narrow model; sizes taken from the weights."""
-  model = torch_reference.randomize_(
-      torch_reference.AETorchModel(0.5, (24, 16, 8), num_joints=17), seed=3)
+  model = torch_model.randomize_(
+      torch_model.AETorchModel(0.5, (24, 16, 8), num_joints=17), seed=3)
   # DataParallel's `module.` prefix is stripped.
   result = convert.convert_state_dict(
       {f'module.{k}': v for k, v in model.state_dict().items()})
   assert result.kind == convert.POSE
   assert result.model_kwargs == {'widen_factor': 0.5, 'num_joints': 17,
                                  'num_deconv_filters': (24, 16, 8)}
-  assert result.num_params == torch_reference.count_parameters(model)
+  assert result.num_params == torch_model.count_parameters(model)
   images = np.random.default_rng(1).normal(
       size=(2, 64, 96, 3)).astype(np.float32)
   expected = torch_forward(model, images)
@@ -197,10 +203,10 @@ def test_small_model_parity_with_inferred_architecture():
 
 
 def test_imagenet_checkpoint_fills_backbone_only(tmp_path):
-  classifier = torch_reference.randomize_(
-      torch_reference.MobileNetV2Classifier(1.0, num_classes=1000), seed=1)
+  classifier = torch_model.randomize_(
+      torch_model.MobileNetV2Classifier(1.0, num_classes=1000), seed=1)
   pth = tmp_path / 'mobilenet_v2_imagenet_random.pth'
-  torch_reference.save_mmpose_checkpoint(str(pth), classifier,
+  torch_model.save_mmpose_checkpoint(str(pth), classifier,
                                          meta={'mmcls_version': '0.1.0'})
   result = run_cli(pth, tmp_path / 'backbone')
   assert result.returncode == 0, result.stderr
@@ -288,8 +294,8 @@ def _make_bad_input(kind, tmp_path, pose_pth):
     torch.save({'state_dict': _resnet_state_dict()}, str(path))
     return path, 'unexpected: backbone.conv1.weight'
   if kind == 'head_width':  # the paper backbone with a 128-wide head
-    model = torch_reference.AETorchModel(1.0, (128, 128, 128))
-    torch_reference.save_mmpose_checkpoint(str(path), model)
+    model = torch_model.AETorchModel(1.0, (128, 128, 128))
+    torch_model.save_mmpose_checkpoint(str(path), model)
     return path, 'keypoint_head.deconv_layers.0.weight [1280, 128, 4, 4] ' \
                  'vs model [1280, 256, 4, 4]'
   raise ValueError(kind)
@@ -316,7 +322,7 @@ def test_cli_rejects_bad_input_in_one_line(kind, tmp_path, pose_checkpoint):
 
 
 def test_conversion_error_lists_missing_unexpected_and_mismatched():
-  state = torch_reference.AETorchModel(0.25, (8, 8, 8)).state_dict()
+  state = torch_model.AETorchModel(0.25, (8, 8, 8)).state_dict()
   state = {k: v.numpy() for k, v in state.items()}
   del state['backbone.conv2.bn.running_var']
   state['keypoint_head.extra.weight'] = np.zeros((3,), np.float32)
@@ -332,16 +338,15 @@ def test_conversion_error_lists_missing_unexpected_and_mismatched():
   assert 'backbone.conv2.bn.running_var' in str(error)
 
 
-def test_models_cli_prints_equal_counts(capsys):
+def test_models_cli_count_equals_torch_reference(capsys):
   # pylint: disable-next=g-import-not-at-top
   from ae_jax.models import __main__ as models_cli
   assert models_cli.main(['--widen_factor=0.5',
                           '--num_deconv_filters=32,16,8']) == 0
   out = capsys.readouterr().out
-  expected = torch_reference.count_parameters(
-      torch_reference.AETorchModel(0.5, (32, 16, 8)))
-  assert f'flax parameters:  {expected:,}' in out
-  assert f'torch parameters: {expected:,} (equal)' in out
+  expected = torch_model.count_parameters(
+      torch_model.AETorchModel(0.5, (32, 16, 8)))
+  assert f'parameters: {expected:,}' in out
 
 
 def test_eval_cli_runs_on_converted_checkpoint(pose_checkpoint, coco_mini_root,

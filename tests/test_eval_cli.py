@@ -45,7 +45,7 @@ def test_eval_cli_prints_table_and_names_missing_image(
   out = tmp_path / 'results.json'
   proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
                str(tiny_ckpt), '--coco_root', str(root), '--output', str(out),
-               '--config.test.detection_threshold=0.2'])
+               '--config.test.grouping.detection_threshold=0.2'])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| AP | AP50 | AP75 | APm | APl | AR | AR50 |' in proc.stdout
   assert '000000196141.jpg' in proc.stdout
@@ -64,11 +64,27 @@ def test_eval_cli_rejects_bad_checkpoint(tmp_path, coco_mini_root):
   assert 'checkpoint directory not found' in proc.stderr
 
 
-def test_demo_writes_pngs(tiny_ckpt, coco_mini_root, tmp_path):
+def test_eval_cli_names_bad_test_scales_in_one_line(tiny_ckpt, coco_mini_root):
+  proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
+               str(tiny_ckpt), '--coco_root', str(coco_mini_root),
+               '--config.test.scales=(2, 0.5)'])
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr
+  assert 'error: multi-scale test needs scale 1' in proc.stderr
+
+
+def test_demo_writes_pngs_and_names_unreadable_images(tiny_ckpt,
+                                                     coco_mini_root, tmp_path):
   import cv2  # pylint: disable=g-import-not-at-top
   image = coco_mini_root / 'val2017' / '000000000785.jpg'
+  missing = tmp_path / 'missing.jpg'
   proc = _run(['demo.py', '--config', 'configs/tiny.py', '--ckpt',
-               str(tiny_ckpt), '--out', str(tmp_path / 'demo'), str(image)])
-  assert proc.returncode == 0, proc.stderr[-3000:]
+               str(tiny_ckpt), '--out', str(tmp_path / 'demo'), str(image),
+               str(missing)])
   png = cv2.imread(str(tmp_path / 'demo' / '000000000785.png'))
+  assert png is not None, proc.stderr[-3000:]
   assert png.shape == (425, 640, 3)
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr
+  assert proc.stderr.splitlines()[-1] == (
+      f'error: 1 image(s) could not be read: {missing}')

@@ -1,7 +1,9 @@
 """Inference: resize-align sizes, torch-equal bilinear, flip/multi-scale maps.
 
-References are built in the test: sizes from the SPEC rule by hand, maps
-from the raw model outputs with numpy flips and torch's interpolate.
+References are built in the test: sizes from mmpose's rule
+(BottomUpGetImgSize: short side to size, long side rounded up to 64) worked
+out by hand, maps from the raw model outputs with numpy flips and torch's
+interpolate.
 """
 
 import cv2
@@ -143,7 +145,7 @@ def test_predictor_returns_people_in_image_coordinates(tiny):
   # A zero threshold makes the random model produce people.
   params = grouping.GroupingParams(detection_threshold=0.0)
   predictor = inference.Predictor(model, variables, input_size=64,
-                                  params=params)
+                                  grouping=params)
   poses, scores = predictor(image)
   assert poses.shape[1:] == (K, 3) and poses.shape[0] == scores.shape[0] > 0
   (heat, tags), center, scale = predictor.maps(image)
@@ -161,3 +163,31 @@ def test_multi_scale_needs_scale_one(tiny):
   model, variables = tiny
   with pytest.raises(ValueError, match='scale 1'):
     inference.Predictor(model, variables, scales=(2.0, 0.5))
+
+
+def test_config_test_group_unpacks_into_predictor(tiny):
+  """Predictor(**config.test): every key lands, normalised, grouping nested."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  model, variables = tiny
+  test = default.get_config().test
+  test.scales = [0.5, 2, 1]  # a list of ints, as a flag may give
+  test.grouping.detection_threshold = 0.3
+  test.grouping.refine = False
+  predictor = inference.Predictor(model, variables, **test)
+  assert predictor.scales == (2.0, 1.0, 0.5)
+  assert all(isinstance(s, float) for s in predictor.scales)
+  assert predictor.input_size == 512 and predictor.flip is True
+  assert predictor.grouping == grouping.GroupingParams(
+      detection_threshold=0.3, refine=False)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(grouping={'detection_treshold': 0.1}), 'detection_treshold'),
+    (dict(scales=(1.0, 0.0)), 'positive'),
+    (dict(scales=()), 'positive'),
+    (dict(input_size=0), 'input_size'),
+])
+def test_bad_test_settings_are_named(tiny, kwargs, match):
+  model, variables = tiny
+  with pytest.raises(ValueError, match=match):
+    inference.Predictor(model, variables, **kwargs)

@@ -1,7 +1,10 @@
-"""Independent PyTorch reference of mmpose's AE + MobileNetV2 (from SPEC.md).
+"""Independent PyTorch reference of mmpose's AE + MobileNetV2.
 
-Written from the spec, not from mmpose: no mmpose/mmcv/mmcls imports. Module
-attribute names are chosen so that `state_dict()` keys are exactly mmpose's:
+Written from the published architectures (MobileNetV2, Sandler et al. 2018;
+the Simple Baselines deconvolution head, Xiao et al. 2018, that mmpose 0.x's
+AESimpleHead uses), not from mmpose's code: no mmpose/mmcv/mmcls imports.
+Module attribute names are chosen so that `state_dict()` keys are exactly
+mmpose's:
 
   backbone.conv1.{conv,bn}.*                  stem ConvModule (conv, bn)
   backbone.layer{i}.{j}.conv.{k}.{conv,bn}.*  inverted residual blocks; k in
@@ -18,7 +21,7 @@ make ImageNet-style checkpoints in tests.
 Legend (PyTorch NCHW here): B batch, H x W input, K=17 joints.
 Input [B, 3, H, W] float32 ImageNet-normalised RGB; AETorchModel output
 [B, 2K, H/4, W/4] (heatmaps then tags). Used by tests/test_convert.py and by
-benchmarks (`from tests.torch_reference import AETorchModel`).
+benchmarks (`from tests.references.torch_model import AETorchModel`).
 """
 
 import math
@@ -27,7 +30,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-# (expand ratio t, channels c, repeats n, first stride s) from SPEC.md.
+# (expand ratio t, channels c, repeats n, first stride s): Table 2 of the
+# MobileNetV2 paper (Sandler et al., CVPR 2018).
 ARCH_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
