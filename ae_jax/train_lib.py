@@ -222,9 +222,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if global_batch % mesh.size:
     raise ValueError(f'global_batch_size {global_batch} is not a multiple '
                      f'of the {mesh.size} devices')
-  history, pending = [], []
-  first_loss = last_loss = None
-  preempted = False
   # Every resource is closed here, in reverse order, also on errors; the
   # manager's close waits for the asynchronous saves.
   with contextlib.ExitStack() as resources:
@@ -265,6 +262,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  start_step, total_steps, num_examples, epoch_steps,
                  global_batch, mesh.size, jax.process_count())
 
+    history, pending = [], []
+    first_loss = last_loss = None
+    preempted = False
     t_start = t_window = time.time()
     try:
       while step < total_steps and not preempted:
