@@ -68,17 +68,17 @@ def bench_jax(batch_np, fwd_batches):
   """JAX train step + forward-only runners, compiled FLOPs per image."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ae_jax import sharding, train_lib  # pylint: disable=g-import-not-at-top
+  from ae_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
   from ae_jax.models import layers  # pylint: disable=g-import-not-at-top
   from ae_jax.models.ae_model import AEModel  # pylint: disable=g-import-not-at-top
   size = batch_np['image'].shape[1]
   model = AEModel()
   mesh = sharding.make_mesh(1)
-  lr_fn = train_lib.make_lr_schedule(1.5e-3, 1000, 500, 0.001, (200, 260))
-  state, shardings = train_lib.create_train_state(
+  lr_fn = train_state.make_lr_schedule(1.5e-3, 1000, 500, 0.001, (200, 260))
+  state, shardings = train_state.create_train_state(
       jax.random.key(0), model, optax.adam(lr_fn), size, mesh)
-  step_fn = train_lib.make_train_step(mesh, shardings, model=model,
-                                      lr_fn=lr_fn)
+  step_fn = train_step.make_train_step(mesh, shardings, model=model,
+                                       lr_fn=lr_fn)
   batch = sharding.make_global_batch(batch_np, mesh)
   rng = jax.random.key(1)
   t0 = time.perf_counter()

@@ -1,4 +1,9 @@
-"""Shared test set-up: 8 simulated CPU devices, quiet TF, mini COCO path."""
+"""Shared test set-up: 8 simulated CPU devices, quiet TF, mini COCO path.
+
+Also the helpers the training tests share: a small config and model, a
+synthetic batch/dataset that follows the data contract, and a persistent
+compile cache.
+"""
 
 import os
 import pathlib
@@ -44,3 +49,135 @@ def random_variables(model, seed: int = 0):
     return (rng.normal(size=s.shape) * 0.2).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# ------------------------------------------- train helpers (train_*/loop)
+# test_train_*, test_checkpoints, test_sharding and test_train_cli share
+# small_config's programs; the compile_cache fixture lets them reuse the
+# compiled step across modules.
+
+K, M = 17, 30
+
+
+@pytest.fixture(scope='module')
+def compile_cache(tmp_path_factory):
+  """One persistent XLA cache per test session (modules opt in with
+  `pytestmark = pytest.mark.usefixtures('compile_cache')`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update('jax_compilation_cache_dir',
+                    str(tmp_path_factory.getbasetemp() / 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  yield
+  jax.config.update('jax_compilation_cache_dir', old[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+
+
+def small_config(num_steps=2, ckpt_every=100, log_every=1):
+  """configs/tiny.py narrowed further (64 px) for multi-run loop tests."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.num_deconv_filters = (16, 16, 16)
+  config.data.input_size, config.data.heatmap_size = 64, 16
+  config.data.augment = False
+  config.train.num_steps = num_steps
+  config.train.checkpoint_every_steps = ckpt_every
+  config.train.log_every_steps = log_every
+  config.train.eval_at_end = False
+  config.optim.lr = 3e-3
+  config.optim.warmup_steps = 2
+  config.optim.shard_opt_state = True  # exercised on the 8-device mesh
+  return config
+
+
+def small_model_and_lr():
+  """small_config's model and schedule (4 mini COCO / synthetic examples
+  at batch 8: 1 step per epoch), so that the single-step tests compile the
+  same programs as train_and_evaluate on small_config."""
+  from ae_jax import train_state  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  config = small_config()
+  o = config.optim
+  return ae_model.AEModel(**config.model), train_state.make_lr_schedule(
+      o.lr, 1, o.warmup_steps, o.warmup_ratio, o.decay_epochs,
+      o.decay_factor)
+
+
+def _wh(size):
+  """int S -> (S, S); (W, H) as given (config.data sizes)."""
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def synthetic_batch(seed, step, batch, input_size, heatmap_size,
+                    nan=False):
+  """One contract-conforming batch from (seed, step): a few people/image.
+
+  Sizes are an int (square) or (w, h), as config.data.input_size. The
+  image is float32 N(0, 1) (taken as already normalised by the step).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng([seed, step])
+  in_w, in_h = _wh(input_size)
+  w, h = _wh(heatmap_size)
+  image = rng.normal(size=(batch, in_h, in_w, 3))
+  heatmaps = np.zeros((batch, h, w, K), np.float32)
+  joints = np.zeros((batch, M, K, 2), np.int32)
+  yy, xx = np.mgrid[:h, :w]
+  for b in range(batch):
+    for p in range(rng.integers(0, 4)):
+      xy = rng.integers(0, (w, h), size=(K, 2))
+      vis = rng.uniform(size=K) > 0.3
+      joints[b, p, :, 0] = np.arange(K) * h * w + xy[:, 1] * w + xy[:, 0]
+      joints[b, p, :, 1] = vis
+      for k in np.nonzero(vis)[0]:
+        g = np.exp(-((xx - xy[k, 0])**2 + (yy - xy[k, 1])**2) / 8.0)
+        heatmaps[b, :, :, k] = np.maximum(heatmaps[b, :, :, k], g)
+  mask = np.ones((batch, h, w), np.float32)
+  mask[:, : h // 4, : h // 4] = 0.0  # a crowd region
+  if nan:
+    image[0, 0, 0, 0] = np.nan
+  return {'image': image.astype(np.float32), 'heatmaps': heatmaps,
+          'mask': mask, 'joints': joints}
+
+
+class SyntheticDataset:
+  """Stands in for pipeline.make_train_dataset (same iteration contract):
+  batch i of the stream is synthetic_batch(seed, i), so resume is exact."""
+
+  def __init__(self, config, start_step, num_examples=4, hook=None,
+               nan_steps=()):
+    self.num_examples = num_examples
+    self._config, self._start, self._hook = config, start_step, hook
+    self._nan_steps = nan_steps
+
+  def __iter__(self):
+    c, step = self._config, self._start
+    while True:
+      if self._hook:
+        self._hook(step)
+      yield synthetic_batch(c.seed, step, c.train.global_batch_size,
+                            c.data.input_size, c.data.heatmap_size,
+                            nan=step in self._nan_steps)
+      step += 1
+
+
+def use_synthetic(monkeypatch, hook=None, nan_steps=()):
+  """Makes train_lib.train_and_evaluate read SyntheticDataset."""
+  from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  def make(config, start_step):
+    return SyntheticDataset(config, start_step, hook=hook,
+                            nan_steps=nan_steps)
+  monkeypatch.setattr(train_lib, 'make_dataset', make)
+
+
+def read_train_checkpoint(workdir, step):
+  """The raw state tree ({'step', 'params', 'batch_stats', 'opt_state'})
+  of {workdir}/checkpoints/{step}, as host numpy arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(workdir).resolve() / 'checkpoints' / str(step) / 'state'
+  with ocp.StandardCheckpointer() as ckptr:
+    return jax.tree_util.tree_map(np.asarray, ckptr.restore(path))

@@ -26,7 +26,7 @@ import pytest
 from ae_jax import checkpoints
 from ae_jax import convert
 from ae_jax import keypoints
-from ae_jax import train_lib
+from ae_jax import train_state
 from ae_jax.models import ae_model
 
 torch = pytest.importorskip('torch')
@@ -248,10 +248,10 @@ def test_imagenet_checkpoint_fills_backbone_only(tmp_path):
   # head untouched.
   zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
                                  abstract)
-  state = train_lib.TrainState.create(
+  state = train_state.TrainState.create(
       apply_fn=None, params=zeros['params'], tx=optax.sgd(0.1),
       batch_stats=zeros['batch_stats'])
-  state = train_lib.load_backbone(state, variables, str(pth))
+  state = train_state.load_backbone(state, variables, str(pth))
   np.testing.assert_array_equal(
       state.params['backbone']['conv1']['conv']['kernel'],
       variables['params']['backbone']['conv1']['conv']['kernel'])

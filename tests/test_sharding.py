@@ -8,10 +8,12 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from ae_jax import sharding
-from ae_jax import train_lib
-from tests.test_train_lib import compile_cache  # pylint: disable=unused-import
-from tests.test_train_lib import small_model_and_lr
-from tests.test_train_lib import synthetic_batch
+from ae_jax import train_state
+from ae_jax import train_step
+from tests.conftest import small_model_and_lr
+from tests.conftest import synthetic_batch
+
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 def test_mesh_and_batch_placement():
@@ -50,11 +52,11 @@ def test_eight_devices_match_one_device():
   results = []
   for n in (1, 8):
     mesh = sharding.make_mesh(n)
-    state, shardings = train_lib.create_train_state(
+    state, shardings = train_state.create_train_state(
         jax.random.key(0), model, optax.adam(lr_fn), 64, mesh,
         shard_opt_state=n > 1)
-    step = train_lib.make_train_step(mesh, shardings, model=model,
-                                     lr_fn=lr_fn)
+    step = train_step.make_train_step(mesh, shardings, model=model,
+                                      lr_fn=lr_fn)
     state, metrics0 = step(state, sharding.make_global_batch(batches[0],
                                                              mesh),
                            jax.random.key(1))

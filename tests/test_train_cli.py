@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
-from tests.test_train_lib import compile_cache  # pylint: disable=unused-import
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# tests.test_train_lib.small_config as flags: the same step program, so the
+# tests.conftest.small_config as flags: the same step program, so the
 # session's persistent compile cache serves it.
 SMALL = ['--config', 'configs/tiny.py',
          '--config.model.num_deconv_filters=(16,16,16)',

@@ -1,0 +1,144 @@
+"""The train step: metrics, the Adam update, BatchNorm statistics, shapes.
+
+Expected values come from computations written here (mmcv's lr formula,
+a numpy convolution, Adam's first-step rule), not from our own outputs.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import optax
+
+from ae_jax import sharding
+from ae_jax import train_state
+from ae_jax import train_step
+from ae_jax.models.ae_model import normalize_images
+from tests.conftest import K
+from tests.conftest import small_model_and_lr
+from tests.conftest import synthetic_batch
+
+pytestmark = pytest.mark.usefixtures('compile_cache')
+
+LR, WARMUP, RATIO = 3e-3, 2, 0.001  # small_config's optim
+
+
+def conv3x3_stride2(x, kernel):
+  """PyTorch Conv2d(k=3, stride=2, padding=1, bias=False), float64 NHWC."""
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ho, wo = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
+  out = 0.0
+  for i in range(3):
+    for j in range(3):
+      out = out + xp[:, i:i + 2 * ho:2, j:j + 2 * wo:2] @ kernel[i, j]
+  return out
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model, lr_fn = small_model_and_lr()
+  mesh = sharding.make_mesh(1)
+  state, shardings = train_state.create_train_state(
+      jax.random.key(0), model, optax.adam(lr_fn), 64, mesh)
+  step = train_step.make_train_step(mesh, shardings, model=model,
+                                    lr_fn=lr_fn)
+  return mesh, state, step
+
+
+def test_first_step_metrics_adam_update_and_bn_statistics(setup):
+  mesh, state, step = setup
+  before = jax.device_get(state)  # host copy: the step donates the state
+  state = jax.tree_util.tree_map(lambda x: x.copy(), state)
+  host = synthetic_batch(0, 0, 8, 64, 16)
+  state, metrics = step(state, sharding.make_global_batch(host, mesh),
+                        jax.random.key(1))
+  metrics, after = jax.device_get((metrics, state))
+  assert set(metrics) == {'heatmap_loss', 'push_loss', 'pull_loss',
+                          'total_loss', 'lr', 'grad_norm', 'param_norm'}
+  assert int(after.step) == 1
+  assert metrics['lr'] == pytest.approx(LR * RATIO, rel=1e-6)  # mmcv, i=0
+  assert metrics['total_loss'] == pytest.approx(
+      metrics['heatmap_loss'] + metrics['push_loss'] + metrics['pull_loss'],
+      rel=1e-6)
+  # Adam's first step from zero moments: mu = 0.1 g, and the update is
+  # -lr0 * g / (|g| + eps) with bias correction (torch Adam defaults).
+  leaves = lambda t: [np.asarray(x, np.float64)
+                      for x in jax.tree_util.tree_leaves(t)]
+  grads = [m / 0.1 for m in leaves(after.opt_state[0].mu)]
+  np.testing.assert_allclose(
+      metrics['grad_norm'], np.sqrt(sum((g**2).sum() for g in grads)),
+      rtol=1e-5)
+  for p0, p1, g in zip(leaves(before.params), leaves(after.params), grads):
+    want = p0 - metrics['lr'] * g / (np.abs(g) + 1e-8)
+    np.testing.assert_allclose(p1, want, rtol=0,
+                               atol=2e-7 * np.abs(p0).max() + 1e-3 * LR)
+  np.testing.assert_allclose(
+      metrics['param_norm'],
+      np.sqrt(sum((p**2).sum() for p in leaves(after.params))), rtol=1e-5)
+  # BN running statistics of conv1 (PyTorch momentum 0.1, biased batch
+  # variance as flax): from the numpy conv of the (already normalised)
+  # float32 input with the initial kernel.
+  y = conv3x3_stride2(host['image'],
+                      before.params['backbone']['conv1']['conv']['kernel'])
+  bn = after.batch_stats['backbone']['conv1']['bn']
+  np.testing.assert_allclose(bn['mean'], 0.1 * y.mean((0, 1, 2)),
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(bn['var'], 0.9 + 0.1 * y.var((0, 1, 2)),
+                             rtol=1e-5)
+
+
+def test_lr_follows_warmup_and_loss_decreases(setup):
+  mesh, state, step = setup
+  state = jax.tree_util.tree_map(lambda x: x.copy(), state)  # donated
+  batch = sharding.make_global_batch(synthetic_batch(0, 0, 8, 64, 16), mesh)
+  history = []
+  for _ in range(6):
+    state, metrics = step(state, batch, jax.random.key(1))
+    history.append(jax.device_get(metrics))
+  assert int(state.step) == 6
+  # mmcv warmup over 2 iterations: ratio, (1 + ratio) / 2, then 1.
+  assert [float(m['lr']) for m in history[:3]] == pytest.approx(
+      [LR * RATIO, LR * (1 + RATIO) / 2, LR], rel=1e-6)
+  assert history[-1]['total_loss'] < 0.9 * history[0]['total_loss']
+
+
+def test_rectangular_input_state_and_step_shapes():
+  """input_size (W, H): the state initialises from an [1, H, W, 3] input and
+  the train step traces on a [b, H, W, 3] / [b, h, w, K] batch (shapes
+  only: jax.eval_shape, no compile of the step)."""
+  model, lr_fn = small_model_and_lr()
+  mesh = sharding.make_mesh(1)
+  state, shardings = train_state.create_train_state(
+      jax.random.key(0), model, optax.adam(lr_fn), (96, 64), mesh)
+  batch = synthetic_batch(0, 0, 8, (96, 64), (24, 16))
+  assert batch['image'].shape == (8, 64, 96, 3)
+  assert batch['heatmaps'].shape == (8, 16, 24, K)
+  assert batch['joints'][..., 0].max() < K * 16 * 24
+  step = train_step.make_train_step(mesh, shardings, model=model,
+                                    lr_fn=lr_fn)
+  new_state, metrics = jax.eval_shape(step, state, batch, jax.random.key(1))
+  assert metrics['total_loss'].shape == ()
+  assert jax.tree_util.tree_structure(new_state.params) == (
+      jax.tree_util.tree_structure(state.params))
+  out = jax.eval_shape(
+      functools.partial(model.apply, train=False),
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      batch['image'])
+  assert out.shape == (8, 16, 24, 2 * K)  # the maps the targets index
+
+
+def test_normalize_images_on_device_equals_host_normalisation():
+  """uint8 batches are normalised in the step as mmpose does on the host."""
+  image = np.random.default_rng(0).integers(0, 256, (2, 8, 12, 3),
+                                            dtype=np.uint8)
+  got = np.asarray(jax.jit(normalize_images)(image))
+  # mmpose NormalizeTensor in float32 numpy.
+  mean = np.array([0.485, 0.456, 0.406], np.float32)
+  std = np.array([0.229, 0.224, 0.225], np.float32)
+  want = (image.astype(np.float32) / np.float32(255.0) - mean) / std
+  # XLA may turn the divisions into reciprocal multiplies: 1-2 ulp.
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  floats = want.astype(np.float32)
+  assert normalize_images(floats) is floats  # already normalised
