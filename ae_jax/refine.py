@@ -1,0 +1,252 @@
+"""Refine: fill each person's missing joints (mmpose HeatmapParser.refine).
+
+For person p with mean tag t_p (over its detected joints, tags read at
+int(x), int(y)) and missing joint k, the new joint is the argmax over pixels
+of score = heatmap_k - round(|tag_k - t_p|) in float32 (first maximum in
+row-major order), with quarter-pixel offsets toward the higher neighbour;
+it is used if its heatmap value is > 0.
+
+mmpose scans all K full maps per person. Here every (person, joint) query is
+answered exactly by branch and bound, vectorised over the people missing a
+joint (a Python loop runs over joints, never over people):
+1. A lower bound per query: exact scores at a few probe pixels.
+2. Spatial tiles (`grouping._Blocks`): a tile scores at most its heatmap max
+   minus the rounded distance from t_p to the tile's tag range. Where that
+   leaves little to score (smooth tags), the tiles left are scored.
+3. Else tag-space cells: the map's pixels that can reach any query's bound
+   are sorted once by (tag cell, heat descending). A cell's heat max and tag
+   range give an upper and an achievable lower score per query; a query
+   scores only the cells that can reach its best lower bound, and in each
+   only the prefix of pixels hot enough. Its cost per query does not depend
+   on how noisy the tags are in image space (random-weight networks, early
+   checkpoints).
+Both keep every pixel that can reach the best score, then take the exact
+maximum and the smallest flat index among its pixels, so the result is the
+same as a full scan. All bounds use the same float32 operations as the
+score (monotone in each input), so they are exact bounds of it.
+
+Legend: K joints, H x W map, L tag dim, P people, m people missing a joint,
+C tag cells, B tile side.
+"""
+
+import numpy as np
+
+# Tiles per person above which tag ranges per tile are worth computing.
+_TAG_BOUND_TILES = 8
+# Tiles scored at once (x 256 pixels): bounds the tile path's memory.
+_CHUNK_TILES = 8192
+# Take the tag-space path when the tiles left (summed over the people
+# missing the joint) hold more pixels than this many full maps.
+_TAG_SPACE_MAPS = 4.0
+# Tag-space cells per map (at most); pixels scored at once in that path.
+_CELLS = 4096
+_CHUNK_PIXELS = 1 << 21
+_DEBUG = False
+
+
+def _scores(heat: np.ndarray, tag: np.ndarray,
+            mean_tags: np.ndarray) -> np.ndarray:
+  """heat - round(|tag - mean tag|) in float32, as mmpose's refine.
+
+  heat [...], tag [..., L], mean_tags broadcast against tag.
+  """
+  total = None
+  for l in range(tag.shape[-1]):
+    d = tag[..., l] - mean_tags[..., l]
+    total = d * d if total is None else total + d * d
+  return heat - np.round(np.sqrt(total))
+
+
+def _rounded_dist(gap: np.ndarray) -> np.ndarray:
+  """round(|gap|) over the last axis, float32, same operations as _scores."""
+  total = None
+  for l in range(gap.shape[-1]):
+    total = gap[..., l] * gap[..., l] if total is None else (
+        total + gap[..., l] * gap[..., l])
+  return np.round(np.sqrt(total))
+
+
+def _first_max(score: np.ndarray, pixel: np.ndarray,
+               starts: np.ndarray) -> np.ndarray:
+  """Per segment of rows (starting at `starts`): smallest pixel of the max."""
+  best = np.maximum.reduceat(score, starts)
+  seg = np.repeat(np.arange(starts.size), np.diff(np.append(starts,
+                                                            score.size)))
+  big = np.iinfo(np.int64).max
+  return np.minimum.reduceat(np.where(score == best[seg], pixel, big), starts)
+
+
+def _argmax_tiles(heat_k, tags_k, t, need, blocks):
+  """Flat argmax per query, scoring the tiles in need [m, num_blocks]."""
+  big = np.iinfo(np.int64).max
+  m = t.shape[0]
+  flat = np.empty(m, np.int64)
+  # Rows of one person are contiguous (np.nonzero order), so per-person
+  # maxima are segment reductions; chunks of people bound memory.
+  chunk = np.cumsum(need.sum(axis=1)) // _CHUNK_TILES
+  for c in np.unique(chunk):
+    sel = np.nonzero(chunk == c)[0]
+    row_person, row_tile = np.nonzero(need[sel])
+    pixels = blocks.pixels[row_tile]  # [rows, B*B]
+    score = _scores(heat_k[pixels], tags_k[pixels],
+                    t[sel][row_person][:, None])
+    starts = np.searchsorted(row_person, np.arange(sel.size))
+    best = np.maximum.reduceat(score.max(axis=1), starts)
+    first = np.where(score == best[row_person][:, None], pixels, big)
+    flat[sel] = np.minimum.reduceat(first.min(axis=1), starts)
+  return flat
+
+
+def _order_key(x: np.ndarray) -> np.ndarray:
+  """uint32 keys of float32 values, ascending in the values."""
+  u = x.astype(np.float32).view(np.uint32)
+  return np.where(u >> 31 == 1, ~u, u | np.uint32(1 << 31))
+
+
+def _argmax_tag_cells(heat_k, tags_k, t, lower):
+  """Flat argmax per query through tag-space cells (module docstring, 3).
+
+  heat_k [H*W], tags_k [H*W, L], t [m, L] mean tags, lower [m] exact
+  achievable scores (lower bounds of each query's best).
+  """
+  n_all, tag_dim = tags_k.shape
+  # Pixels colder than every query's bound cannot win: fl(h - n) <= h.
+  pix = np.nonzero(heat_k >= lower.min())[0]
+  heat, tag = heat_k[pix], tags_k[pix]
+  side = max(1, int(_CELLS ** (1.0 / tag_dim)))
+  lo, hi = tag.min(axis=0), tag.max(axis=0)
+  width = np.maximum((hi.astype(np.float64) - lo) / side, 1e-12)
+  cell = np.zeros(pix.size, np.int64)
+  for l in range(tag_dim):
+    c = np.clip(((tag[:, l] - lo[l]) / width[l]).astype(np.int64), 0,
+                side - 1)
+    cell = cell * side + c
+  # One sort of packed keys: cell, heat descending (top bits, a superset
+  # order is enough), position in `pix`.
+  pix_bits = max(1, int(pix.size - 1).bit_length())
+  cell_bits = max(1, int(side ** tag_dim - 1).bit_length())
+  heat_bits = min(32, 64 - pix_bits - cell_bits)
+  heat_q = (~_order_key(heat)).astype(np.uint64) >> np.uint64(32 - heat_bits)
+  key = ((cell.astype(np.uint64) << np.uint64(64 - cell_bits)) |
+         (heat_q << np.uint64(pix_bits)) |
+         np.arange(pix.size, dtype=np.uint64))
+  key = np.sort(key)
+  pos = (key & np.uint64((1 << pix_bits) - 1)).astype(np.int64)
+  heat, tag, pix = heat[pos], tag[pos], pix[pos]
+  cell_sorted = (key >> np.uint64(64 - cell_bits)).astype(np.int64)
+  starts = np.nonzero(np.diff(cell_sorted, prepend=-1))[0]  # [C]
+  cells = cell_sorted[starts]
+  # Exact per-cell extremes: heat max is the first member (true heat order
+  # within equal top bits is not guaranteed, so reduce).
+  cmax = np.maximum.reduceat(heat, starts)
+  tmin = np.minimum.reduceat(tag, starts, axis=0)  # [C, L]
+  tmax = np.maximum.reduceat(tag, starts, axis=0)
+  # Bounds per (query, cell): nearest and farthest distance to the range.
+  tq = t[:, None]  # [m, 1, L]
+  gap = np.maximum(np.maximum(tmin[None] - tq, tq - tmax[None]), 0)
+  far = np.maximum(np.abs(tmin[None] - tq), np.abs(tmax[None] - tq))
+  n_lo = _rounded_dist(gap)  # [m, C]
+  upper = cmax[None] - n_lo
+  lower = np.maximum(lower, (cmax[None] - _rounded_dist(far)).max(axis=1))
+  q_idx, c_idx = np.nonzero(upper >= lower[:, None])  # query-major
+  # Prefix of each cell hot enough for the query: h >= lower + n_lo (less a
+  # margin for float32 rounding), found on the packed keys.
+  thr = (lower[q_idx].astype(np.float64) + n_lo[q_idx, c_idx])
+  thr = (thr - 1e-5 * (1 + np.abs(thr))).astype(np.float32)
+  thr_q = (~_order_key(thr)).astype(np.uint64) >> np.uint64(32 - heat_bits)
+  probe = ((cells[c_idx].astype(np.uint64) << np.uint64(64 - cell_bits)) |
+           (thr_q << np.uint64(pix_bits)) |
+           np.uint64((1 << pix_bits) - 1))
+  begin = starts[c_idx]
+  end = np.searchsorted(key, probe, side='right')
+  length = end - begin
+  # Score the prefixes, in chunks of whole queries.
+  m = t.shape[0]
+  flat = np.empty(m, np.int64)
+  per_query = np.bincount(q_idx, weights=length, minlength=m)
+  if _DEBUG: print("cells", starts.size, "pairs", q_idx.size, "pixels", int(length.sum()), "m", m)
+  chunk = np.cumsum(per_query).astype(np.int64) // _CHUNK_PIXELS
+  for c in np.unique(chunk):
+    sel = chunk[q_idx] == c
+    b, ln, q = begin[sel], length[sel], q_idx[sel]
+    offs = np.cumsum(ln) - ln
+    idx = np.repeat(b - offs, ln) + np.arange(ln.sum())
+    row_q = np.repeat(q, ln)
+    score = _scores(heat[idx], tag[idx], t[row_q])
+    seg = np.nonzero(np.diff(row_q, prepend=-1))[0]
+    flat[row_q[seg]] = _first_max(score, pix[idx], seg)
+  return flat
+
+
+def refine_poses(poses: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray,
+                 blocks, block_max: np.ndarray) -> np.ndarray:
+  """Fills missing joints (module docstring).
+
+  Args:
+    poses: [P, K, 3 + L] after adjust.
+    heatmaps: [K, H, W] float32.
+    tags: [K, H, W, L] float32.
+    blocks: grouping._Blocks tiling of the H x W grid.
+    block_max: [K, num_blocks] tile maxima of heatmaps.
+
+  Returns:
+    New poses [P, K, 3 + L].
+  """
+  poses = poses.copy()
+  num_people = poses.shape[0]
+  if num_people == 0:
+    return poses
+  num_joints, height, width = heatmaps.shape
+  tag_dim = tags.shape[-1]
+  flat_heat = heatmaps.reshape(num_joints, -1)
+  flat_tags = tags.reshape(num_joints, -1, tag_dim)
+
+  detected = poses[:, :, 2] > 0
+  xs = np.clip(poses[:, :, 0].astype(np.int64), 0, width - 1)
+  ys = np.clip(poses[:, :, 1].astype(np.int64), 0, height - 1)
+  own_tags = tags[np.arange(num_joints)[None], ys, xs]  # [P, K, L]
+  # np.mean over each person's list of tags, as mmpose (float32 reduction).
+  mean_tags = np.stack([
+      np.mean(own_tags[p][detected[p]], axis=0) for p in range(num_people)])
+  own_flat = ys * width + xs  # [P, K]
+  missing = ~detected
+
+  for k in np.nonzero(missing.any(0))[0]:
+    persons = np.nonzero(missing[:, k])[0]
+    m = persons.size
+    t = mean_tags[persons]  # [m, L]
+    heat_k, tags_k, bmax = flat_heat[k], flat_tags[k], block_max[k]
+    # Lower bound per person from a few exact scores: everyone's joint k and
+    # the person's own joints (tags there are likely close to its mean).
+    # (Undetected own joints sit at pixel 0: any pixel gives a valid bound.)
+    shared = own_flat[detected[:, k], k]
+    probe = np.concatenate(
+        [np.broadcast_to(shared, (m, shared.size)), own_flat[persons]], 1)
+    lower = _scores(heat_k[probe], tags_k[probe], t[:, None]).max(axis=1)
+    # Tiles that may hold a pixel >= lower (so every maximiser) per person.
+    need = bmax[None] >= lower[:, None]  # [m, num_blocks]
+    if need.sum() > _TAG_BOUND_TILES * m:
+      tag_min = blocks.reduce(tags[k], np.minimum, axis=0)  # [num_blocks, L]
+      tag_max = blocks.reduce(tags[k], np.maximum, axis=0)
+      gap = np.maximum(np.maximum(tag_min[None] - t[:, None],
+                                  t[:, None] - tag_max[None]), 0)
+      need = bmax[None] - _rounded_dist(gap) >= lower[:, None]
+    tile_pixels = need.sum() * blocks.block ** 2
+    if tile_pixels > _TAG_SPACE_MAPS * heat_k.size:
+      flat = _argmax_tag_cells(heat_k, tags_k, t, lower)
+    else:
+      flat = _argmax_tiles(heat_k, tags_k, t, need, blocks)
+    yy, xx = flat // width, flat % width
+    val = heat_k[flat]
+    hm = heatmaps[k]
+    x = xx + 0.5 + np.where(
+        hm[yy, np.minimum(width - 1, xx + 1)] > hm[yy, np.maximum(0, xx - 1)],
+        0.25, -0.25)
+    y = yy + 0.5 + np.where(
+        hm[np.minimum(height - 1, yy + 1), xx] > hm[np.maximum(0, yy - 1), xx],
+        0.25, -0.25)
+    fill = val > 0
+    poses[persons[fill], k, 0] = x[fill]
+    poses[persons[fill], k, 1] = y[fill]
+    poses[persons[fill], k, 2] = val[fill]
+  return poses
