@@ -37,11 +37,12 @@ _TAG_BOUND_TILES = 8
 _CHUNK_TILES = 8192
 # Take the tag-space path when the tiles left (summed over the people
 # missing the joint) hold more pixels than this many full maps.
-_TAG_SPACE_MAPS = 4.0
+_TAG_SPACE_MAPS = 1.0
 # Tag-space cells per map (at most); pixels scored at once in that path.
 _CELLS = 4096
+_GRID_BITS = 16
+_PROBE_TILES = 32
 _CHUNK_PIXELS = 1 << 21
-_DEBUG = False
 
 
 def _scores(heat: np.ndarray, tag: np.ndarray,
@@ -109,72 +110,102 @@ def _argmax_tag_cells(heat_k, tags_k, t, lower):
   heat_k [H*W], tags_k [H*W, L], t [m, L] mean tags, lower [m] exact
   achievable scores (lower bounds of each query's best).
   """
-  n_all, tag_dim = tags_k.shape
+  tag_dim = tags_k.shape[1]
   # Pixels colder than every query's bound cannot win: fl(h - n) <= h.
-  pix = np.nonzero(heat_k >= lower.min())[0]
-  heat, tag = heat_k[pix], tags_k[pix]
-  side = max(1, int(_CELLS ** (1.0 / tag_dim)))
-  lo, hi = tag.min(axis=0), tag.max(axis=0)
-  width = np.maximum((hi.astype(np.float64) - lo) / side, 1e-12)
-  cell = np.zeros(pix.size, np.int64)
+  hot = heat_k >= lower.min()
+  if hot.all():
+    pix, heat = None, heat_k
+    cols = np.ascontiguousarray(tags_k.T)  # [L, n]
+  else:
+    pix = np.flatnonzero(hot)
+    heat, cols = heat_k[pix], np.ascontiguousarray(tags_k[pix].T)
+  # Cells: a grid of 2^16 cells over the tags' range, coarsened by halving
+  # its side until at most _CELLS hold pixels; those are numbered 0..C-1.
+  # Per cell the exact heat max and tag range.
+  side = int(2 ** (_GRID_BITS // tag_dim))
+  coords = []
+  for col in cols:
+    lo, hi = col.min(), col.max()
+    scale = np.float32(side / max(float(hi) - float(lo), 1e-30))
+    coords.append(np.minimum((col - lo) * scale,
+                             np.float32(side - 1)).astype(np.int32))
+  while True:
+    cell = coords[0].copy()
+    for c in coords[1:]:
+      cell *= side
+      cell += c
+    counts = np.bincount(cell, minlength=side ** tag_dim)
+    if side == 1 or np.count_nonzero(counts) <= _CELLS:
+      break
+    side //= 2
+    coords = [c >> 1 for c in coords]
+  slot = np.cumsum(counts > 0, dtype=np.int32) - 1
+  num_cells = int(slot[-1]) + 1
+  cell = slot[cell]
+  cmax = np.full(num_cells, -np.inf, np.float32)
+  np.maximum.at(cmax, cell, heat)
+  tmin = np.full((tag_dim, num_cells), np.inf, np.float32)
+  tmax = np.full((tag_dim, num_cells), -np.inf, np.float32)
   for l in range(tag_dim):
-    c = np.clip(((tag[:, l] - lo[l]) / width[l]).astype(np.int64), 0,
-                side - 1)
-    cell = cell * side + c
-  # One sort of packed keys: cell, heat descending (top bits, a superset
-  # order is enough), position in `pix`.
-  pix_bits = max(1, int(pix.size - 1).bit_length())
-  cell_bits = max(1, int(side ** tag_dim - 1).bit_length())
-  heat_bits = min(32, 64 - pix_bits - cell_bits)
-  heat_q = (~_order_key(heat)).astype(np.uint64) >> np.uint64(32 - heat_bits)
-  key = ((cell.astype(np.uint64) << np.uint64(64 - cell_bits)) |
-         (heat_q << np.uint64(pix_bits)) |
-         np.arange(pix.size, dtype=np.uint64))
-  key = np.sort(key)
-  pos = (key & np.uint64((1 << pix_bits) - 1)).astype(np.int64)
-  heat, tag, pix = heat[pos], tag[pos], pix[pos]
-  cell_sorted = (key >> np.uint64(64 - cell_bits)).astype(np.int64)
-  starts = np.nonzero(np.diff(cell_sorted, prepend=-1))[0]  # [C]
-  cells = cell_sorted[starts]
-  # Exact per-cell extremes: heat max is the first member (true heat order
-  # within equal top bits is not guaranteed, so reduce).
-  cmax = np.maximum.reduceat(heat, starts)
-  tmin = np.minimum.reduceat(tag, starts, axis=0)  # [C, L]
-  tmax = np.maximum.reduceat(tag, starts, axis=0)
-  # Bounds per (query, cell): nearest and farthest distance to the range.
-  tq = t[:, None]  # [m, 1, L]
-  gap = np.maximum(np.maximum(tmin[None] - tq, tq - tmax[None]), 0)
-  far = np.maximum(np.abs(tmin[None] - tq), np.abs(tmax[None] - tq))
-  n_lo = _rounded_dist(gap)  # [m, C]
+    np.minimum.at(tmin[l], cell, cols[l])
+    np.maximum.at(tmax[l], cell, cols[l])
+  # Bounds per (query, cell), float32 as in _scores: the nearest distance
+  # to the cell's tag range, and (triangle inequality) that plus the
+  # range's diagonal, rounded up with a margin for float32 rounding.
+  near, diag = None, None
+  for l in range(tag_dim):
+    gap = np.maximum(np.maximum(tmin[l][None] - t[:, l:l + 1],
+                                t[:, l:l + 1] - tmax[l][None]), 0)  # [m, C]
+    near = gap * gap if near is None else near + gap * gap
+    span = tmax[l] - tmin[l]
+    diag = span * span if diag is None else diag + span * span
+  near = np.sqrt(near)
+  n_lo = np.round(near)
   upper = cmax[None] - n_lo
-  lower = np.maximum(lower, (cmax[None] - _rounded_dist(far)).max(axis=1))
+  n_hi = np.floor(near + (np.sqrt(diag) + np.float32(0.5 + 1e-3))[None])
+  lower = np.maximum(lower, (cmax[None] - n_hi).max(axis=1))
   q_idx, c_idx = np.nonzero(upper >= lower[:, None])  # query-major
-  # Prefix of each cell hot enough for the query: h >= lower + n_lo (less a
-  # margin for float32 rounding), found on the packed keys.
-  thr = (lower[q_idx].astype(np.float64) + n_lo[q_idx, c_idx])
+  # Only the chosen cells' pixels, sorted once by packed keys: cell, heat
+  # descending (its top bits: an order of a superset is enough), position.
+  chosen = np.zeros(num_cells, bool)
+  chosen[c_idx] = True
+  sub = np.flatnonzero(chosen[cell])
+  pix_bits = max(1, int(sub.size).bit_length())
+  cell_bits = max(1, int(num_cells - 1).bit_length())
+  heat_bits = min(32, 64 - pix_bits - cell_bits)
+  shift = np.uint32(32 - heat_bits)
+  cell_shift = np.uint64(heat_bits + pix_bits)
+  key = cell[sub].astype(np.uint64) << cell_shift
+  key |= (~_order_key(heat[sub]) >> shift).astype(np.uint64) << np.uint64(
+      pix_bits)
+  key |= np.arange(sub.size, dtype=np.uint64)
+  key.sort()
+  at = sub[(key & np.uint64((1 << pix_bits) - 1)).astype(np.int64)]
+  # Prefix of each chosen cell hot enough for the query: h >= lower + n_lo
+  # (less a margin for float32 rounding), found on the keys.
+  thr = lower[q_idx].astype(np.float64) + n_lo[q_idx, c_idx]
   thr = (thr - 1e-5 * (1 + np.abs(thr))).astype(np.float32)
-  thr_q = (~_order_key(thr)).astype(np.uint64) >> np.uint64(32 - heat_bits)
-  probe = ((cells[c_idx].astype(np.uint64) << np.uint64(64 - cell_bits)) |
-           (thr_q << np.uint64(pix_bits)) |
-           np.uint64((1 << pix_bits) - 1))
-  begin = starts[c_idx]
-  end = np.searchsorted(key, probe, side='right')
-  length = end - begin
+  probe = c_idx.astype(np.uint64) << cell_shift
+  begin = np.searchsorted(key, probe)
+  probe |= (~_order_key(thr) >> shift).astype(np.uint64) << np.uint64(
+      pix_bits)
+  probe |= np.uint64((1 << pix_bits) - 1)
+  length = np.searchsorted(key, probe, side='right') - begin
   # Score the prefixes, in chunks of whole queries.
   m = t.shape[0]
   flat = np.empty(m, np.int64)
   per_query = np.bincount(q_idx, weights=length, minlength=m)
-  if _DEBUG: print("cells", starts.size, "pairs", q_idx.size, "pixels", int(length.sum()), "m", m)
   chunk = np.cumsum(per_query).astype(np.int64) // _CHUNK_PIXELS
   for c in np.unique(chunk):
     sel = chunk[q_idx] == c
     b, ln, q = begin[sel], length[sel], q_idx[sel]
     offs = np.cumsum(ln) - ln
-    idx = np.repeat(b - offs, ln) + np.arange(ln.sum())
+    idx = at[np.repeat(b - offs, ln) + np.arange(ln.sum())]
     row_q = np.repeat(q, ln)
-    score = _scores(heat[idx], tag[idx], t[row_q])
-    seg = np.nonzero(np.diff(row_q, prepend=-1))[0]
-    flat[row_q[seg]] = _first_max(score, pix[idx], seg)
+    score = _scores(heat[idx], cols[:, idx].T, t[row_q])
+    seg = np.flatnonzero(np.diff(row_q, prepend=-1))
+    flat[row_q[seg]] = _first_max(score, idx if pix is None else pix[idx],
+                                  seg)
   return flat
 
 
@@ -223,6 +254,17 @@ def refine_poses(poses: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray,
     probe = np.concatenate(
         [np.broadcast_to(shared, (m, shared.size)), own_flat[persons]], 1)
     lower = _scores(heat_k[probe], tags_k[probe], t[:, None]).max(axis=1)
+    # Then the hottest tiles: 8 for everyone, 64 for people still below the
+    # 8th tile's max (their tag is rare among the hottest pixels).
+    order = np.argsort(-bmax, kind='stable')
+    for num_tiles, sel in ((8, np.arange(m)), (_PROBE_TILES, None)):
+      top = order[:num_tiles]
+      if sel is None:
+        sel = np.flatnonzero(lower < bmax[order[min(7, order.size - 1)]])
+      if sel.size and num_tiles:
+        pixels = blocks.pixels[top].ravel()
+        lower[sel] = np.maximum(lower[sel], _scores(
+            heat_k[pixels], tags_k[pixels], t[sel][:, None]).max(axis=1))
     # Tiles that may hold a pixel >= lower (so every maximiser) per person.
     need = bmax[None] >= lower[:, None]  # [m, num_blocks]
     if need.sum() > _TAG_BOUND_TILES * m:
