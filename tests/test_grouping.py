@@ -1,9 +1,10 @@
 """Grouping: known poses from synthetic maps, parity with a reference parser.
 
-The reference (bench/bench_grouping.reference_parse) is a straightforward
-implementation written from SPEC.md (shifted-window NMS, full sorts, loops,
-refine over every full map); here it runs with scipy's solver so ties break
-the same way on random maps.
+The reference (tests/references/mmpose_grouping.reference_parse) is a
+straightforward mmpose-style implementation (shifted-window NMS, full sorts,
+loops, refine over every full map); here it mostly runs with scipy's solver
+so ties break the same way on random maps. Both refine search paths (tiles,
+tag-space cells) are checked, forced in turn.
 """
 
 import numpy as np
@@ -163,6 +164,21 @@ def test_realistic_maps_match_munkres_reference():
   ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                          solver='munkres')
   assert poses.shape[0] >= 3
+  np.testing.assert_array_equal(poses, ref_poses)
+  np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize('num_people,seed', [(4, 0), (12, 1)])
+def test_missing_joint_maps_match_reference(num_people, seed):
+  # People who miss most joints, tags noisy pixel to pixel: refine fills
+  # ~14 joints per person and goes through the tag-space cells.
+  heat, tags = bench_grouping.missing_joint_maps(
+      num_people, height=128, width=192, seed=seed)
+  poses, scores = grouping.group_poses(heat, tags)
+  ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
+                                                          solver='scipy')
+  assert poses.shape[0] >= num_people // 2
+  assert (ref_poses[:, :, 2] > 0).mean() > 0.5  # refine filled joints
   np.testing.assert_array_equal(poses, ref_poses)
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
 
