@@ -206,8 +206,8 @@ def main():
     for scales, rate in bench_eval():
       lines.append(f'| {list(scales)} | {rate:.2f} |')
     lines += ['', 'With random weights few peaks pass the 0.1 threshold, so '
-              'these figures are the forward passes (image + mirror, and the x2 '
-              'input for multi-scale) plus fixed costs; grouping adds the '
+              'these figures are the forward passes (image + mirror, and the '
+              'x2 input for multi-scale) plus fixed costs; grouping adds the '
               'times above per image. The machine is shared (load ~4 on 2 '
               'cores): +-40% run to run.']
   else:  # keep the eval figures of an earlier --eval run, marked as such
