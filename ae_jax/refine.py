@@ -122,15 +122,36 @@ def _argmax_tag_cells(heat_k, tags_k, t, lower):
   heat_k [H*W], tags_k [H*W, L], t [m, L] mean tags, lower [m] exact
   achievable scores (lower bounds of each query's best).
   """
+  # Pixels colder than a query's bound cannot win for it: fl(h - n) <= h.
+  # First the pixels hot enough for the top 3/4 of the bounds; the others'
+  # queries are done if they found a score >= that cut (colder pixels score
+  # below it), else they search the colder pixels too.
+  cut = max(lower.min(), np.percentile(lower, 25))
+  hot = heat_k >= cut
+  flat, best = _search_cells(heat_k, tags_k, t, lower, np.flatnonzero(hot))
+  rest = np.flatnonzero(best < cut)
+  if rest.size:
+    cold = np.flatnonzero(~hot & (heat_k >= lower[rest].min()))
+    flat2, best2 = _search_cells(heat_k, tags_k, t[rest],
+                                 np.maximum(lower[rest], best[rest]), cold)
+    take = (best2 > best[rest]) | ((best2 == best[rest]) &
+                                   (flat2 < flat[rest]))
+    flat[rest[take]] = flat2[take]
+  return flat
+
+
+def _search_cells(heat_k, tags_k, t, lower, pix):
+  """Best score and its first flat index per query among pixels `pix`.
+
+  Queries whose best there is below `lower` get (-1, -inf).
+  """
+  m = t.shape[0]
+  flat = np.full(m, -1, np.int64)
+  best = np.full(m, -np.inf, np.float32)
+  if pix.size == 0:
+    return flat, best
   tag_dim = tags_k.shape[1]
-  # Pixels colder than every query's bound cannot win: fl(h - n) <= h.
-  hot = heat_k >= lower.min()
-  if hot.all():
-    pix, heat = None, heat_k
-    cols = np.ascontiguousarray(tags_k.T)  # [L, n]
-  else:
-    pix = np.flatnonzero(hot)
-    heat, cols = heat_k[pix], np.ascontiguousarray(tags_k[pix].T)
+  heat, cols = heat_k[pix], np.ascontiguousarray(tags_k[pix].T)  # [L, n]
   # Cells: a grid of 2^_GRID_BITS cells over the tags' range, its side
   # halved until at most _CELLS hold pixels; those are numbered 0..C-1.
   side = int(2 ** (_GRID_BITS // tag_dim))
@@ -204,21 +225,19 @@ def _argmax_tag_cells(heat_k, tags_k, t, lower):
   probe |= np.uint64((1 << pix_bits) - 1)
   length = np.searchsorted(key, probe, side='right') - begin
   # Score the prefixes, in chunks of whole queries.
-  m = t.shape[0]
-  flat = np.empty(m, np.int64)
   per_query = np.bincount(q_idx, weights=length, minlength=m)
   chunk = np.cumsum(per_query).astype(np.int64) // _CHUNK_PIXELS
-  for c in np.unique(chunk):
-    sel = chunk[q_idx] == c
+  for c in np.unique(chunk[per_query > 0]):
+    sel = (chunk[q_idx] == c) & (length > 0)
     b, ln, q = begin[sel], length[sel], q_idx[sel]
     offs = np.cumsum(ln) - ln
     idx = at[np.repeat(b - offs, ln) + np.arange(ln.sum())]
     row_q = np.repeat(q, ln)
     score = _scores(heat[idx], cols[:, idx].T, t[row_q])
     seg = np.flatnonzero(np.diff(row_q, prepend=-1))
-    flat[row_q[seg]] = _first_max(score, idx if pix is None else pix[idx],
-                                  seg)
-  return flat
+    flat[row_q[seg]] = _first_max(score, pix[idx], seg)
+    best[row_q[seg]] = np.maximum.reduceat(score, seg)
+  return flat, best
 
 
 def refine_poses(poses: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray,
