@@ -14,7 +14,7 @@ joint (a Python loop runs over the K joints, never over people):
    rare there).
 2. Spatial tiles (`grouping._Blocks`): a tile scores at most its heatmap max
    minus the rounded distance from t_p to the tile's tag range. Where that
-   leaves under one map's worth of pixels to score (tags smooth in image
+   leaves under half a map's worth of pixels to score (tags smooth in image
    space), those tiles are scored.
 3. Else tag-space cells (tags noisy pixel to pixel: random-weight networks,
    early checkpoints): the pixels hot enough for some query are binned on
@@ -23,7 +23,7 @@ joint (a Python loop runs over the K joints, never over people):
    score. Only the cells that can reach a query's best achievable score are
    kept; their pixels are sorted by (cell, heat descending) and each query
    scores only the prefix of each kept cell hot enough to matter. This runs
-   first on the pixels hot enough for 3/4 of the bounds, then on the colder
+   first on the pixels hot enough for half of the bounds, then on the colder
    ones only for the queries it did not settle. The cost is a few passes
    over the map plus a small search per query, whatever the tags look like
    in image space.
@@ -50,7 +50,7 @@ _TAG_BOUND_TILES = 8
 _CHUNK_TILES = 8192
 # Take the tag-space path when the tiles left (summed over the people
 # missing the joint) hold more pixels than this many full maps.
-_TAG_SPACE_MAPS = 1.0
+_TAG_SPACE_MAPS = 0.5
 # Hottest tiles probed for people whose tag is rare in the 8 hottest.
 _PROBE_TILES = 32
 # Tag-space path: non-empty cells (at most), bits of the finest grid (halved
@@ -58,6 +58,8 @@ _PROBE_TILES = 32
 _CELLS = 4096
 _GRID_BITS = 16
 _CHUNK_PIXELS = 1 << 21
+# Percentile of the queries' bounds that splits hot and cold pixels.
+_CUT_PERCENTILE = 50
 
 
 def _scores(heat: np.ndarray, tag: np.ndarray,
@@ -126,10 +128,10 @@ def _argmax_tag_cells(heat_k, tags_k, t, lower):
   achievable scores (lower bounds of each query's best).
   """
   # Pixels colder than a query's bound cannot win for it: fl(h - n) <= h.
-  # First the pixels hot enough for the top 3/4 of the bounds; the others'
-  # queries are done if they found a score >= that cut (colder pixels score
-  # below it), else they search the colder pixels too.
-  cut = max(lower.min(), np.percentile(lower, 25))
+  # First the pixels hot enough for the top half of the bounds (the cut);
+  # a query is done if it found a score >= the cut there (colder pixels
+  # score below it), else it searches the colder pixels too.
+  cut = max(lower.min(), np.percentile(lower, _CUT_PERCENTILE))
   hot = heat_k >= cut
   flat, best = _search_cells(heat_k, tags_k, t, lower, np.flatnonzero(hot))
   rest = np.flatnonzero(best < cut)

@@ -200,14 +200,17 @@ def test_transform_to_image_inverts_resize_warp():
   np.testing.assert_allclose(back, image_pts, atol=1e-3)
 
 
-@pytest.mark.parametrize('path', ['tiles', 'tag_cells'])
-def test_refine_paths_in_small_chunks_match_reference(monkeypatch, path):
+@pytest.mark.parametrize('path,cut', [('tiles', 50), ('tag_cells', 50),
+                                      ('tag_cells', 100), ('tag_cells', 0)])
+def test_refine_paths_in_small_chunks_match_reference(monkeypatch, path, cut):
   heat, tags = _random_maps(6, 40, 56, 2)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                           solver='scipy')
-  # Force one search path, and chunks of one or a few queries.
+  # Force one search path, a hot/cold cut (100: most queries search the
+  # cold pixels too; 0: one pass), and chunks of one or a few queries.
   monkeypatch.setattr(refine, '_TAG_SPACE_MAPS',
                       np.inf if path == 'tiles' else -1.0)
+  monkeypatch.setattr(refine, '_CUT_PERCENTILE', cut)
   monkeypatch.setattr(refine, '_CHUNK_TILES', 3)
   monkeypatch.setattr(refine, '_CHUNK_PIXELS', 50)
   poses, scores = grouping.group_poses(heat, tags)
