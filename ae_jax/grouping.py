@@ -26,13 +26,10 @@ from typing import List, NamedTuple, Tuple
 import numpy as np
 import scipy.optimize
 
+from ae_jax import refine as refine_lib
+
 # mmpose's joint_order for COCO: head, shoulders, hips, then limbs.
 JOINT_ORDER = (0, 1, 2, 3, 4, 5, 6, 11, 12, 7, 8, 9, 10, 13, 14, 15, 16)
-# Refine: tiles per person above which tag ranges per tile are worth
-# computing (they cost about two passes over one joint's tag map).
-_REFINE_TAG_BOUND_TILES = 8
-# Tiles scored at once (x 256 pixels): bounds refine's memory.
-_REFINE_CHUNK_TILES = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,119 +323,20 @@ def adjust_poses(poses: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
   return poses
 
 
-def _refine_scores(heat_k: np.ndarray, tags_k: np.ndarray,
-                   mean_tags: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-  """heatmap - round(|tag - mean tag|) in float32, as mmpose's refine.
-
-  heat_k [H*W], tags_k [H*W, L], mean_tags [..., L] broadcast against
-  pixels [..., n] flat indices. Returns [..., n].
-  """
-  tag = tags_k[pixels]  # [..., n, L]
-  total = None
-  for l in range(tag.shape[-1]):
-    d = tag[..., l] - mean_tags[..., None, l]
-    total = d * d if total is None else total + d * d
-  return heat_k[pixels] - np.round(np.sqrt(total))
-
-
 def refine_poses(poses: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray,
                  blocks: _Blocks | None = None,
                  block_max: np.ndarray | None = None) -> np.ndarray:
   """Fills each person's missing joints (mmpose HeatmapParser.refine).
 
-  For person p with mean tag t_p (over its detected joints, tags read at
-  int(x), int(y)) and missing joint k, the new joint is the argmax over
-  pixels of heatmap_k - round(|tag_k - t_p|) (first in row-major order),
-  with quarter-pixel offsets; it is used if its heatmap value is > 0.
-
-  mmpose scans all K full maps per person. Here a tile of pixels can score at
-  most its heatmap max minus the rounded distance from t_p to the tile's tag
-  range. After exact scores at a few probe pixels (everyone's joint k, the
-  person's own joints) give a lower bound, only tiles whose bound reaches it
-  are scored; they hold every maximiser, so the result is the same.
-
-  Args:
-    poses: [P, K, 3 + L] after adjust.
-    heatmaps: [K, H, W] float32.
-    tags: [K, H, W, L] float32.
-    blocks, block_max: optional precomputed tiling and [K, num_blocks] tile
-      maxima of heatmaps.
-
-  Returns:
-    New poses [P, K, 3 + L].
+  See refine.py. poses [P, K, 3 + L] after adjust, heatmaps [K, H, W],
+  tags [K, H, W, L]; blocks, block_max: optional precomputed tiling and
+  [K, num_blocks] tile maxima of heatmaps. Returns new poses.
   """
-  poses = poses.copy()
-  num_people = poses.shape[0]
-  if num_people == 0:
-    return poses
-  num_joints, height, width = heatmaps.shape
-  tag_dim = tags.shape[-1]
   if blocks is None:
-    blocks = _Blocks(height, width)
+    blocks = _Blocks(heatmaps.shape[1], heatmaps.shape[2])
   if block_max is None:
     block_max = blocks.reduce(heatmaps, np.maximum, axis=1)
-  flat_heat = heatmaps.reshape(num_joints, -1)
-  flat_tags = tags.reshape(num_joints, -1, tag_dim)
-
-  detected = poses[:, :, 2] > 0
-  xs = np.clip(poses[:, :, 0].astype(np.int64), 0, width - 1)
-  ys = np.clip(poses[:, :, 1].astype(np.int64), 0, height - 1)
-  own_tags = tags[np.arange(num_joints)[None], ys, xs]  # [P, K, L]
-  mean_tags = np.stack([
-      np.mean(own_tags[p][detected[p]], axis=0) for p in range(num_people)])
-  own_flat = ys * width + xs  # [P, K]
-  missing = ~detected
-  big = np.iinfo(np.int64).max
-
-  for k in np.nonzero(missing.any(0))[0]:
-    persons = np.nonzero(missing[:, k])[0]
-    m = persons.size
-    t = mean_tags[persons]  # [m, L]
-    heat_k, tags_k, bmax = flat_heat[k], flat_tags[k], block_max[k]
-    # Lower bound per person from a few exact scores: everyone's joint k and
-    # the person's own joints (tags there are likely close to its mean).
-    # (Undetected own joints sit at pixel 0: any pixel gives a valid bound.)
-    shared = own_flat[detected[:, k], k]
-    probe = np.concatenate(
-        [np.broadcast_to(shared, (m, shared.size)), own_flat[persons]], 1)
-    lower = _refine_scores(heat_k, tags_k, t, probe).max(axis=1)  # [m]
-    # Tiles that may hold a pixel >= lower (so every maximiser) per person.
-    need = bmax[None] >= lower[:, None]  # [m, num_blocks]
-    if need.sum() > _REFINE_TAG_BOUND_TILES * m:
-      tag_min = blocks.reduce(tags[k], np.minimum, axis=0)  # [num_blocks, L]
-      tag_max = blocks.reduce(tags[k], np.maximum, axis=0)
-      gap = np.maximum(np.maximum(tag_min[None] - t[:, None],
-                                  t[:, None] - tag_max[None]), 0)
-      bound = bmax[None] - np.round(np.sqrt(np.sum(gap * gap, axis=2)))
-      need = bound >= lower[:, None]
-    # Score each person's tiles, in chunks of people to bound memory; rows
-    # of one person are contiguous (np.nonzero order), so per-person maxima
-    # are segment reductions.
-    flat = np.empty(m, np.int64)
-    chunk = np.cumsum(need.sum(axis=1)) // _REFINE_CHUNK_TILES
-    for c in np.unique(chunk):
-      sel = np.nonzero(chunk == c)[0]
-      row_person, row_tile = np.nonzero(need[sel])
-      pixels = blocks.pixels[row_tile]  # [rows, B*B]
-      score = _refine_scores(heat_k, tags_k, t[sel][row_person], pixels)
-      starts = np.searchsorted(row_person, np.arange(sel.size))
-      best = np.maximum.reduceat(score.max(axis=1), starts)
-      first = np.where(score == best[row_person][:, None], pixels, big)
-      flat[sel] = np.minimum.reduceat(first.min(axis=1), starts)
-    yy, xx = flat // width, flat % width
-    val = heat_k[flat]
-    hm = heatmaps[k]
-    x = xx + 0.5 + np.where(
-        hm[yy, np.minimum(width - 1, xx + 1)] > hm[yy, np.maximum(0, xx - 1)],
-        0.25, -0.25)
-    y = yy + 0.5 + np.where(
-        hm[np.minimum(height - 1, yy + 1), xx] > hm[np.maximum(0, yy - 1), xx],
-        0.25, -0.25)
-    fill = val > 0
-    poses[persons[fill], k, 0] = x[fill]
-    poses[persons[fill], k, 1] = y[fill]
-    poses[persons[fill], k, 2] = val[fill]
-  return poses
+  return refine_lib.refine_poses(poses, heatmaps, tags, blocks, block_max)
 
 
 def group_poses(heatmaps: np.ndarray, tags: np.ndarray,

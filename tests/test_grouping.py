@@ -1,17 +1,20 @@
 """Grouping: known poses from synthetic maps, parity with a reference parser.
 
-The reference (bench/bench_grouping.reference_parse) is a straightforward
-implementation written from SPEC.md (shifted-window NMS, full sorts, loops,
-refine over every full map); here it runs with scipy's solver so ties break
-the same way on random maps.
+The reference (tests/references/mmpose_grouping.reference_parse) is a
+straightforward mmpose-style implementation (shifted-window NMS, full sorts,
+loops, refine over every full map); here it mostly runs with scipy's solver
+so ties break the same way on random maps. Both refine search paths (tiles,
+tag-space cells) are checked, forced in turn.
 """
 
 import numpy as np
 import pytest
 
 from ae_jax import grouping
+from ae_jax import refine
 from ae_jax.data import affine
 from bench import bench_grouping
+from tests.references import mmpose_grouping
 
 K = 17
 
@@ -102,7 +105,7 @@ def test_refine_fills_weak_joint_with_own_tag():
   # Scores are taken before refine.
   np.testing.assert_allclose(
       scores[p0], sum(v for _, _, v in people[0].values()) / K, rtol=1e-6)
-  ref_poses, ref_scores = bench_grouping.reference_parse(heat, tags,
+  ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                          solver='scipy')
   np.testing.assert_array_equal(poses, ref_poses)
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
@@ -126,10 +129,14 @@ def _random_maps(seed, h, w, tag_dim, quantise=False):
     (3, 33, 70, 1, True),  # ties everywhere
     (4, 48, 48, 2, True),
 ])
-def test_matches_reference_on_random_maps(seed, h, w, tag_dim, quantise):
+@pytest.mark.parametrize('path', ['tiles', 'tag_cells'])
+def test_matches_reference_on_random_maps(monkeypatch, seed, h, w, tag_dim,
+                                          quantise, path):
   heat, tags = _random_maps(seed, h, w, tag_dim, quantise)
+  monkeypatch.setattr(refine, '_TAG_SPACE_MAPS',
+                      np.inf if path == 'tiles' else -1.0)
   poses, scores = grouping.group_poses(heat, tags)
-  ref_poses, ref_scores = bench_grouping.reference_parse(
+  ref_poses, ref_scores = mmpose_grouping.reference_parse(
       heat, tags, solver='scipy')
   assert poses.shape[0] > 5  # a real workout: many people, matches, refine
   np.testing.assert_array_equal(poses, ref_poses)
@@ -143,7 +150,7 @@ def test_options_match_reference(adjust, refine, use_val):
   params = grouping.GroupingParams(adjust=adjust, refine=refine,
                                    use_detection_val=use_val)
   poses, scores = grouping.group_poses(heat, tags, params)
-  ref_poses, ref_scores = bench_grouping.reference_parse(
+  ref_poses, ref_scores = mmpose_grouping.reference_parse(
       heat, tags, adjust=adjust, refine=refine, use_detection_val=use_val,
       solver='scipy')
   np.testing.assert_array_equal(poses, ref_poses)
@@ -154,9 +161,24 @@ def test_realistic_maps_match_munkres_reference():
   heat, tags = bench_grouping.synthetic_maps(3, height=128, width=192,
                                              seed=3)
   poses, scores = grouping.group_poses(heat, tags)
-  ref_poses, ref_scores = bench_grouping.reference_parse(heat, tags,
+  ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                          solver='munkres')
   assert poses.shape[0] >= 3
+  np.testing.assert_array_equal(poses, ref_poses)
+  np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize('num_people,seed', [(4, 0), (12, 1)])
+def test_missing_joint_maps_match_reference(num_people, seed):
+  # People who miss most joints, tags noisy pixel to pixel: refine fills
+  # ~14 joints per person and goes through the tag-space cells.
+  heat, tags = bench_grouping.missing_joint_maps(
+      num_people, height=128, width=192, seed=seed)
+  poses, scores = grouping.group_poses(heat, tags)
+  ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
+                                                          solver='scipy')
+  assert poses.shape[0] >= num_people // 2
+  assert (ref_poses[:, :, 2] > 0).mean() > 0.5  # refine filled joints
   np.testing.assert_array_equal(poses, ref_poses)
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
 
@@ -178,10 +200,19 @@ def test_transform_to_image_inverts_resize_warp():
   np.testing.assert_allclose(back, image_pts, atol=1e-3)
 
 
-def test_refine_in_small_chunks_is_the_same(monkeypatch):
+@pytest.mark.parametrize('path,cut', [('tiles', 50), ('tag_cells', 50),
+                                      ('tag_cells', 100), ('tag_cells', 0)])
+def test_refine_paths_in_small_chunks_match_reference(monkeypatch, path, cut):
   heat, tags = _random_maps(6, 40, 56, 2)
-  whole = grouping.group_poses(heat, tags)
-  monkeypatch.setattr(grouping, '_REFINE_CHUNK_TILES', 3)
-  chunked = grouping.group_poses(heat, tags)
-  np.testing.assert_array_equal(whole[0], chunked[0])
-  np.testing.assert_array_equal(whole[1], chunked[1])
+  ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
+                                                          solver='scipy')
+  # Force one search path, a hot/cold cut (100: most queries search the
+  # cold pixels too; 0: one pass), and chunks of one or a few queries.
+  monkeypatch.setattr(refine, '_TAG_SPACE_MAPS',
+                      np.inf if path == 'tiles' else -1.0)
+  monkeypatch.setattr(refine, '_CUT_PERCENTILE', cut)
+  monkeypatch.setattr(refine, '_CHUNK_TILES', 3)
+  monkeypatch.setattr(refine, '_CHUNK_PIXELS', 50)
+  poses, scores = grouping.group_poses(heat, tags)
+  np.testing.assert_array_equal(poses, ref_poses)
+  np.testing.assert_array_equal(scores, ref_scores)
