@@ -52,7 +52,8 @@ def main(argv):
     variables = checkpoints.restore_variables(_CKPT.value)
   except checkpoints.CheckpointError as e:
     raise SystemExit(f'error: {e}') from None
-  model = ae_model.AEModel(**config.model)
+  model = ae_model.create_model(
+      config.model, ae_model.default_kernels(jax.default_backend()))
   predictor = inference.Predictor(model, variables,
                                   **inference.predictor_kwargs(config.test))
   coco_root = _COCO_ROOT.value or config.data.coco_root

@@ -39,7 +39,8 @@ from ae_jax import checkpoints
 from ae_jax import losses
 from ae_jax import sharding
 from ae_jax.data import transforms
-from ae_jax.models import layers
+from ae_jax.models import ae_model
+from ae_jax.models import cpu_kernels
 from ae_jax.models.ae_model import AEModel
 from ae_jax.models.ae_model import normalize_images
 
@@ -245,7 +246,9 @@ def make_train_step(mesh: jax.sharding.Mesh, state_shardings: Any,
       functools.partial(train_step, **step_kwargs),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), rep),
       out_shardings=(state_shardings, rep),
-      donate_argnums=0, compiler_options=layers.compiler_options())
+      donate_argnums=0,
+      compiler_options=(cpu_kernels.compiler_options()
+                        if jax.default_backend() == 'cpu' else None))
 
 
 # ------------------------------------------------------------------ logging
@@ -397,7 +400,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   lr_fn = make_lr_schedule(lr, epoch_steps, o.warmup_steps, o.warmup_ratio,
                            tuple(o.decay_epochs), o.decay_factor)
   tx = optax.adam(lr_fn)  # torch Adam defaults: betas (0.9, 0.999), 1e-8.
-  model = AEModel(**config.model)
+  model = ae_model.create_model(
+      config.model, ae_model.default_kernels(jax.default_backend()))
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   state, state_shardings = create_train_state(
       init_rng, model, tx, config.data.input_size, mesh,
