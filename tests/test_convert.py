@@ -153,9 +153,10 @@ def test_param_counts_match_torch_reference():
   assert torch_count == flax_count == PARAM_COUNT
 
 
-def test_transposed_conv_kernel_is_flipped_and_transposed():
-  """PyTorch ConvTranspose2d(4, 2, pad 1) == ae_head's nn.ConvTranspose."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+@pytest.mark.parametrize('kernels', ['flax', 'cpu'])
+def test_transposed_conv_kernel_is_flipped_and_transposed(kernels):
+  """PyTorch ConvTranspose2d(4, 2, pad 1) == the deconv AEHead builds."""
+  from ae_jax.models import ae_head  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   weight = rng.normal(size=(5, 3, 4, 4)).astype(np.float32)  # [I, O, kh, kw]
   x = rng.normal(size=(2, 6, 7, 5)).astype(np.float32)
@@ -166,8 +167,8 @@ def test_transposed_conv_kernel_is_flipped_and_transposed():
   expected = expected.numpy().transpose(0, 2, 3, 1)
   path = ('params', 'keypoint_head', 'deconv_layers_0', 'kernel')
   kernel = convert.convert_tensor(path, weight)
-  layer = nn.ConvTranspose(3, (4, 4), strides=(2, 2),
-                           padding=((2, 2), (2, 2)), use_bias=False)
+  layer = ae_head.deconv_4x4_s2(ae_model.module_defs(kernels)['deconv'],
+                                jnp.float32)(3)
   got = layer.apply({'params': {'kernel': kernel}}, x)
   assert got.shape == expected.shape == (2, 12, 14, 3)
   np.testing.assert_allclose(got, expected, atol=1e-5)
