@@ -50,7 +50,8 @@ def main(argv):
   logging.info('JAX process %d / %d, %d devices (%s).', jax.process_index(),
                jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
-  model = ae_model.AEModel(**config.model)
+  model = ae_model.create_model(
+      config.model, ae_model.default_kernels(jax.default_backend()))
   try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
     predictor = inference.load_predictor(model, _CKPT.value, **config.test)
   except (checkpoints.CheckpointError, ValueError) as e:

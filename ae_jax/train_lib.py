@@ -32,6 +32,7 @@ from ae_jax import checkpoints
 from ae_jax import sharding
 from ae_jax import train_state
 from ae_jax import train_step
+from ae_jax.models import ae_model
 from ae_jax.models.ae_model import AEModel
 
 
@@ -211,8 +212,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Raises:
     NonFiniteLossError: a NaN/inf metric; the last good checkpoint stays.
   """
-  if kernels not in ('flax', 'cpu'):
-    raise ValueError(f"kernels must be 'flax' or 'cpu', not {kernels!r}")
   workdir = epath.Path(workdir)
   t = config.train
   is_main = jax.process_index() == 0
@@ -235,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     total_steps = t.num_steps if t.num_steps > 0 else (
         t.num_epochs * epoch_steps)
     lr_fn = _lr_schedule(config.optim, global_batch, epoch_steps)
-    model = AEModel(**config.model)  # at merge: ae_model.create_model
+    model = ae_model.create_model(config.model, kernels)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     # torch Adam defaults: betas (0.9, 0.999), eps 1e-8.
     state, state_shardings = train_state.create_train_state(

@@ -23,9 +23,7 @@ import optax
 
 from ae_jax import losses
 from ae_jax import sharding
-# Until ae_jax.models.cpu_kernels lands: its compiler_options() replaces
-# layers.compiler_options() here.
-from ae_jax.models import layers
+from ae_jax.models import cpu_kernels
 from ae_jax.models.ae_model import AEModel
 from ae_jax.models.ae_model import normalize_images
 from ae_jax.train_state import TrainState
@@ -100,4 +98,4 @@ def make_train_step(mesh: jax.sharding.Mesh, state_shardings: Any,
       functools.partial(train_step, **step_kwargs),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), rep),
       out_shardings=(state_shardings, rep), donate_argnums=0,
-      compiler_options=layers.compiler_options() if on_cpu else None)
+      compiler_options=cpu_kernels.compiler_options() if on_cpu else None)
