@@ -13,8 +13,10 @@ statistics use PyTorch's momentum (0.1), so they converge alike.
 
 Legend: B global batch, S input size, h heatmap size, K=17 joints, M=30
 people. Batch: image [B, S, S, 3] uint8 RGB (normalised on device by
-ae_model.normalize_images; float32 input is taken as normalised), heatmaps
-[B, h, h, K] float32, mask [B, h, h] float32, joints [B, M, K, 2] int32.
+ae_model.normalize_images; float32 input is taken as normalised), mask
+[B, h, h] uint8/float32, keypoints [B, M, K, 3] float32, from which the step
+renders heatmaps [B, h, h, K] float32 and joints [B, M, K, 2] int32
+(data/device_targets.py); a batch may carry heatmaps and joints instead.
 """
 
 import functools
@@ -38,12 +40,11 @@ import optax
 from ae_jax import checkpoints
 from ae_jax import losses
 from ae_jax import sharding
+from ae_jax.data import device_targets
 from ae_jax.data import transforms
 from ae_jax.models import layers
 from ae_jax.models.ae_model import AEModel
 from ae_jax.models.ae_model import normalize_images
-
-BATCH_KEYS = ('image', 'heatmaps', 'mask', 'joints')
 
 
 class TrainState(train_state.TrainState):
@@ -195,8 +196,8 @@ def load_backbone(state: TrainState, variables: Dict[str, Any],
 def train_step(state: TrainState, batch: Dict[str, jax.Array],
                rng: jax.Array, *, model: AEModel,
                lr_fn: optax.Schedule, num_joints: int = 17,
-               heatmap_factor: float = 1.0, push_factor: float = 0.001,
-               pull_factor: float = 0.001):
+               sigma: float = 2.0, heatmap_factor: float = 1.0,
+               push_factor: float = 0.001, pull_factor: float = 0.001):
   """One optimisation step (pure; jitted by `make_train_step`).
 
   Args:
@@ -207,6 +208,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array],
       that may come).
     model: the AEModel (static).
     lr_fn: the schedule (for the lr metric; the optimizer holds its own).
+    sigma: heatmap Gaussian sigma of the targets rendered from
+      batch['keypoints'] (device_targets.render_targets).
     num_joints, heatmap_factor, push_factor, pull_factor: loss settings.
 
   Returns:
@@ -215,6 +218,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array],
     updated params).
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  batch = device_targets.render_targets(batch, sigma=sigma)
 
   def loss_fn(params):
     outputs, updates = model.apply(
@@ -310,7 +314,7 @@ def make_dataset(config: ml_collections.ConfigDict, start_step: int):
   d = config.data
   return pipeline.make_train_dataset(
       d.coco_root, d.train_split, input_size=d.input_size,
-      heatmap_size=d.heatmap_size, sigma=d.sigma, max_people=d.max_people,
+      heatmap_size=d.heatmap_size, max_people=d.max_people,
       rot_factor=d.rot_factor, scale_factor=tuple(d.scale_factor),
       scale_type=d.scale_type, trans_factor=d.trans_factor,
       flip_prob=d.flip_prob, augment=d.augment,
@@ -419,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start_step = resume_step or 0
   step_fn = make_train_step(
       mesh, state_shardings, model=model, lr_fn=lr_fn,
-      num_joints=config.model.num_joints,
+      num_joints=config.model.num_joints, sigma=config.data.sigma,
       heatmap_factor=config.loss.heatmap_factor,
       push_factor=config.loss.push_factor,
       pull_factor=config.loss.pull_factor)
@@ -445,8 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     with _StopFlag() as stop:
       while step < total_steps:
         host_batch = next(data_iter)
-        batch = sharding.make_global_batch(
-            {k: host_batch[k] for k in BATCH_KEYS}, mesh)
+        batch = sharding.make_global_batch(dict(host_batch), mesh)
         state, metrics = step_fn(state, batch, step_rng)
         pending.append(metrics)
         step += 1
