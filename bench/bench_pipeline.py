@@ -93,6 +93,52 @@ def time_batches(it, num_batches: int, batch: int):
           (time.process_time() - c) / n * 1e3, nbytes / n)
 
 
+def gil_profile(num: int):
+  """Host loader CPU ms per example: total and inside GIL-free cv2 calls.
+
+  Calls pipeline.make_loader's function directly (one thread) with the
+  augmentation the pipeline draws, and accumulates the thread CPU time
+  spent inside cv2.imdecode / warpAffine / flip, which release the GIL.
+  The rest holds it: 1 / (rest) bounds one process's examples per second
+  however many threads the map runs.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import coco, pipeline  # pylint: disable=g-import-not-at-top
+  index = coco.load_coco_index(ROOT, SPLIT)
+  load = pipeline.make_loader(
+      coco.ExampleSource(index.examples, index.image_dir),
+      pipeline.SkipCounter(), input_wh=(S, S), heatmap_wh=(H, H),
+      scale_type='short', trans_factor=40.0, max_people=M)
+  spent = [0.0]
+  originals = {n: getattr(cv2, n) for n in ('imdecode', 'warpAffine', 'flip')}
+
+  def timed(fn):
+    def call(*a, **k):
+      t = time.thread_time()
+      try:
+        return fn(*a, **k)
+      finally:
+        spent[0] += time.thread_time() - t
+    return call
+
+  params = [[float(v) for v in pipeline.sample_augmentation(
+      tf.constant([0, g], tf.int64), 30.0, (0.75, 1.5), 0.5)]
+            for g in range(num)]
+  for name, fn in originals.items():
+    setattr(cv2, name, timed(fn))
+  try:
+    load(0, *params[0])
+    spent[0] = 0.0
+    t = time.thread_time()
+    for g, p in enumerate(params):
+      load(g % len(index), *p)
+    total = time.thread_time() - t
+  finally:
+    for name, fn in originals.items():
+      setattr(cv2, name, fn)
+  return total / num * 1e3, spent[0] / num * 1e3
+
+
 class Reference:
   """mmpose 0.x train pipeline in numpy + cv2, one example per call."""
 
@@ -142,6 +188,8 @@ def main():
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--reference', action='store_true',
                       help='also time the mmpose-style reference (1 core)')
+  parser.add_argument('--profile', action='store_true',
+                      help='also split the loader CPU time by GIL (1 core)')
   parser.add_argument('--out', default='',
                       help='write a markdown report here (with --reference)')
   args = parser.parse_args()
@@ -156,6 +204,11 @@ def main():
           f'{ours[0]:.0f} img/s wall, {ours[1]:.2f} cpu-ms/img '
           f'({1e3 / ours[1]:.0f} img/s per core-second), '
           f'{ours[2] / 1e6:.3f} MB/img host->device')
+  if args.profile:
+    total, free = gil_profile(args.examples)
+    print(f'loader alone, one thread: {total:.2f} cpu-ms/img, {free:.2f} in '
+          f'GIL-free cv2 calls, {total - free:.2f} holding the GIL '
+          f'(one process at most ~{1e3 / (total - free):.0f} img/s)')
   if not args.reference:
     print(line)
     return

@@ -123,3 +123,16 @@ def test_rect_encoding_indexes_the_loss_tag_maps():
       assert got[p, t] == tags[0, y, x, k]
       checked += 1
   assert checked > 20
+
+
+def test_batch_with_targets_passes_through():
+  """Synthetic batches carry heatmaps/joints: kept, mask cast to float32."""
+  rng = np.random.default_rng(9)
+  batch = {'image': np.zeros((2, 16, 16, 3), np.uint8),
+           'mask': np.ones((2, 4, 4), np.uint8),
+           'heatmaps': rng.uniform(size=(2, 4, 4, K)).astype(np.float32),
+           'joints': rng.integers(0, 9, (2, 30, K, 2)).astype(np.int32)}
+  out = device_targets.render_targets(batch, sigma=2.0)
+  assert sorted(out) == sorted(batch) and out['mask'].dtype == np.float32
+  for key in ('image', 'heatmaps', 'joints'):
+    np.testing.assert_array_equal(out[key], batch[key])
