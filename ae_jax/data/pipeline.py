@@ -16,12 +16,13 @@ replacement is counted per reason and logged (absl) once per file.
 
 Host work per example (one tf.numpy_function, `make_loader`): read and
 decode, ignore mask, the two warps, the flip; cv2 releases the GIL in all
-the heavy calls, so the parallel map scales with the cores it is given
-(measured in bench/RESULTS_pipeline.md). The targets (heatmaps, joint
-encodings) are rendered on device inside the jitted step from the padded
-keypoints (device_targets.render_targets), which keeps their rendering off
-the host and 1.1 of the 2.0 MB per 512/128 example off the host->device
-link.
+the heavy calls (~85% of the loader's time), so the parallel map's threads
+scale with the cores until the GIL-held rest (~0.9 ms per 512/128 example
+on the 2-core CI machine, about 1.1k img/s) saturates one core (measured in
+bench/RESULTS_pipeline.md). The targets (heatmaps, joint encodings) are
+rendered on device inside the jitted step from the padded keypoints
+(device_targets.render_targets), which keeps their rendering off the host
+and 1.1 of the 2.0 MB per 512/128 example off the host->device link.
 
 Train batch (host-local numpy dict), b = global_batch // process_count,
 H x W the input size and h x w the heatmap size (config.data.input_size /
