@@ -143,8 +143,9 @@ class Reference:
   """mmpose 0.x train pipeline in numpy + cv2, one example per call."""
 
   def __init__(self):
-    from pycocotools import coco as coco_api  # pylint: disable=g-import-not-at-top
-    from tests.references import mmpose_pipeline  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from pycocotools import coco as coco_api
+    from tests.references import mmpose_pipeline
     self.ref = mmpose_pipeline
     self.coco = coco_api.COCO(f'{ROOT}/annotations/person_keypoints_'
                               f'{SPLIT}.json')

@@ -16,7 +16,7 @@ clipped to the map, max over people; the encoding packs each person's
 kept joints to the front as (k * h * w + y * w + x, 1). The Gaussian is
 evaluated as exp(-dx^2 / 2s^2) * exp(-dy^2 / 2s^2) (separable, within
 2e-7 of mmpose's float32 values) and maxed over the M people on the full
-grid, which XLA fuses into one reduction.
+grid, one fused elementwise loop.
 
 People: the host keeps the first M (= max_people) of an image, zero padded;
 mmpose encodes only M people too and fails when a later one has a visible
@@ -69,7 +69,13 @@ def render_heatmaps(keypoints: jnp.ndarray, heatmap_wh: tuple[int, int],
   gy = _axis_profile(y, kept, h, sigma)  # [B, M, K, h]
   gx = jnp.moveaxis(gx, 2, -1)[:, :, None, :, :]  # [B, M, 1, w, K]
   gy = jnp.moveaxis(gy, 2, -1)[:, :, :, None, :]  # [B, M, h, 1, K]
-  return jnp.max(gy * gx, axis=1)
+  # A chain of M elementwise maxima, which XLA fuses into one loop over the
+  # output (a max-reduction over the broadcast product was 15x slower on
+  # XLA:CPU).
+  out = gy[:, 0] * gx[:, 0]
+  for m in range(1, keypoints.shape[1]):
+    out = jnp.maximum(out, gy[:, m] * gx[:, m])
+  return out
 
 
 def encode_joints(keypoints: jnp.ndarray,

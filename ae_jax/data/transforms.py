@@ -31,8 +31,8 @@ swap).
 Sizes: config.data.input_size / heatmap_size are an int (square, the paper
 setup) or a (w, h) pair as mmpose's image_size / heatmap_size; they are
 normalised once, to (w, h) pairs, by `train_sizes` (which also checks the
-heatmap size), and the warps below take the pairs. The box is mmpose's `_get_scale` for that aspect
-ratio.
+heatmap size), and the warps below take the pairs. The box is mmpose's
+`_get_scale` for that aspect ratio.
 
 Shapes: image [Hi, Wi, 3] uint8 RGB in, [H, W, 3] uint8 out (input size);
 mask [h, w] uint8 {0, 1} (1 = train on this pixel); keypoints [P, K, 3]
