@@ -1,7 +1,7 @@
 """Train input pipeline throughput on N cores (and vs mmpose-style on one).
 
-Run:  python -m bench.bench_pipeline --cores N [--examples 384]
-      python -m bench.bench_pipeline --reference --out bench/RESULTS_pipeline.md
+Run:  python -m bench.bench_pipeline --cores N [--examples 384] [--profile]
+      python -m bench.bench_pipeline --reference [--out report.md]
 
 `--cores N` times the training input exactly as train.py builds it
 (train_lib.make_dataset on configs/default.py, 512/128, full augmentation)
@@ -18,6 +18,10 @@ times a fixed number of examples and prints, as its last line,
 On a machine shared with other jobs, wall-clock img/s drops with the load
 while cpu-ms/img stays close to the cost of the work; the load average is
 printed beside the figures.
+
+`--profile` also splits the loader's CPU time (gil_profile) into the part
+inside GIL-free cv2 calls and the GIL-held rest, whose inverse bounds one
+process's img/s however many threads it runs.
 
 `--reference` also times (on one core) the shared mmpose-style reference,
 tests/references/mmpose_pipeline.py: mmcv decode, `_get_mask`, 3-point
