@@ -64,7 +64,7 @@ def make_dataset(config: ml_collections.ConfigDict, start_step: int):
   d = config.data
   return pipeline.make_train_dataset(
       d.coco_root, d.train_split, input_size=d.input_size,
-      heatmap_size=d.heatmap_size, sigma=d.sigma, max_people=d.max_people,
+      heatmap_size=d.heatmap_size, max_people=d.max_people,
       rot_factor=d.rot_factor, scale_factor=tuple(d.scale_factor),
       scale_type=d.scale_type, trans_factor=d.trans_factor,
       flip_prob=d.flip_prob, augment=d.augment,
@@ -244,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     last_good = resume_step
     step_fn = train_step.make_train_step(
         mesh, state_shardings, model=model, lr_fn=lr_fn,
-        num_joints=config.model.num_joints,
+        num_joints=config.model.num_joints, sigma=config.data.sigma,
         heatmap_factor=config.loss.heatmap_factor,
         push_factor=config.loss.push_factor,
         pull_factor=config.loss.pull_factor)
@@ -267,8 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     try:
       while step < total_steps and not preempted:
         host_batch = next(data_iter)
-        batch = sharding.make_global_batch(
-            {k: host_batch[k] for k in train_step.BATCH_KEYS}, mesh)
+        batch = sharding.make_global_batch(dict(host_batch), mesh)
         state, metrics = step_fn(state, batch, step_rng)
         pending.append(metrics)  # device arrays until the next log step
         step += 1
