@@ -42,12 +42,10 @@ def main(argv):
     pass
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, coco_eval, inference
+  from ae_jax import checkpoints, coco_eval, inference, sharding
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  logging.info('JAX process %d / %d, %d devices (%s).', jax.process_index(),
-               jax.process_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  sharding.log_backend(config.test.input_size)
   try:
     variables = checkpoints.restore_variables(_CKPT.value)
   except checkpoints.CheckpointError as e:
