@@ -84,11 +84,11 @@ def log_backend(input_size: Any, global_batch_size: int = 0) -> str:
                jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   if backend == 'cpu' and is_full_size(input_size, global_batch_size):
+    batch = f', global batch {global_batch_size}' if global_batch_size else ''
     logging.warning(
-        'Full-size config (input %s, global batch %d) on the CPU backend: '
-        'this will be very slow; on a GPU/TPU machine install '
-        ".[cuda12] or .[tpu] (README 'Install on GPU / TPU').",
-        input_size, global_batch_size)
+        'Full-size config (input %s%s) on the CPU backend: this will be '
+        "very slow; on a GPU/TPU machine install .[cuda12] or .[tpu] (README "
+        "'Install on GPU / TPU').", input_size, batch)
   return backend
 
 
@@ -104,6 +104,21 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding of a fully replicated array."""
   return NamedSharding(mesh, P())
+
+
+def put_replicated(value: Any, mesh: Mesh) -> jax.Array:
+  """A host value, equal on every process -> a replicated global array.
+
+  `jax.device_put(value, replicated(mesh))` fails in multi-process runs
+  (the sharding names other processes' devices); this builds the global
+  array from each process's copy. PRNG key arrays keep their impl.
+  """
+  if jax.dtypes.issubdtype(getattr(value, 'dtype', None),
+                           jax.dtypes.prng_key):
+    data = put_replicated(jax.random.key_data(value), mesh)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+  return jax.make_array_from_process_local_data(replicated(mesh),
+                                                np.asarray(value))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
