@@ -70,8 +70,7 @@ def restore_variables(directory: PathLike) -> Variables:
   if latest is not None:
     return _restore_from_train_step(latest)
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      tree = ckptr.restore(directory)
+    tree = _restore_on_this_host(directory)
   except Exception as e:  # orbax raises several types for a bad directory.
     raise CheckpointError(
         f'{directory} is not an ae_jax checkpoint (neither converted '
@@ -79,6 +78,22 @@ def restore_variables(directory: PathLike) -> Variables:
   if 'params' not in tree:
     raise CheckpointError(f'{directory} holds no "params"')
   return jax.tree_util.tree_map(np.asarray, dict(tree))
+
+
+def _restore_on_this_host(directory: epath.Path) -> Dict[str, Any]:
+  """A StandardCheckpointer item, read onto this process's first device.
+
+  Whatever topology wrote it: a checkpoint saved by 2 processes x 4 devices
+  (or a pod) names devices this process does not have, so the saved
+  shardings are replaced by one local device.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(directory).item_metadata
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        getattr(meta, 'tree', meta))
+    return ckptr.restore(directory, target)
 
 
 def _latest_train_step_dir(directory: epath.Path) -> Optional[epath.Path]:
@@ -92,9 +107,7 @@ def _latest_train_step_dir(directory: epath.Path) -> Optional[epath.Path]:
 
 def _restore_from_train_step(step_dir: epath.Path) -> Variables:
   """Loads params/batch_stats from one step of a training checkpoint."""
-  state_dir = step_dir / 'state'
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(state_dir)
+  tree = _restore_on_this_host(step_dir / 'state')
   return jax.tree_util.tree_map(
       np.asarray, {'params': tree['params'],
                    'batch_stats': tree['batch_stats']})
