@@ -44,12 +44,10 @@ def main(argv):
     pass
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, coco_eval, inference
+  from ae_jax import checkpoints, coco_eval, inference, sharding
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  logging.info('JAX process %d / %d, %d devices (%s).', jax.process_index(),
-               jax.process_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  sharding.log_backend(config.test.input_size)
   model = ae_model.create_model(
       config.model, ae_model.default_kernels(jax.default_backend()))
   try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.

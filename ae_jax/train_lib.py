@@ -212,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Raises:
     NonFiniteLossError: a NaN/inf metric; the last good checkpoint stays.
   """
-  workdir = epath.Path(workdir)
+  workdir = checkpoints.as_path(workdir)
   t = config.train
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh()
@@ -223,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Every resource is closed here, in reverse order, also on errors; the
   # manager's close waits for the asynchronous saves.
   with contextlib.ExitStack() as resources:
-    manager = checkpoints.make_train_manager(str(workdir),
+    manager = checkpoints.make_train_manager(workdir,
                                              t.keep_checkpoints)
     resources.callback(manager.close)
     resume_step = manager.latest_step()
@@ -248,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         heatmap_factor=config.loss.heatmap_factor,
         push_factor=config.loss.push_factor,
         pull_factor=config.loss.pull_factor)
-    step_rng = jax.device_put(step_rng, sharding.replicated(mesh))
+    step_rng = sharding.put_replicated(step_rng, mesh)
     writer = make_metric_writer(workdir / 'tensorboard', is_main)
     resources.callback(writer.close)
     data_iter = iter(dataset)
