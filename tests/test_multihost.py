@@ -25,7 +25,6 @@ import jax
 from ae_jax import checkpoints
 from ae_jax import sharding
 from tests.test_train_cli import SMALL
-from tests.test_train_lib import compile_cache  # pylint: disable=unused-import
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
