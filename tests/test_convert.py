@@ -332,7 +332,7 @@ def _make_bad_input(kind, tmp_path, pose_pth):
   if kind == 'head_width':  # the paper backbone with a 128-wide head
     model = torch_model.AETorchModel(1.0, (128, 128, 128))
     torch_model.save_mmpose_checkpoint(str(path), model)
-    return path, ('set config.model.num_deconv_filters=(128, 128, 128) (6 '
+    return path, ('set config.model.num_deconv_filters=(128, 128, 128) (16 '
                   'tensors differ, e.g. keypoint_head.deconv_layers.0.weight '
                   '[1280, 128, 4, 4] vs model [1280, 256, 4, 4])')
   if kind == 'other_width':  # a half-width model for 5 joints
