@@ -137,8 +137,8 @@ def load_pretrained(state: TrainState, variables: Dict[str, Any],
   its initialisation too, with one warning saying why: another joint count
   re-initialises `final_layer` only (the deconv layers still load, as
   mmcv's non-strict load skips tensors of another shape), other deconv
-  widths the whole head. Step and Adam moments stay as created (0, zeros):
-  fine-tuning starts a fresh schedule.
+  widths the whole head. Step and Adam moments stay as created (0 and
+  zeros for a new state): fine-tuning starts a fresh schedule.
 
   Args:
     state: a new TrainState (`create_train_state`), placed on its mesh.
@@ -193,7 +193,8 @@ def load_pretrained(state: TrainState, variables: Dict[str, Any],
     new[col] = tree
   state = state.replace(params=new['params'], batch_stats=new['batch_stats'])
   return state, (f'Initialised {what} (params and BatchNorm statistics) '
-                 f'from {source}; step 0, fresh Adam moments.')
+                 f'from {source}; training starts at step '
+                 f'{int(state.step)} with fresh Adam moments.')
 
 
 def _fits(want, have, *where) -> bool:
