@@ -421,6 +421,8 @@ def _architecture_error(arrays, kind: str, kwargs: Mapping[str, Any],
   except ConversionError:
     return error  # not just another width: list what does not match
   keys = [k for k in sorted(implied) if implied[k] != kwargs.get(k)]
+  if not keys:
+    return error
   settings = ', '.join(f'config.model.{k}={implied[k]!r}' for k in keys)
   config = ', '.join(f'{k}={kwargs.get(k)!r}' for k in keys)
   first = error.mismatched[0] if error.mismatched else ''
