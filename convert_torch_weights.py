@@ -11,8 +11,15 @@ checkpoint that eval.py / train.py read (ae_jax.checkpoints). The model
 shape comes from `--config`'s `model` group (the paper model by default);
 `--infer_arch` takes widen_factor and head widths from the checkpoint.
 
-Any mismatch (missing, unused or differently shaped tensors), a missing,
-truncated or non-checkpoint file gives a one-line error and exit status 1.
+OUTPUT_DIR must be new or empty: an existing checkpoint is replaced only
+with `--overwrite` and only if it is a variables checkpoint (never a
+training workdir or another folder). It is checked before converting and
+written atomically (a temporary sibling, renamed into place).
+
+Any mismatch (missing, unused or differently shaped tensors; a checkpoint
+of another width names the config.model keys it implies), a missing,
+truncated, non-checkpoint or code-carrying pickle file, or an OUTPUT_DIR
+that may not be written gives one `error:` line and exit status 1.
 """
 
 import os
@@ -32,6 +39,17 @@ _INFER_ARCH = flags.DEFINE_bool(
     'infer_arch', False,
     'Infer widen_factor / num_deconv_filters / num_joints from the weights '
     'instead of taking them from --config.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False,
+    'Replace an existing OUTPUT_DIR if it is a variables checkpoint (a '
+    'training workdir or any other folder is still refused).')
+
+
+def _fail(message: str) -> None:
+  """Prints `error: message` and exits 1."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.stderr.flush()
+  sys.exit(1)
 
 
 def main(argv):
@@ -42,8 +60,13 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every write at INFO
   # Imported here so --help and flag errors stay fast; torch is lazy inside.
+  from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from ae_jax import convert  # pylint: disable=g-import-not-at-top
 
+  try:  # before the conversion: refuse early, destroy nothing
+    checkpoints.check_variables_target(output_dir, _OVERWRITE.value)
+  except checkpoints.CheckpointError as e:
+    _fail(str(e))
   model = _CONFIG.value.model
   kwargs = {} if _INFER_ARCH.value else dict(
       widen_factor=model.widen_factor,
@@ -53,15 +76,20 @@ def main(argv):
     result = convert.convert_checkpoint(input_path, **kwargs)
   except convert.ConversionError as e:
     where = '' if input_path in str(e) else f'{input_path}: '
-    print(f'error: {where}{e}', file=sys.stderr)
-    sys.exit(1)
+    hint = ' (or pass --infer_arch)' if 'config.model.' in str(e) else ''
+    _fail(f'{where}{e}{hint}')
 
-  from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
   try:
-    checkpoints.save_variables(output_dir, result.variables)
-  except OSError as e:
-    print(f'error: cannot write {output_dir}: {e}', file=sys.stderr)
-    sys.exit(1)
+    checkpoints.save_variables(output_dir, result.variables,
+                               overwrite=_OVERWRITE.value)
+  except (checkpoints.CheckpointError, OSError) as e:
+    message = e if isinstance(e, checkpoints.CheckpointError) else (
+        f'cannot write {output_dir}: {e}')
+    print(f'error: {message}', file=sys.stderr)
+    sys.stderr.flush()
+    # A failed orbax save can leave non-daemon threads waiting for a
+    # signal that never comes (the interpreter would hang at exit).
+    os._exit(1)  # pylint: disable=protected-access
   model_args = ', '.join(f'{k}={v}' for k, v in
                          sorted(result.model_kwargs.items()))
   print(f'converted {result.kind} checkpoint {input_path}\n'

@@ -20,6 +20,7 @@ os.path to it.
 """
 
 from typing import Any, Dict, Optional, Tuple, Union
+import uuid
 
 from etils import epath
 import flax
@@ -48,13 +49,112 @@ def as_path(path: PathLike) -> epath.Path:
   return path if path.is_absolute() else path.absolute()
 
 
-def save_variables(directory: PathLike, variables: Variables) -> None:
-  """Writes {'params', 'batch_stats'} (numpy or jax arrays) to `directory`."""
+def save_variables(directory: PathLike, variables: Variables,
+                   overwrite: bool = False) -> None:
+  """Writes {'params', 'batch_stats'} (numpy or jax arrays) to `directory`.
+
+  Nothing existing is lost: a non-empty `directory` is refused
+  (CheckpointError) unless `overwrite` is set and it is a variables
+  checkpoint (`is_variables_checkpoint`); a workdir or any other folder is
+  always refused. The checkpoint is written into a temporary sibling and
+  renamed into place, so a failed save leaves `directory` as it was.
+
+  Raises:
+    CheckpointError: `directory` may not be replaced, or its parent is not
+      writable (checked before anything is written).
+  """
   directory = as_path(directory)
+  check_variables_target(directory, overwrite)
   tree = {'params': variables['params'],
           'batch_stats': variables.get('batch_stats', {})}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory, tree, force=True)
+  tmp = _make_tmp_sibling(directory)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp / 'new', tree)
+    if directory.exists():  # empty, or a variables checkpoint to replace
+      directory.rename(tmp / 'old')
+    (tmp / 'new').rename(directory)
+  except BaseException:
+    if not directory.exists() and (tmp / 'old').exists():
+      (tmp / 'old').rename(directory)  # put the previous one back
+    raise
+  finally:
+    tmp.rmtree(missing_ok=True)
+
+
+def check_variables_target(directory: PathLike, overwrite: bool = False
+                           ) -> None:
+  """Raises CheckpointError unless `save_variables` may write `directory`.
+
+  Fine: a missing path whose parent can be created, an empty directory, or
+  (with `overwrite`) a variables checkpoint. Callers run it before long
+  work (convert_torch_weights.py checks before converting).
+  """
+  directory = as_path(directory)
+  if directory.exists():
+    if not directory.is_dir():
+      raise CheckpointError(f'{directory} exists and is not a directory')
+    if any(directory.iterdir()):
+      if not overwrite:
+        raise CheckpointError(
+            f'{directory} exists and is not empty; choose a new directory '
+            '(or overwrite=True / --overwrite to replace a variables '
+            'checkpoint)')
+      if not is_variables_checkpoint(directory):
+        raise CheckpointError(
+            f'{directory} is not a variables checkpoint (a training '
+            'workdir or another folder): refusing to replace it even '
+            'with overwrite')
+  tmp = _make_tmp_sibling(directory)  # proves the parent is writable
+  tmp.rmtree(missing_ok=True)
+
+
+_ORBAX_ENTRIES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding',
+                  'commit_success.txt', 'd', 'manifest.ocdbt', 'descriptor')
+
+
+def is_variables_checkpoint(directory: PathLike) -> bool:
+  """True for a directory `save_variables` wrote (and nothing else).
+
+  Only orbax's own files, and a tree of exactly {'params', 'batch_stats'}
+  (a train step's state item also has 'step' and 'opt_state').
+  """
+  directory = as_path(directory)
+  names = [p.name for p in directory.iterdir()]
+  if '_CHECKPOINT_METADATA' not in names or not all(
+      n in _ORBAX_ENTRIES or n.startswith('ocdbt.process_') for n in names):
+    return False
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(directory).item_metadata
+  except Exception:  # pylint: disable=broad-except  # not an orbax item
+    return False
+  keys = set(getattr(meta, 'tree', meta) or ())
+  return 'params' in keys and keys <= {'params', 'batch_stats'}
+
+
+def _make_tmp_sibling(directory: epath.Path) -> epath.Path:
+  """Creates `.{name}.tmp-{id}` beside `directory` (and missing parents).
+
+  Creating it up front is the writability check: orbax, failing to create
+  its own tmp folder, leaves non-daemon threads waiting for a signal that
+  never comes, and the process hangs at exit.
+  """
+  tmp = directory.parent / f'.{directory.name}.tmp-{uuid.uuid4().hex[:8]}'
+  for parent in directory.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise CheckpointError(
+            f'cannot write {directory}: {parent} is not a directory')
+      break
+  try:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+  except OSError as e:
+    where = f' ({e.filename})' if e.filename else ''
+    raise CheckpointError(
+        f'cannot write {directory}: {e.strerror or e}{where}') from None
+  return tmp
 
 
 def restore_variables(directory: PathLike) -> Variables:

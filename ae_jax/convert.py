@@ -35,7 +35,9 @@ must be filled, every torch tensor used, every shape equal; otherwise
 import dataclasses
 import functools
 import os
+import pickle
 import re
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -108,7 +110,9 @@ def load_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
         f'{path} is not a PyTorch checkpoint (neither a zip archive nor a '
         f'pickle; it starts with {head!r})')
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    with warnings.catch_warnings():  # e.g. 'Detected pickle protocol 4'
+      warnings.simplefilter('ignore')
+      obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises many types for bad files.
     raise ConversionError(_describe_load_error(path, e)) from None
   if isinstance(obj, Mapping):
@@ -136,13 +140,24 @@ def load_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
 
 
 def _describe_load_error(path: str, error: Exception) -> str:
-  """One line saying why torch.load(weights_only=True) refused a file."""
+  """One line saying why torch.load(weights_only=True) refused a file.
+
+  torch 2.13 raises pickle.UnpicklingError('Weights only load failed. ...')
+  for any pickle that needs more than tensors and containers; the detail
+  names the refused global ('Unsupported global: GLOBAL x' for a class,
+  'unsupported GLOBAL posix.system whose module posix is blocked' for a
+  callable) or, for protocol-4 pickles, the opcode ('Unsupported operand
+  149', STACK_GLOBAL: an import by name).
+  """
   text = str(error).strip()
-  unsupported = re.search(r'Unsupported global: GLOBAL (\S+)', text)
-  if 'Weights only load failed' in text and unsupported:
-    return (f'{path} is not a weights-only checkpoint (it pickles '
-            f'{unsupported.group(1)}); torch.load(weights_only=True) refuses '
-            'to execute it')
+  if (isinstance(error, pickle.UnpicklingError) and
+      text.startswith('Weights only load failed')):
+    found = (re.search(r'GLOBAL (\S+)', text) or
+             re.search(r'Unsupported operand (\d+)', text))
+    what = f' ({found.group(0)})' if found else ''
+    return (f'{path} is not a weights-only checkpoint: it pickles code or '
+            f'objects{what}; refused to unpickle it '
+            '(torch.load(weights_only=True) never runs them)')
   # torch's first sentence says what failed; the rest is advice.
   first_line = text.splitlines()[0].split('. ')[0] if text else ''
   return (f'cannot read {path} as a PyTorch checkpoint (truncated or '
@@ -380,9 +395,41 @@ def convert_state_dict(state_dict: Mapping[str, Any],
       kwargs[name] = tuple(value) if name == 'num_deconv_filters' else value
   if kind == IMAGENET:  # the head is not in the checkpoint: defaults suffice
     kwargs = {'widen_factor': kwargs['widen_factor']}
-  variables, used = _map_and_check(arrays, kwargs, kind == IMAGENET)
+  try:
+    variables, used = _map_and_check(arrays, kwargs, kind == IMAGENET)
+  except ConversionError as e:
+    given = (widen_factor, num_deconv_filters, num_joints) != (None,) * 3
+    raise (_architecture_error(arrays, kind, kwargs, e) if given
+           else e) from None
   num_params = sum(int(np.size(v)) for v in _leaves(variables['params']))
   return Conversion(variables, kind, kwargs, used, num_params, dropped)
+
+
+def _architecture_error(arrays, kind: str, kwargs: Mapping[str, Any],
+                        error: ConversionError) -> ConversionError:
+  """`error`, or one naming the config keys the checkpoint implies.
+
+  When the weights convert with the architecture inferred from their
+  shapes, the checkpoint is another width or joint count than the config:
+  the config.model values to set say more than 273 shape mismatches.
+  """
+  implied = infer_model_kwargs(arrays, kind)
+  if kind == IMAGENET:
+    implied = {'widen_factor': implied['widen_factor']}
+  try:
+    _map_and_check(arrays, implied, kind == IMAGENET)
+  except ConversionError:
+    return error  # not just another width: list what does not match
+  keys = [k for k in sorted(implied) if implied[k] != kwargs.get(k)]
+  if not keys:
+    return error
+  settings = ', '.join(f'config.model.{k}={implied[k]!r}' for k in keys)
+  config = ', '.join(f'{k}={kwargs.get(k)!r}' for k in keys)
+  first = error.mismatched[0] if error.mismatched else ''
+  return ConversionError(
+      f'the checkpoint is AEModel({_format_kwargs(implied)}), the config '
+      f'asks for {config}: set {settings} ({len(error.mismatched)} tensors '
+      f'differ, e.g. {first})')
 
 
 def _leaves(tree):

@@ -144,7 +144,7 @@ def _lr_schedule(optim: ml_collections.ConfigDict, global_batch: int,
 
 
 def _resume_or_init(state, manager, resume_step, init_checkpoint: str):
-  """The state of the latest checkpoint, else `init_checkpoint`'s backbone."""
+  """The state of the latest checkpoint, else `init_checkpoint`'s weights."""
   if resume_step is not None:
     state, meta = checkpoints.restore_train_state(manager, state,
                                                   resume_step)
@@ -155,10 +155,10 @@ def _resume_or_init(state, manager, resume_step, init_checkpoint: str):
     logging.info('Resumed from %s at step %d.', manager.directory,
                  resume_step)
   elif init_checkpoint:
-    state = train_state.load_backbone(
+    state, loaded = train_state.load_pretrained(
         state, checkpoints.restore_variables(init_checkpoint),
         init_checkpoint)
-    logging.info('Backbone initialised from %s.', init_checkpoint)
+    logging.info('%s', loaded)
   return state
 
 

@@ -8,6 +8,7 @@ position both derive from the step).
 import math
 from typing import Any, Dict, Sequence, Tuple
 
+from absl import logging
 from flax.training import train_state as flax_train_state
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 
 from ae_jax import checkpoints
+from ae_jax import convert
 from ae_jax import sharding
 from ae_jax.data import transforms
 from ae_jax.models.ae_model import AEModel
@@ -124,37 +126,126 @@ def create_train_state(rng: jax.Array, model: AEModel,
   return state, shardings
 
 
-def load_backbone(state: TrainState, variables: Dict[str, Any],
-                  source: str = '') -> TrainState:
-  """Replaces the backbone params/BN stats with converted weights.
+def load_pretrained(state: TrainState, variables: Dict[str, Any],
+                    source: str = '') -> Tuple[TrainState, str]:
+  """Initialises `state` from pretrained variables (`init_checkpoint`).
 
-  Accepts full AEModel variables (uses their 'backbone' subtree only) or a
-  backbone-only tree (e.g. a converted ImageNet MobileNetV2). The head
-  keeps its initialisation; Adam moments are zeros either way.
+  A full checkpoint (a converted mmpose pose model, converted variables or
+  an ae_jax workdir) fills backbone, head and BatchNorm statistics; a
+  backbone-only one (a converted ImageNet MobileNetV2) fills the backbone
+  and the head keeps its initialisation. A head that does not fit keeps
+  its initialisation too, with one warning saying why: another joint count
+  re-initialises `final_layer` only (the deconv layers still load, as
+  mmcv's non-strict load skips tensors of another shape), other deconv
+  widths the whole head. Step and Adam moments stay as created (0 and
+  zeros for a new state): fine-tuning starts a fresh schedule.
+
+  Args:
+    state: a new TrainState (`create_train_state`), placed on its mesh.
+    variables: {'params', 'batch_stats'} host arrays
+      (checkpoints.restore_variables).
+    source: the checkpoint path, for messages.
+
+  Returns:
+    (state, description): a one-line summary of what was loaded.
 
   Raises:
-    checkpoints.CheckpointError: when shapes or names do not match.
+    checkpoints.CheckpointError: the backbone does not fit the model; the
+      message names the widen_factor the checkpoint implies.
   """
-  new_vars = {}
+  have = {c: variables.get(c) or {} for c in ('params', 'batch_stats')}
+  want = {'params': state.params, 'batch_stats': state.batch_stats}
+  if not _fits(want, have, 'backbone'):
+    got, mine = _model_kwargs(have), _model_kwargs(want)
+    raise checkpoints.CheckpointError(
+        f'init checkpoint {source}: its backbone does not fit the model '
+        f'(checkpoint widen_factor={got.get("widen_factor", "?")}, '
+        f'config.model.widen_factor={mine.get("widen_factor")})')
+  load = ['backbone']
+  if 'keypoint_head' not in have['params']:
+    what = 'backbone (backbone-only checkpoint; head initialised)'
+  elif _fits(want, have, 'keypoint_head'):
+    load.append('keypoint_head')
+    what = 'backbone and head'
+  else:
+    got, mine = _model_kwargs(have), _model_kwargs(want)
+    deconv = want['params']['keypoint_head'].keys() - {'final_layer'}
+    if all(_fits(want, have, 'keypoint_head', n) for n in deconv):
+      load += [('keypoint_head', n) for n in deconv]
+      part, key = 'keypoint_head.final_layer', 'num_joints'
+    else:
+      part, key = 'keypoint_head', 'num_deconv_filters'
+    what = f'backbone and head, {part} re-initialised'
+    logging.warning(
+        'init checkpoint %s: %s re-initialised: the checkpoint has %s=%s, '
+        'config.model.%s=%s.', source, part, key, got.get(key), key,
+        mine.get(key))
+  new = {}
+  for col, tree in want.items():
+    tree = dict(tree)
+    for where in load:
+      top, *sub = (where,) if isinstance(where, str) else where
+      if sub and sub[0] in tree[top]:
+        tree[top] = {**tree[top], sub[0]: _put(tree[top][sub[0]],
+                                               have[col][top][sub[0]])}
+      elif not sub and top in tree:
+        tree[top] = _put(tree[top], have[col][top])
+    new[col] = tree
+  state = state.replace(params=new['params'], batch_stats=new['batch_stats'])
+  return state, (f'Initialised {what} (params and BatchNorm statistics) '
+                 f'from {source}; training starts at step '
+                 f'{int(state.step)} with fresh Adam moments.')
+
+
+def _fits(want, have, *where) -> bool:
+  """Whether `have` has `want`'s tree and shapes below `where`, both
+  collections (a module without BatchNorm has no batch_stats entry)."""
   for col in ('params', 'batch_stats'):
-    tree = variables.get(col, {})
-    tree = tree.get('backbone', tree)
-    current = getattr(state, col)['backbone']
-    want = jax.tree_util.tree_structure(current)
-    got = jax.tree_util.tree_structure(tree)
-    if want != got:
-      raise checkpoints.CheckpointError(
-          f'init checkpoint {source!r}: {col} backbone tree does not match '
-          f'the model (widen_factor?)')
+    a, b = want[col], have[col]
+    for name in where:
+      a, b = a.get(name), (b or {}).get(name)
+    if a is None:
+      continue
+    if b is None or (jax.tree_util.tree_structure(a) !=
+                     jax.tree_util.tree_structure(b)):
+      return False
+    if any(tuple(x.shape) != tuple(np.shape(y)) for x, y in
+           zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))):
+      return False
+  return True
 
-    def put(cur, new, col=col):
-      if tuple(cur.shape) != tuple(np.shape(new)):
-        raise checkpoints.CheckpointError(
-            f'init checkpoint {source!r}: {col} shape {np.shape(new)} '
-            f'!= model {cur.shape}')
-      return jax.device_put(np.asarray(new, cur.dtype), cur.sharding)
 
-    backbone = jax.tree_util.tree_map(put, current, tree)
-    new_vars[col] = {**getattr(state, col), 'backbone': backbone}
-  return state.replace(params=new_vars['params'],
-                       batch_stats=new_vars['batch_stats'])
+def _put(current, new):
+  """Host arrays `new` placed like `current` (same dtype and sharding)."""
+  return jax.tree_util.tree_map(
+      lambda c, n: jax.device_put(np.asarray(n, c.dtype), c.sharding),
+      current, new)
+
+
+def _model_kwargs(variables) -> Dict[str, Any]:
+  """widen_factor, num_deconv_filters, num_joints of AEModel variables,
+  read off their shapes (for messages; absent where unknown)."""
+  params = variables['params']
+  head = params.get('keypoint_head', {})
+  out: Dict[str, Any] = {}
+  deconvs = sorted((int(n.rsplit('_', 1)[1]), n) for n in head
+                   if n.startswith('deconv_layers_') and 'kernel' in head[n])
+  filters = [int(np.shape(head[n]['kernel'])[-1]) for _, n in deconvs]
+  if filters:
+    out['num_deconv_filters'] = tuple(filters)
+  if 'kernel' in head.get('final_layer', {}):
+    out['num_joints'] = int(np.shape(head['final_layer']['kernel'])[-1]) // 2
+  backbone = {col: {'backbone': variables[col].get('backbone', {})}
+              for col in ('params', 'batch_stats')}
+  shapes = {tuple(k.key for k in path): tuple(np.shape(x)) for path, x in
+            jax.tree_util.tree_leaves_with_path(backbone)}
+  last = shapes.get(('params', 'backbone', 'layer7_0', 'conv_2', 'conv',
+                     'kernel'))
+  candidates = list(convert.KNOWN_WIDTHS)
+  if last:
+    candidates.insert(0, round(last[-1] / 320, 4))
+  for width in dict.fromkeys(candidates):
+    if convert.expected_shapes({'widen_factor': width}, True) == shapes:
+      out['widen_factor'] = width
+      break
+  return out

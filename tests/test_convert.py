@@ -12,6 +12,7 @@ outputs [B, H/4, W/4, 2K] (heatmaps then tags).
 
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -276,7 +277,8 @@ def test_imagenet_checkpoint_fills_backbone_only(tmp_path):
   state = train_state.TrainState.create(
       apply_fn=None, params=zeros['params'], tx=optax.sgd(0.1),
       batch_stats=zeros['batch_stats'])
-  state = train_state.load_backbone(state, variables, str(pth))
+  state, loaded = train_state.load_pretrained(state, variables, str(pth))
+  assert 'backbone-only' in loaded
   np.testing.assert_array_equal(
       state.params['backbone']['conv1']['conv']['kernel'],
       variables['params']['backbone']['conv1']['conv']['kernel'])
@@ -315,14 +317,29 @@ def _make_bad_input(kind, tmp_path, pose_pth):
   if kind == 'pickled_module':  # full nn.Module pickle, not weights only
     torch.save(torch.nn.Linear(2, 2), str(path))
     return path, 'not a weights-only checkpoint'
+  if kind in ('pickled_code', 'pickled_code_protocol4'):
+    # A callable that would create a file if the pickle were ever run.
+    payload = {'state_dict': {'w': torch.zeros(1)},
+               'x': _MakeDir(str(tmp_path / 'pwned'))}
+    if kind == 'pickled_code':
+      torch.save(payload, str(path))  # zip archive, pickle protocol 2
+    else:
+      path.write_bytes(pickle.dumps(payload, protocol=4))  # legacy pickle
+    return path, 'pickles code or objects'
   if kind == 'resnet':
     torch.save({'state_dict': _resnet_state_dict()}, str(path))
     return path, 'unexpected: backbone.conv1.weight'
   if kind == 'head_width':  # the paper backbone with a 128-wide head
     model = torch_model.AETorchModel(1.0, (128, 128, 128))
     torch_model.save_mmpose_checkpoint(str(path), model)
-    return path, 'keypoint_head.deconv_layers.0.weight [1280, 128, 4, 4] ' \
-                 'vs model [1280, 256, 4, 4]'
+    return path, ('set config.model.num_deconv_filters=(128, 128, 128) (16 '
+                  'tensors differ, e.g. keypoint_head.deconv_layers.0.weight '
+                  '[1280, 128, 4, 4] vs model [1280, 256, 4, 4])')
+  if kind == 'other_width':  # a half-width model for 5 joints
+    model = torch_model.AETorchModel(0.5, (16, 16, 16), num_joints=5)
+    torch_model.save_mmpose_checkpoint(str(path), model)
+    return path, ('set config.model.num_deconv_filters=(16, 16, 16), '
+                  'config.model.num_joints=5, config.model.widen_factor=0.5')
   raise ValueError(kind)
 
 
@@ -331,8 +348,11 @@ def _make_bad_input(kind, tmp_path, pose_pth):
     'text',  # a text file named .pth
     'truncated',  # first half of a valid checkpoint
     'pickled_module',  # needs full unpickling, refused by weights_only
+    'pickled_code',  # a callable in the pickle (torch 2.13's wording)
+    'pickled_code_protocol4',  # the same as a protocol-4 legacy pickle
     'resnet',  # mmpose checkpoint of another backbone
     'head_width',  # MobileNetV2 AE with 128 deconv filters
+    'other_width',  # widen_factor 0.5, 16-wide head, 5 joints
 ])
 def test_cli_rejects_bad_input_in_one_line(kind, tmp_path, pose_checkpoint):
   path, fragment = _make_bad_input(kind, tmp_path, pose_checkpoint['pth'])
@@ -344,6 +364,18 @@ def test_cli_rejects_bad_input_in_one_line(kind, tmp_path, pose_checkpoint):
   assert len(lines) == 1 and lines[0].startswith('error: ')
   assert fragment in lines[0]
   assert not (tmp_path / 'out').exists()  # nothing half-written
+  assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+  assert not (tmp_path / 'pwned').exists()  # a pickled callable never ran
+
+
+class _MakeDir:
+  """Unpickles as os.mkdir(path): code that must never run."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (os.mkdir, (self.path,))
 
 
 def test_conversion_error_lists_missing_unexpected_and_mismatched():
@@ -389,3 +421,4 @@ def test_eval_cli_runs_on_converted_checkpoint(pose_checkpoint, coco_mini_root,
   assert 'COCO val2017 keypoints, 4 images' in proc.stdout
   assert '| AP | AP50 | AP75 | APm | APl | AR | AR50 |' in proc.stdout
   assert isinstance(json.loads(out.read_text()), list)
+

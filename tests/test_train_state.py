@@ -1,5 +1,6 @@
-"""TrainState: the lr schedule against mmcv's formula, init, backbone load."""
+"""TrainState: the lr schedule against mmcv's formula, init, pretrained load."""
 
+import logging
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import optax
 from ae_jax import checkpoints
 from ae_jax import sharding
 from ae_jax import train_state
+from tests.conftest import random_variables
 from tests.conftest import small_model_and_lr
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
@@ -89,17 +91,168 @@ def test_create_train_state_shards_moments_on_eight_devices():
       'kernel'].sharding.is_fully_replicated
 
 
-def test_load_backbone_replaces_only_backbone(state):
-  ones = jax.tree_util.tree_map(np.ones_like,
-                                jax.device_get(state.params['backbone']))
-  new = train_state.load_backbone(
-      state, {'params': {'backbone': ones},
-              'batch_stats': jax.device_get(state.batch_stats)})
-  assert np.all(jax.device_get(new.params['backbone']['conv1']['conv']
-                               ['kernel']) == 1.0)
-  np.testing.assert_array_equal(
-      jax.device_get(new.params['keypoint_head']['final_layer']['kernel']),
-      jax.device_get(state.params['keypoint_head']['final_layer']['kernel']))
-  bad = {'params': {'backbone': {'conv1': {}}}, 'batch_stats': {}}
-  with pytest.raises(checkpoints.CheckpointError, match='does not match'):
-    train_state.load_backbone(state, bad, 'bad.ckpt')
+def host(tree):
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def variables_of(model, seed):
+  """Random variables of `model` with non-trivial BatchNorm statistics."""
+  tree = random_variables(model, seed)
+  rng = np.random.default_rng(seed)
+  tree['batch_stats'] = jax.tree_util.tree_map(
+      lambda a: (a + rng.uniform(0.1, 0.5, a.shape)).astype(np.float32),
+      tree['batch_stats'])
+  return tree
+
+
+def assert_tree_equal(a, b):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, host(a), host(b))
+
+
+def test_load_pretrained_full_checkpoint(state):
+  model, _ = small_model_and_lr()
+  pretrained = variables_of(model, 1)
+  new, loaded = train_state.load_pretrained(state, pretrained, 'full.ckpt')
+  assert loaded.startswith('Initialised backbone and head (params and '
+                           'BatchNorm statistics) from full.ckpt')
+  assert_tree_equal(new.params, pretrained['params'])
+  assert_tree_equal(new.batch_stats, pretrained['batch_stats'])
+  assert int(new.step) == 0  # a fresh schedule and fresh Adam moments
+  assert all(np.all(m == 0) for m in jax.tree_util.tree_leaves(
+      host(new.opt_state)))
+  leaf = new.params['keypoint_head']['final_layer']['kernel']
+  assert leaf.sharding == state.params['keypoint_head']['final_layer'][
+      'kernel'].sharding
+
+
+def test_load_pretrained_backbone_only(state):
+  model, _ = small_model_and_lr()
+  full = variables_of(model, 2)
+  backbone = {c: {'backbone': full[c]['backbone']} for c in full}
+  new, loaded = train_state.load_pretrained(state, backbone, 'imagenet')
+  assert 'backbone-only' in loaded
+  assert_tree_equal(new.params['backbone'], full['params']['backbone'])
+  assert_tree_equal(new.batch_stats['backbone'],
+                    full['batch_stats']['backbone'])
+  assert_tree_equal(new.params['keypoint_head'],
+                    state.params['keypoint_head'])
+
+
+def test_load_pretrained_other_joint_count_reinitialises_final_layer(
+    state, caplog):
+  model, _ = small_model_and_lr()
+  other = variables_of(model.clone(num_joints=5), 3)
+  with caplog.at_level(logging.WARNING):
+    new, loaded = train_state.load_pretrained(state, other, 'k5.ckpt')
+  assert 'final_layer re-initialised' in loaded
+  lines = [r.getMessage() for r in caplog.records]
+  assert lines == ['init checkpoint k5.ckpt: keypoint_head.final_layer '
+                   're-initialised: the checkpoint has num_joints=5, '
+                   'config.model.num_joints=17.']
+  head, old = new.params['keypoint_head'], state.params['keypoint_head']
+  assert_tree_equal(head['final_layer'], old['final_layer'])
+  for name in ('deconv_layers_0', 'deconv_layers_7'):
+    assert_tree_equal(head[name], other['params']['keypoint_head'][name])
+  assert_tree_equal(new.batch_stats, other['batch_stats'])
+  assert_tree_equal(new.params['backbone'], other['params']['backbone'])
+
+
+def test_load_pretrained_other_head_widths_reinitialises_head(state,
+                                                              caplog):
+  model, _ = small_model_and_lr()
+  other = variables_of(model.clone(num_deconv_filters=(8, 8, 8)), 4)
+  with caplog.at_level(logging.WARNING):
+    new, _ = train_state.load_pretrained(state, other, 'w8.ckpt')
+  assert [r.getMessage() for r in caplog.records] == [
+      'init checkpoint w8.ckpt: keypoint_head re-initialised: the checkpoint '
+      'has num_deconv_filters=(8, 8, 8), config.model.num_deconv_filters='
+      '(16, 16, 16).']
+  assert_tree_equal(new.params['keypoint_head'],
+                    state.params['keypoint_head'])
+  assert_tree_equal(new.batch_stats['keypoint_head'],
+                    state.batch_stats['keypoint_head'])
+  assert_tree_equal(new.params['backbone'], other['params']['backbone'])
+
+
+def test_load_pretrained_other_width_names_widen_factor(state):
+  model, _ = small_model_and_lr()
+  other = random_variables(model.clone(widen_factor=0.5))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'init checkpoint w05: its backbone does not fit '
+                     r'the model \(checkpoint widen_factor=0.5, '
+                     r'config.model.widen_factor=0.25\)'):
+    train_state.load_pretrained(state, other, 'w05')
+
+
+def test_load_pretrained_from_a_train_workdir(state, tmp_path):
+  """An ae_jax workdir at step 7: its weights load, the step does not."""
+  model, _ = small_model_and_lr()
+  pretrained = variables_of(model, 5)
+  trained = state.replace(step=7, params=pretrained['params'],
+                          batch_stats=pretrained['batch_stats'])
+  manager = checkpoints.make_train_manager(tmp_path, async_save=False)
+  checkpoints.save_train_state(manager, 7, trained, {
+      'step': 7, 'data_position': 7, 'seed': 0, 'global_batch_size': 8})
+  manager.close()
+  new, _ = train_state.load_pretrained(
+      state, checkpoints.restore_variables(tmp_path), str(tmp_path))
+  assert int(new.step) == 0
+  assert_tree_equal(new.params, pretrained['params'])
+  assert_tree_equal(new.batch_stats, pretrained['batch_stats'])
+
+
+def test_finetune_first_step_loss_equals_torch_reference(tmp_path,
+                                                         monkeypatch):
+  """init_checkpoint = a converted random mmpose model: step 1's loss is the
+  torch model's (BatchNorm in train mode, as mmpose trains) under the
+  independent torch loss, on the same batch (image and targets)."""
+  torch = pytest.importorskip('torch')
+  # pylint: disable=g-import-not-at-top
+  from ae_jax import convert
+  from ae_jax import train_lib
+  from tests.conftest import small_config
+  from tests.conftest import synthetic_batch
+  from tests.conftest import use_synthetic
+  from tests.references import torch_losses
+  from tests.references import torch_model
+  # pylint: enable=g-import-not-at-top
+  config = small_config(num_steps=1)
+  m = config.model
+  reference = torch_model.randomize_(torch_model.AETorchModel(
+      m.widen_factor, tuple(m.num_deconv_filters), m.num_joints), seed=8)
+  pth = tmp_path / 'mmpose_random.pth'
+  torch_model.save_mmpose_checkpoint(str(pth), reference)
+  # What convert_torch_weights.py does (its CLI is tested in test_convert*).
+  result = convert.convert_checkpoint(
+      str(pth), widen_factor=m.widen_factor,
+      num_deconv_filters=tuple(m.num_deconv_filters),
+      num_joints=m.num_joints)
+  checkpoints.save_variables(tmp_path / 'converted', result.variables)
+
+  use_synthetic(monkeypatch)
+  config.train.init_checkpoint = str(tmp_path / 'converted')
+  summary = train_lib.train_and_evaluate(config, tmp_path / 'workdir')
+  assert summary['start_step'] == 0
+  got = summary['history'][0]  # step 1 alone (log_every_steps 1)
+
+  d = config.data
+  batch = synthetic_batch(config.seed, 0, config.train.global_batch_size,
+                          d.input_size, d.heatmap_size)
+  as_nchw = lambda x: torch.from_numpy(np.ascontiguousarray(
+      x.transpose(0, 3, 1, 2)))
+  reference.train()  # BatchNorm on batch statistics
+  with torch.no_grad():
+    outputs = reference(as_nchw(batch['image']))
+    want = torch_losses.ae_losses(
+        outputs, as_nchw(batch['heatmaps']), torch.from_numpy(batch['mask']),
+        torch.from_numpy(batch['joints']), num_joints=m.num_joints,
+        heatmap_factor=config.loss.heatmap_factor,
+        push_factor=config.loss.push_factor,
+        pull_factor=config.loss.pull_factor)
+  print({k: (got[k], float(v)) for k, v in want.items()})
+  assert float(want['push_loss']) > 0 and float(want['pull_loss']) > 0
+  for name, value in want.items():
+    assert got[name] == pytest.approx(float(value), rel=1e-5), name
+  # The schedule starts afresh: step 0's warmup lr.
+  assert got['lr'] == pytest.approx(
+      config.optim.lr * config.optim.warmup_ratio, rel=1e-6)
