@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.global_batch_size = 192  # samples_per_gpu 24 x 8 GPUs
   config.train.num_epochs = 300  # total_epochs
   config.train.num_steps = -1  # > 0 overrides num_epochs (short runs)
-  config.train.init_checkpoint = ''  # converted ImageNet backbone (optional)
+  config.train.init_checkpoint = ''  # converted weights: full model (fine-tune) or ImageNet backbone
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3
