@@ -8,6 +8,8 @@ its skeleton is drawn.
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from ae_jax import coco_eval
 from ae_jax import draw
 from ae_jax import keypoints
 from ae_jax.data import coco
+from tests.conftest import REPO_ROOT
 from tests.conftest import small_config
 
 # COCO joints kept (nose, shoulders, hips) and their new names.
@@ -129,21 +132,64 @@ def test_bad_specs_fail_in_one_line():
     keypoints.resolve_spec({'keypoints': {'source': 'horses'}})
 
 
-def test_own_keypoints_train_two_steps(own_root, tmp_path):
+@pytest.fixture(scope='module')
+def own_run(own_root, tmp_path_factory):
+  """2 training steps on the own set: (workdir, summary)."""
   from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
-  config = _own_config(own_root)
-  summary = train_lib.train_and_evaluate(config, str(tmp_path))
+  workdir = tmp_path_factory.mktemp('own_run')
+  summary = train_lib.train_and_evaluate(_own_config(own_root), str(workdir))
+  return workdir, summary
+
+
+def test_own_keypoints_train_two_steps(own_run):
+  workdir, summary = own_run
   assert [h['step'] for h in summary['history']] == [1, 2]
   for h in summary['history']:
     assert np.isfinite([h['total_loss'], h['heatmap_loss'], h['push_loss'],
                         h['pull_loss'], h['lr']]).all()
+  assert json.loads((workdir / 'summary.json').read_text())['history'] == (
+      summary['history'])
   from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  variables = checkpoints.restore_variables(str(tmp_path))
+  variables = checkpoints.restore_variables(str(workdir))
   assert keypoints.head_num_joints(variables) == 5
-  keypoints.check_head(variables, 5, str(tmp_path))
+  keypoints.check_head(variables, 5, str(workdir))
   with pytest.raises(keypoints.KeypointSpecError,
                      match='head predicts 5 joints.*have 17'):
-    keypoints.check_head(variables, 17, str(tmp_path))
+    keypoints.check_head(variables, 17, str(workdir))
+
+
+def test_own_checkpoint_evaluates_and_draws(own_root, own_run, tmp_path):
+  """The trained 5-joint model through eval and drawing (flip test on)."""
+  from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from ae_jax import inference  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  config = _own_config(own_root)
+  spec = keypoints.resolve_spec(config.data, 'val')
+  model = ae_model.create_model(
+      {**config.model, 'num_joints': spec.num_joints}, 'cpu')
+  predictor = inference.Predictor(
+      model, checkpoints.restore_variables(str(own_run[0])), **config.test,
+      flip_index=spec.flip_index)
+  metrics, info = coco_eval.evaluate(predictor, str(own_root), 'val2017',
+                                     sigmas=spec.sigmas, max_images=1)
+  assert info['num_images'] == 1 and 0.0 <= metrics['AP'] <= 1.0
+  image = str(own_root / 'val2017' / '000000000785.jpg')
+  assert not draw.annotate_images(predictor, [image], str(tmp_path),
+                                  person_threshold=-1.0,
+                                  skeleton=spec.skeleton)
+  with pytest.raises(ValueError, match='flip_index has 17 joints'):
+    inference.Predictor(model, predictor.variables, **config.test)
+
+
+def test_eval_cli_refuses_other_joint_count(own_run):
+  proc = subprocess.run(
+      [sys.executable, 'eval.py', '--config', 'configs/tiny.py', '--ckpt',
+       str(own_run[0])], cwd=REPO_ROOT, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'head predicts 5 joints' in last
+  assert 'Traceback' not in proc.stderr
 
 
 def _ground_truth_predictor(coco_api):
