@@ -44,11 +44,12 @@ def main(argv):
   # Imported here so --help and flag errors stay fast; torch is lazy inside.
   from ae_jax import convert  # pylint: disable=g-import-not-at-top
 
+  from ae_jax import keypoints  # pylint: disable=g-import-not-at-top
   model = _CONFIG.value.model
   kwargs = {} if _INFER_ARCH.value else dict(
       widen_factor=model.widen_factor,
       num_deconv_filters=tuple(model.num_deconv_filters),
-      num_joints=model.num_joints)
+      num_joints=keypoints.resolve_spec(_CONFIG.value.data).num_joints)
   try:
     result = convert.convert_checkpoint(input_path, **kwargs)
   except convert.ConversionError as e:
