@@ -9,9 +9,11 @@ Run:
 coco_root as mmpose's data/crowdpose: annotations/mmpose_crowdpose_
 {split}.json (mmpose's file names: train, val, trainval, test) and images/
 (all splits in one folder); mmpose trains on trainval and tests on test.
-Names, flip pairs and OKS sigmas are mmpose's crowdpose dataset_info (keypoints.CROWDPOSE). Scoring is pycocotools COCOeval with
-those sigmas (mmpose uses xtcocotools' 'keypoints_crowd' for its
-easy/medium/hard breakdown; the overall AP is the same OKS AP).
+Names, flip pairs and OKS sigmas are mmpose's crowdpose dataset_info
+(keypoints.CROWDPOSE). Scoring here is pycocotools COCOeval with those
+sigmas and the annotations' `area` (bbox w * h where absent); mmpose uses
+xtcocotools' 'keypoints_crowd' (bbox areas, easy/medium/hard breakdown),
+so its numbers may differ slightly.
 """
 
 from configs import default

@@ -22,8 +22,9 @@ stays small (train2017: ~60 k images) and the mask is rasterised per example
 with pycocotools only when an image has ignore regions.
 
 Shapes: P people kept in an image (any number; targets use the first
-M=30 for the joint encoding), K joints (17 for COCO; the category's); keypoints [P, K, 3] float32
-(x, y in image pixels, v in {0, 1, 2}); masks [H, W] uint8 in {0, 1}.
+M=30 for the joint encoding), K joints (the category's; 17 for COCO);
+keypoints [P, K, 3] float32 (x, y in image pixels, v in {0, 1, 2}); masks
+[H, W] uint8 in {0, 1}.
 """
 
 import collections

@@ -3,8 +3,9 @@
 mmpose's bottom-up test set is all images of the split (val2017: 5000),
 people or not. Images are decoded by `coco.decode_image` (cv2, as mmcv,
 RGB), the decoder the train pipeline uses. A missing, empty or undecodable
-file, or one whose size is not the annotation's width/height, is not fatal: it is logged by name, counted in `EvalImages.skipped` and
-left out (its ground truth still counts in AP).
+file, or one whose size is not the annotation's width/height, is not
+fatal: it is logged by name, counted in `EvalImages.skipped` and left out
+(its ground truth still counts in AP).
 
 Shapes: image [H, W, 3] uint8 RGB, pixels 0-255.
 """

@@ -10,10 +10,11 @@ starts the permutation of epoch (start_step * B) // N at its offset, with
 no image read for the skipped part.
 
 A missing, corrupt or wrongly sized image (decoded size != the
-annotation's width/height: not the annotated image) is not dropped (that would shift every later
-batch and break resume): the example is replaced by the next readable image
-in index order, with its own annotations, so targets stay right. Each such
-replacement is counted per reason and logged (absl) once per file.
+annotation's width/height: not the annotated image) is not dropped (that
+would shift every later batch and break resume): the example is replaced
+by the next usable image in index order, with its own annotations, so
+targets stay right. Each such replacement is counted per reason and logged
+(absl) once per file.
 
 Host work per example (one tf.numpy_function, `make_loader`): read and
 decode, ignore mask, the two warps, the flip; cv2 releases the GIL in all
