@@ -63,6 +63,7 @@ def main(argv):
   from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from ae_jax import convert  # pylint: disable=g-import-not-at-top
 
+  from ae_jax import keypoints  # pylint: disable=g-import-not-at-top
   try:  # before the conversion: refuse early, destroy nothing
     checkpoints.check_variables_target(output_dir, _OVERWRITE.value)
   except checkpoints.CheckpointError as e:
@@ -71,7 +72,7 @@ def main(argv):
   kwargs = {} if _INFER_ARCH.value else dict(
       widen_factor=model.widen_factor,
       num_deconv_filters=tuple(model.num_deconv_filters),
-      num_joints=model.num_joints)
+      num_joints=keypoints.resolve_spec(_CONFIG.value.data).num_joints)
   try:
     result = convert.convert_checkpoint(input_path, **kwargs)
   except convert.ConversionError as e:

@@ -26,16 +26,23 @@ def main(argv):
   if not images:
     raise app.UsageError('give one or more image files')
   # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, draw, inference
+  from ae_jax import checkpoints, draw, inference, keypoints
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  model = ae_model.AEModel(**config.model)
-  try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
-    predictor = inference.load_predictor(model, _CKPT.value, **config.test)
-  except (checkpoints.CheckpointError, ValueError) as e:
+  try:  # CheckpointError: bad --ckpt; ValueError: bad config values;
+    # FileNotFoundError: the annotation file the keypoints are read from.
+    spec = keypoints.resolve_spec(config.data, 'val')
+    model = ae_model.AEModel(**{**config.model,
+                                'num_joints': spec.num_joints})
+    variables = checkpoints.restore_variables(_CKPT.value)
+    keypoints.check_head(variables, spec.num_joints, _CKPT.value)
+    predictor = inference.Predictor(model, variables, **config.test,
+                                    flip_index=spec.flip_index)
+  except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   failed = draw.annotate_images(predictor, images, _OUT.value,
-                                person_threshold=_MIN_SCORE.value)
+                                person_threshold=_MIN_SCORE.value,
+                                skeleton=spec.skeleton)
   if failed:
     raise SystemExit(f'error: {len(failed)} image(s) could not be read: ' +
                      ', '.join(failed))

@@ -44,20 +44,34 @@ def main(argv):
     pass
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, coco_eval, inference, sharding
+  from ae_jax import checkpoints, coco_eval, inference, keypoints, sharding
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   sharding.log_backend(config.test.input_size)
+  split = _SPLIT.value
+  data = dict(config.data, coco_root=_COCO_ROOT.value or config.data.coco_root)
+  try:  # FileNotFoundError / ValueError: the keypoint spec's file or keys.
+    spec = keypoints.resolve_spec(data, 'val', split)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
   model = ae_model.create_model(
-      config.model, ae_model.default_kernels(jax.default_backend()))
+      {**config.model, 'num_joints': spec.num_joints},
+      ae_model.default_kernels(jax.default_backend()))
   try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
-    predictor = inference.load_predictor(model, _CKPT.value, **config.test)
+    variables = checkpoints.restore_variables(_CKPT.value)
+    keypoints.check_head(variables, spec.num_joints, _CKPT.value)
+    predictor = inference.Predictor(model, variables, **config.test,
+                                    flip_index=spec.flip_index)
   except (checkpoints.CheckpointError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
-  split = _SPLIT.value
-  metrics, info = coco_eval.evaluate(
-      predictor, _COCO_ROOT.value or config.data.coco_root, split,
-      output_path=_OUTPUT.value, max_images=_MAX_IMAGES.value)
+  try:  # a missing coco_root / annotation file, malformed annotations
+    metrics, info = coco_eval.evaluate(
+        predictor, data['coco_root'], split,
+        output_path=_OUTPUT.value, max_images=_MAX_IMAGES.value,
+        sigmas=spec.sigmas, annotations=config.data.val_annotations,
+        images=config.data.val_images)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
   print(coco_eval.format_report(
       metrics, info, split,
       f'scales {list(predictor.scales)}, flip {predictor.flip}'))

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from ae_jax import checkpoints
 from ae_jax import export as export_lib
+from ae_jax import keypoints
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Model config file.', lock_config=True)
@@ -28,13 +29,16 @@ _FIXED = flags.DEFINE_list('fixed_shape', None,
 
 def main(argv):
   del argv
-  try:
+  config = _CONFIG.value
+  try:  # the joint count comes from the config's keypoint spec
     variables = checkpoints.restore_variables(_CKPT.value)
-  except checkpoints.CheckpointError as e:
+    num_joints = keypoints.resolve_spec(config.data).num_joints
+    keypoints.check_head(variables, num_joints, _CKPT.value)
+  except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   fixed = tuple(int(v) for v in _FIXED.value) if _FIXED.value else None
-  export_lib.export_saved_model(_CONFIG.value.model, variables, _OUT.value,
-                                fixed)
+  export_lib.export_saved_model({**config.model, 'num_joints': num_joints},
+                                variables, _OUT.value, fixed)
   logging.info('Wrote SavedModel to %s', _OUT.value)
   print(f'SavedModel written to {_OUT.value}')
 

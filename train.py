@@ -99,9 +99,14 @@ def main(argv):
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   # The one place the layer kernels are chosen: the backend this runs on.
   kernels = ae_model.default_kernels(jax.default_backend())
+  from ae_jax import keypoints  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
   code = 0
   try:
     train_lib.train_and_evaluate(config, _WORKDIR.value, kernels=kernels)
+  except (FileNotFoundError, coco.AnnotationError,
+          keypoints.KeypointSpecError) as e:  # data paths, annotations
+    raise SystemExit(f'error: {e}') from None
   except train_lib.NonFiniteLossError as e:
     logging.error('%s', e)
     if not distributed:

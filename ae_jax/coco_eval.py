@@ -5,8 +5,8 @@ entry per person with image_id, category_id 1, keypoints flat
 [x1, y1, v1, ..., x17, y17, v17] where v is the joint's heatmap value (not a
 visibility flag), score = the person score (mean joint value before
 refine) and bbox from the keypoint extent. COCOeval('keypoints') with the
-standard COCO sigmas scores them (xtcocotools in mmpose gives the same
-numbers for COCO).
+dataset's OKS sigmas (COCO's by default) scores them (xtcocotools in mmpose
+gives the same numbers for COCO).
 
 Shapes: poses [P, K, 3] float32 (x, y image px, value), scores [P].
 """
@@ -15,7 +15,8 @@ import contextlib
 import io
 import json
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import (Callable, Dict, Iterable, List, Optional, Sequence,
+                    Tuple)
 
 from absl import logging
 import numpy as np
@@ -55,7 +56,9 @@ def write_results(results: List[dict], path: str) -> None:
 
 def score_results(coco_gt: coco_api.COCO, results: List[dict],
                   image_ids: Optional[Iterable[int]] = None,
-                  verbose: bool = True) -> Dict[str, float]:
+                  verbose: bool = True,
+                  sigmas: Optional[Sequence[float]] = None
+                  ) -> Dict[str, float]:
   """COCOeval('keypoints') of result dicts against the ground truth.
 
   Args:
@@ -64,6 +67,7 @@ def score_results(coco_gt: coco_api.COCO, results: List[dict],
     image_ids: images to score; default all ground-truth images (images
       without results count as misses, as in mmpose).
     verbose: print pycocotools' summary.
+    sigmas: [K] OKS sigmas (KeypointSpec.sigmas); default COCO's 17.
 
   Returns:
     {name: value} for METRIC_NAMES; all 0 when there are no results (as
@@ -73,6 +77,8 @@ def score_results(coco_gt: coco_api.COCO, results: List[dict],
     return {name: 0.0 for name in METRIC_NAMES}
   coco_dt = coco_gt.loadRes(results)
   evaluator = cocoeval.COCOeval(coco_gt, coco_dt, 'keypoints')
+  if sigmas is not None:
+    evaluator.params.kpt_oks_sigmas = np.asarray(sigmas, np.float64)
   if image_ids is not None:
     evaluator.params.imgIds = sorted(image_ids)
   evaluator.evaluate()
@@ -119,7 +125,10 @@ def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
              coco_root: str, split: str = 'val2017', *,
              output_path: Optional[str] = None,
              max_images: Optional[int] = None,
-             log_every: int = 50) -> Tuple[Dict[str, float], dict]:
+             log_every: int = 50,
+             sigmas: Optional[Sequence[float]] = None,
+             annotations: str = '', images: str = ''
+             ) -> Tuple[Dict[str, float], dict]:
   """Runs `predict_fn` on every image of a split and scores the results.
 
   Args:
@@ -130,12 +139,18 @@ def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
     output_path: where to write the results json (optional).
     max_images: evaluate the first N images only (then AP covers those).
     log_every: progress line every N images.
+    sigmas: [K] OKS sigmas (KeypointSpec.sigmas; the annotations' K is
+      checked against it); default COCO's 17.
+    annotations, images: other files than the split's standard ones
+      (data/coco.split_paths).
 
   Returns:
     (metrics, info) with info = {'num_images', 'skipped': [(file, reason)],
     'images_per_second', 'num_people'}.
   """
-  images = eval_input.EvalImages(coco_root, split, max_images=max_images)
+  images = eval_input.EvalImages(
+      coco_root, split, max_images=max_images, annotations=annotations,
+      images=images, num_joints=None if sigmas is None else len(sigmas))
   total = len(images)
   results = []
   start = time.perf_counter()
@@ -158,7 +173,7 @@ def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
     write_results(results, output_path)
     logging.info('wrote %d results to %s', len(results), output_path)
   scored_ids = images.image_ids if max_images is not None else None
-  metrics = score_results(images.coco, results, scored_ids)
+  metrics = score_results(images.coco, results, scored_ids, sigmas=sigmas)
   info = {'num_images': done, 'skipped': list(images.skipped),
           'images_per_second': done / max(elapsed, 1e-9),
           'num_people': len(results)}

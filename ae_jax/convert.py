@@ -423,7 +423,9 @@ def _architecture_error(arrays, kind: str, kwargs: Mapping[str, Any],
   keys = [k for k in sorted(implied) if implied[k] != kwargs.get(k)]
   if not keys:
     return error
-  settings = ', '.join(f'config.model.{k}={implied[k]!r}' for k in keys)
+  settings = ', '.join(
+      f'config.model.{k}={implied[k]!r}' if k != 'num_joints' else
+      f'{implied[k]} joints (config.data.keypoints)' for k in keys)
   config = ', '.join(f'{k}={kwargs.get(k)!r}' for k in keys)
   first = error.mismatched[0] if error.mismatched else ''
   return ConversionError(

@@ -27,7 +27,8 @@ _PALETTE = np.array([
 
 def draw_poses(image: np.ndarray, poses: np.ndarray, scores: np.ndarray,
                joint_threshold: float = 0.1,
-               person_threshold: float = 0.0) -> np.ndarray:
+               person_threshold: float = 0.0,
+               skeleton=keypoints.COCO.skeleton) -> np.ndarray:
   """Returns a copy of `image` with each person's skeleton drawn.
 
   Args:
@@ -38,6 +39,7 @@ def draw_poses(image: np.ndarray, poses: np.ndarray, scores: np.ndarray,
     joint_threshold: joints (and limbs touching them) with a score at or
       below this are not drawn.
     person_threshold: see scores.
+    skeleton: limbs as 0-based joint pairs (KeypointSpec.skeleton).
   """
   canvas = np.ascontiguousarray(image, np.uint8).copy()
   thickness = max(1, round(max(image.shape[:2]) / 300))
@@ -47,7 +49,7 @@ def draw_poses(image: np.ndarray, poses: np.ndarray, scores: np.ndarray,
     color = tuple(int(c) for c in _PALETTE[p % len(_PALETTE)])
     points = np.round(pose[:, :2]).astype(np.int32)
     visible = pose[:, 2] > joint_threshold
-    for a, b in keypoints.SKELETON:
+    for a, b in skeleton:
       if visible[a] and visible[b]:
         cv2.line(canvas, tuple(map(int, points[a])), tuple(map(int, points[b])),
                  color, thickness, cv2.LINE_AA)
@@ -60,7 +62,8 @@ def draw_poses(image: np.ndarray, poses: np.ndarray, scores: np.ndarray,
 def annotate_images(
     predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
     paths: Sequence[str], out_dir: str,
-    person_threshold: float = 0.2) -> List[str]:
+    person_threshold: float = 0.2,
+    skeleton=keypoints.COCO.skeleton) -> List[str]:
   """Draws each image's people into {out_dir}/{file stem}.png.
 
   Args:
@@ -69,6 +72,7 @@ def annotate_images(
     paths: image files.
     out_dir: created if missing.
     person_threshold: people scoring at or below this are not drawn.
+    skeleton: limbs as 0-based joint pairs (KeypointSpec.skeleton).
 
   Returns:
     The paths that could not be read (each logged with the reason).
@@ -84,7 +88,8 @@ def annotate_images(
       continue
     poses, scores = predict_fn(image)
     canvas = draw_poses(image, poses, scores,
-                        person_threshold=person_threshold)
+                        person_threshold=person_threshold,
+                        skeleton=skeleton)
     stem = os.path.splitext(os.path.basename(path))[0]
     out = os.path.join(out_dir, stem + '.png')
     cv2.imwrite(out, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))

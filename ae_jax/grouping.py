@@ -5,7 +5,7 @@ Turns one image's aggregated heatmaps and tag maps into people:
 matching on tag distance -> quarter-pixel adjust -> person score -> refine
 (fill missing joints) -> map back to the original image.
 
-Legend: K=17 joints, H x W map size (the resized input size with
+Legend: K joints (17 for COCO), H x W map size (the resized input size with
 project2image), L tag dim (2 with flip test: original and flipped tags,
 else 1), N candidates of one joint (<= max_people), P people found.
 Maps are one image's, joint-major (inference.py transposes on device so that
@@ -15,7 +15,7 @@ Poses [P, K, 3 + L] float32: x, y on the map grid (mmpose's +0.5 pixel
 convention after adjust), detection value (0 = missing), tags.
 
 Everything is vectorised numpy/scipy except the inherently sequential
-matching (17 joint steps, each one linear_sum_assignment). Float32/float64
+matching (K joint steps, each one linear_sum_assignment). Float32/float64
 arithmetic follows mmpose's operation by operation so that the rounded tag
 distances, and hence the grouping, come out identical.
 """
@@ -28,7 +28,8 @@ import scipy.optimize
 
 from ae_jax import refine as refine_lib
 
-# mmpose's joint_order for COCO: head, shoulders, hips, then limbs.
+# mmpose's joint_order for COCO: head, shoulders, hips, then limbs. As in
+# mmpose, it is used whenever K == 17; other K match in index order.
 JOINT_ORDER = (0, 1, 2, 3, 4, 5, 6, 11, 12, 7, 8, 9, 10, 13, 14, 15, 16)
 
 

@@ -100,7 +100,8 @@ def resize_bilinear(maps: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
 
 
 def _scale_maps(model: nn.Module, variables, image: jnp.ndarray, flip: bool,
-                out_hw: Tuple[int, int] | None):
+                out_hw: Tuple[int, int] | None,
+                flip_index: Tuple[int, ...] = keypoints.COCO.flip_index):
   """One scale: heatmaps [h', w', K] and tags [h', w', K, L] (on device)."""
   num_joints = model.num_joints
   x = ae_model.normalize_images(image)
@@ -111,7 +112,7 @@ def _scale_maps(model: nn.Module, variables, image: jnp.ndarray, flip: bool,
   heat, tag = resize_bilinear(heat, *hw), resize_bilinear(tag, *hw)
   tags = [tag]
   if flip:
-    flip_index = jnp.asarray(keypoints.FLIP_INDEX[:num_joints])
+    flip_index = jnp.asarray(flip_index, jnp.int32)
     heat_f = out[1, :, ::-1, :num_joints][..., flip_index]
     tag_f = out[1, :, ::-1, num_joints:][..., flip_index]
     heat_f = resize_bilinear(heat_f, *hw)
@@ -121,10 +122,11 @@ def _scale_maps(model: nn.Module, variables, image: jnp.ndarray, flip: bool,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'model', 'scales', 'flip', 'base_hw', 'project2image'))
+    'model', 'scales', 'flip', 'base_hw', 'project2image', 'flip_index'))
 def compute_maps(variables, images: Tuple[jnp.ndarray, ...], *,
                  model: nn.Module, scales: Tuple[float, ...], flip: bool,
-                 base_hw: Tuple[int, int], project2image: bool = True):
+                 base_hw: Tuple[int, int], project2image: bool = True,
+                 flip_index: Tuple[int, ...] = keypoints.COCO.flip_index):
   """Aggregated maps of one image over scales (and its mirror).
 
   Args:
@@ -136,6 +138,7 @@ def compute_maps(variables, images: Tuple[jnp.ndarray, ...], *,
     base_hw: (Hb, Wb) scale-1 input size (project2image target).
     project2image: resize maps to the input size (else the largest scale's
       output size, as mmpose).
+    flip_index: [K] mirrored joint of each joint (flip test).
 
   Returns:
     heatmaps [K, H', W'] and tags [K, H', W', L] float32 (joint-major for
@@ -144,7 +147,8 @@ def compute_maps(variables, images: Tuple[jnp.ndarray, ...], *,
   heat_sum, tags = None, None
   out_hw = base_hw if project2image else None
   for s, image in zip(scales, images):
-    heat, tag = _scale_maps(model, variables, image, flip, out_hw)
+    heat, tag = _scale_maps(model, variables, image, flip, out_hw,
+                            flip_index)
     if out_hw is None:
       out_hw = heat.shape[:2]  # mmpose: sizes of the first (largest) scale
     heat_sum = heat if heat_sum is None else heat_sum + heat
@@ -189,12 +193,15 @@ class Predictor:
       project2image).
     grouping: grouping.GroupingParams, or a mapping of its fields
       (config.test.grouping).
+    flip_index: [K] mirrored joint of each joint (KeypointSpec.flip_index);
+      default COCO's, which fits a 17-joint model only.
   """
 
   def __init__(self, model: nn.Module, variables: Any, *,
                input_size: int = 512, scales: Sequence[float] = (1.0,),
                flip: bool = True, project2image: bool = True,
-               grouping: Any = grouping_lib.GroupingParams()):
+               grouping: Any = grouping_lib.GroupingParams(),
+               flip_index: Sequence[int] | None = None):
     self.scales = tuple(sorted((float(s) for s in scales), reverse=True))
     if not self.scales or min(self.scales) <= 0:
       raise ValueError(f'test scales must be positive, got {self.scales}')
@@ -209,6 +216,12 @@ class Predictor:
     self.flip = bool(flip)
     self.project2image = bool(project2image)
     self.grouping = grouping_params(grouping)
+    if flip_index is None:
+      flip_index = keypoints.COCO.flip_index
+    self.flip_index = tuple(int(j) for j in flip_index)
+    if len(self.flip_index) != model.num_joints:
+      raise ValueError(f'flip_index has {len(self.flip_index)} joints, the '
+                       f'model {model.num_joints} (pass the KeypointSpec\'s)')
 
   def maps(self, image: np.ndarray):
     """Device maps for a [H, W, 3] uint8 RGB image, plus its center/scale.
@@ -225,7 +238,7 @@ class Predictor:
                     for s in self.scales)
     heat, tags = compute_maps(
         self.variables, resized, model=self.model, scales=self.scales,
-        flip=self.flip, base_hw=(base_h, base_w),
+        flip=self.flip, base_hw=(base_h, base_w), flip_index=self.flip_index,
         project2image=self.project2image)
     return (heat, tags), center, scale
 

@@ -4,8 +4,8 @@ Semantics follow mmpose 0.x `MultiLossFactory` (HeatmapLoss + AELoss with
 ae_loss_type='exp', tag dim 1, one stage), vectorised over people and joints
 with padding masks instead of mmpose's per-person Python loops.
 
-Legend: B batch, h x w heatmap grid (128 x 128 at 512 input), K=17 joints,
-M=30 people slots; NHWC.
+Legend: B batch, h x w heatmap grid (128 x 128 at 512 input), K joints
+(17 for COCO), M=30 people slots; NHWC.
   heatmaps (pred, gt)  [B, h, w, K] float32 (gt in [0, 1])
   mask                 [B, h, w]    float32 (0 = ignored pixel)
   tags                 [B, h, w, K] float32 (one tag per joint map)

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from ae_jax import checkpoints
+from ae_jax import keypoints
 from ae_jax import sharding
 from ae_jax import train_state
 from ae_jax import train_step
@@ -55,7 +56,8 @@ def check_finite(window: Sequence[Dict[str, float]], first_step: int) -> None:
             f'(window checked: steps {first_step}..{last})')
 
 
-def make_dataset(config: ml_collections.ConfigDict, start_step: int):
+def make_dataset(config: ml_collections.ConfigDict, start_step: int,
+                 spec: keypoints.KeypointSpec = keypoints.COCO):
   """The train pipeline for `config.data` (host-local batches).
 
   Kept as a module function so tests can substitute synthetic data.
@@ -71,7 +73,8 @@ def make_dataset(config: ml_collections.ConfigDict, start_step: int):
       global_batch_size=config.train.global_batch_size, seed=config.seed,
       start_step=start_step, source=d.source,
       tfds_data_dir=d.tfds_data_dir,
-      num_parallel_calls=d.num_parallel_calls)
+      num_parallel_calls=d.num_parallel_calls, flip_index=spec.flip_index,
+      annotations=d.train_annotations, images=d.train_images)
 
 
 class _StopFlag:
@@ -108,7 +111,8 @@ def make_metric_writer(logdir: epath.PathLike, enabled: bool = True):
 
 
 def evaluate_state(config: ml_collections.ConfigDict, workdir: epath.Path,
-                   model: AEModel, state: train_state.TrainState
+                   model: AEModel, state: train_state.TrainState,
+                   spec: keypoints.KeypointSpec = keypoints.COCO
                    ) -> Dict[str, float]:
   """COCO keypoint AP of the trained variables on config.data.val_split.
 
@@ -124,11 +128,14 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: epath.Path,
   from ae_jax import inference  # pylint: disable=g-import-not-at-top
   variables = jax.device_get({'params': state.params,
                               'batch_stats': state.batch_stats})
-  predictor = inference.Predictor(model, variables, **config.test)
+  predictor = inference.Predictor(model, variables, **config.test,
+                                  flip_index=spec.flip_index)
   split = config.data.val_split
   metrics, _ = coco_eval.evaluate(
       predictor, config.data.coco_root, split,
-      output_path=str(workdir / f'results_{split}.json'))
+      output_path=str(workdir / f'results_{split}.json'),
+      sigmas=spec.sigmas, annotations=config.data.val_annotations,
+      images=config.data.val_images)
   logging.info('COCO %s:\n%s', split, coco_eval.format_table(metrics))
   return {k: float(v) for k, v in metrics.items()}
 
@@ -228,13 +235,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     resources.callback(manager.close)
     resume_step = manager.latest_step()
     start_step = step = resume_step or 0
-    dataset = make_dataset(config, start_step)
+    spec = keypoints.resolve_spec(config.data)  # the one source of K
+    dataset = make_dataset(config, start_step, spec)
     num_examples = int(dataset.num_examples)
     epoch_steps = train_state.steps_per_epoch(num_examples, global_batch)
     total_steps = t.num_steps if t.num_steps > 0 else (
         t.num_epochs * epoch_steps)
     lr_fn = _lr_schedule(config.optim, global_batch, epoch_steps)
-    model = ae_model.create_model(config.model, kernels)
+    model = ae_model.create_model(
+        {**config.model, 'num_joints': spec.num_joints}, kernels)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     # torch Adam defaults: betas (0.9, 0.999), eps 1e-8.
     state, state_shardings = train_state.create_train_state(
@@ -244,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     last_good = resume_step
     step_fn = train_step.make_train_step(
         mesh, state_shardings, model=model, lr_fn=lr_fn,
-        num_joints=config.model.num_joints, sigma=config.data.sigma,
+        num_joints=spec.num_joints, sigma=config.data.sigma,
         heatmap_factor=config.loss.heatmap_factor,
         push_factor=config.loss.push_factor,
         pull_factor=config.loss.pull_factor)
@@ -305,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                            max(elapsed, 1e-9)),
         'last_checkpoint': last_good, 'history': history}
     if t.eval_at_end and not preempted and step == total_steps:
-      summary['eval'] = evaluate_state(config, workdir, model, state)
+      summary['eval'] = evaluate_state(config, workdir, model, state, spec)
       writer.write_scalars(
           step, {f'eval/{k}': v for k, v in summary['eval'].items()})
 

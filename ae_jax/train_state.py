@@ -176,10 +176,11 @@ def load_pretrained(state: TrainState, variables: Dict[str, Any],
     else:
       part, key = 'keypoint_head', 'num_deconv_filters'
     what = f'backbone and head, {part} re-initialised'
+    where = ('the keypoint spec (config.data.keypoints)' if key == 'num_joints'
+             else f'config.model.{key}')
     logging.warning(
         'init checkpoint %s: %s re-initialised: the checkpoint has %s=%s, '
-        'config.model.%s=%s.', source, part, key, got.get(key), key,
-        mine.get(key))
+        '%s has %s.', source, part, key, got.get(key), where, mine.get(key))
   new = {}
   for col, tree in want.items():
     tree = dict(tree)

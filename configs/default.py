@@ -19,8 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ae_model.create_model(config.model, kernels): the layer kernels are not a
   # config key; the entry point picks them for its backend
   # (ae_model.default_kernels: 'cpu' on CPU, plain 'flax' on GPU / TPU).
+  # The joint count is not a model key: it comes from config.data.keypoints
+  # (keypoints.resolve_spec), passed as create_model's num_joints.
   config.model = ml_collections.ConfigDict()
-  config.model.num_joints = 17
   config.model.widen_factor = 1.0  # backbone.widen_factor
   config.model.num_deconv_filters = (256, 256, 256)  # AESimpleHead default
   config.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'
@@ -31,6 +32,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tfds_data_dir = ''  # TFDS data_dir when source == 'tfds'
   config.data.train_split = 'train2017'
   config.data.val_split = 'val2017'
+  # Other file names than annotations/person_keypoints_{split}.json and
+  # {split}/ (paths relative to coco_root; '' = the standard ones).
+  config.data.train_annotations = ''
+  config.data.train_images = ''
+  config.data.val_annotations = ''
+  config.data.val_images = ''
+  # The keypoint set (ae_jax/keypoints.py): 'coco' / 'crowdpose' built in,
+  # or 'annotations' = names and skeleton from the person category of the
+  # train annotation file. Empty keys take the default: flip_pairs
+  # (0-based) from left_/right_ names, skeleton (1-based, as COCO) from the
+  # file, sigmas COCO's per joint name else keypoints.DEFAULT_SIGMA.
+  config.data.keypoints = ml_collections.ConfigDict()
+  config.data.keypoints.source = 'coco'
+  config.data.keypoints.flip_pairs = ()
+  config.data.keypoints.skeleton = ()
+  config.data.keypoints.sigmas = ()
   # int S (square, the paper setup) or (w, h) as mmpose's [w, h] lists.
   config.data.input_size = 512  # data_cfg.image_size
   # data_cfg.heatmap_size: input_size / 4 (the model's stride; checked).

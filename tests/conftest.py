@@ -166,7 +166,7 @@ def use_synthetic(monkeypatch, hook=None, nan_steps=()):
   """Makes train_lib.train_and_evaluate read SyntheticDataset."""
   from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
 
-  def make(config, start_step):
+  def make(config, start_step, spec=None):  # pylint: disable=unused-argument
     return SyntheticDataset(config, start_step, hook=hook,
                             nan_steps=nan_steps)
   monkeypatch.setattr(train_lib, 'make_dataset', make)

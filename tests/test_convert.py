@@ -339,7 +339,8 @@ def _make_bad_input(kind, tmp_path, pose_pth):
     model = torch_model.AETorchModel(0.5, (16, 16, 16), num_joints=5)
     torch_model.save_mmpose_checkpoint(str(path), model)
     return path, ('set config.model.num_deconv_filters=(16, 16, 16), '
-                  'config.model.num_joints=5, config.model.widen_factor=0.5')
+                  '5 joints (config.data.keypoints), '
+                  'config.model.widen_factor=0.5')
   raise ValueError(kind)
 
 

@@ -12,6 +12,7 @@ import optax
 from ae_jax import checkpoints
 from ae_jax import sharding
 from ae_jax import train_state
+from ae_jax.keypoints import NUM_JOINTS
 from tests.conftest import random_variables
 from tests.conftest import small_model_and_lr
 
@@ -148,7 +149,7 @@ def test_load_pretrained_other_joint_count_reinitialises_final_layer(
   lines = [r.getMessage() for r in caplog.records]
   assert lines == ['init checkpoint k5.ckpt: keypoint_head.final_layer '
                    're-initialised: the checkpoint has num_joints=5, '
-                   'config.model.num_joints=17.']
+                   'the keypoint spec (config.data.keypoints) has 17.']
   head, old = new.params['keypoint_head'], state.params['keypoint_head']
   assert_tree_equal(head['final_layer'], old['final_layer'])
   for name in ('deconv_layers_0', 'deconv_layers_7'):
@@ -165,8 +166,8 @@ def test_load_pretrained_other_head_widths_reinitialises_head(state,
     new, _ = train_state.load_pretrained(state, other, 'w8.ckpt')
   assert [r.getMessage() for r in caplog.records] == [
       'init checkpoint w8.ckpt: keypoint_head re-initialised: the checkpoint '
-      'has num_deconv_filters=(8, 8, 8), config.model.num_deconv_filters='
-      '(16, 16, 16).']
+      'has num_deconv_filters=(8, 8, 8), config.model.num_deconv_filters '
+      'has (16, 16, 16).']
   assert_tree_equal(new.params['keypoint_head'],
                     state.params['keypoint_head'])
   assert_tree_equal(new.batch_stats['keypoint_head'],
@@ -219,14 +220,14 @@ def test_finetune_first_step_loss_equals_torch_reference(tmp_path,
   config = small_config(num_steps=1)
   m = config.model
   reference = torch_model.randomize_(torch_model.AETorchModel(
-      m.widen_factor, tuple(m.num_deconv_filters), m.num_joints), seed=8)
+      m.widen_factor, tuple(m.num_deconv_filters), NUM_JOINTS), seed=8)
   pth = tmp_path / 'mmpose_random.pth'
   torch_model.save_mmpose_checkpoint(str(pth), reference)
   # What convert_torch_weights.py does (its CLI is tested in test_convert*).
   result = convert.convert_checkpoint(
       str(pth), widen_factor=m.widen_factor,
       num_deconv_filters=tuple(m.num_deconv_filters),
-      num_joints=m.num_joints)
+      num_joints=NUM_JOINTS)
   checkpoints.save_variables(tmp_path / 'converted', result.variables)
 
   use_synthetic(monkeypatch)
@@ -245,7 +246,7 @@ def test_finetune_first_step_loss_equals_torch_reference(tmp_path,
     outputs = reference(as_nchw(batch['image']))
     want = torch_losses.ae_losses(
         outputs, as_nchw(batch['heatmaps']), torch.from_numpy(batch['mask']),
-        torch.from_numpy(batch['joints']), num_joints=m.num_joints,
+        torch.from_numpy(batch['joints']), num_joints=NUM_JOINTS,
         heatmap_factor=config.loss.heatmap_factor,
         push_factor=config.loss.push_factor,
         pull_factor=config.loss.pull_factor)

@@ -4,8 +4,10 @@ The one place for the files of a COCO root (`split_paths`: the annotation
 json and image folder of a split) and for decoding an image file
 (`decode_image`, used by the train pipeline, evaluation and the demo).
 
-Reads a standard COCO root (`annotations/person_keypoints_{split}.json` and
-`{split}/*.jpg`) the way mmpose 0.x `BottomUpCocoDataset` (test_mode False)
+Reads a COCO-format root (by default `annotations/person_keypoints_{split}
+.json` and `{split}/*.jpg`; other file names via `split_paths`), checked
+up front (`check_annotations`: one line naming the file and annotation id),
+the way mmpose 0.x `BottomUpCocoDataset` (test_mode False)
 does:
   * image ids: those with at least one annotation (`getAnnIds(iscrowd=None)`);
   * people kept for targets: `iscrowd == 0 or num_keypoints > 0`;
@@ -20,12 +22,16 @@ stays small (train2017: ~60 k images) and the mask is rasterised per example
 with pycocotools only when an image has ignore regions.
 
 Shapes: P people kept in an image (any number; targets use the first
-M=30 for the joint encoding), K=17 joints; keypoints [P, K, 3] float32
-(x, y in image pixels, v in {0, 1, 2}); masks [H, W] uint8 in {0, 1}.
+M=30 for the joint encoding), K joints (the category's; 17 for COCO);
+keypoints [P, K, 3] float32 (x, y in image pixels, v in {0, 1, 2}); masks
+[H, W] uint8 in {0, 1}.
 """
 
 import collections
+import contextlib
 import dataclasses
+import io
+import json
 import os
 from typing import Any
 
@@ -34,29 +40,47 @@ import numpy as np
 from pycocotools import coco as coco_lib
 from pycocotools import mask as mask_utils
 
-from ae_jax.keypoints import NUM_JOINTS
 
 # Skip reasons reported by the index (static) and by the pipeline (runtime).
 NO_PEOPLE = 'no_people'  # no annotation at all (mmpose drops these too)
 CROWD_ONLY = 'crowd_only'  # only crowd annotations: no person to learn
 MISSING = 'missing_image'  # file absent at read time
 CORRUPT = 'corrupt_image'  # file present but not decodable
+# Decoded size differs from the annotation's width/height: the file is not
+# the annotated image (keypoints and masks would land elsewhere).
+SIZE_MISMATCH = 'size_mismatch'
+
+# Keys every annotation must have (mmpose's BottomUpCocoDataset reads them).
+_ANN_KEYS = ('id', 'image_id', 'keypoints', 'iscrowd', 'num_keypoints')
+_IMAGE_KEYS = ('id', 'file_name', 'height', 'width')
 
 
-def split_paths(coco_root: str, split: str) -> tuple[str, str]:
+class AnnotationError(ValueError):
+  """A malformed annotation file (message: the file and annotation id)."""
+
+
+def split_paths(coco_root: str, split: str, annotations: str = '',
+                images: str = '') -> tuple[str, str]:
   """Files of one split of a COCO root.
 
   Args:
     coco_root: folder with `annotations/` and `{split}/`.
     split: e.g. 'train2017'.
+    annotations: the annotation json, if not the standard one (relative
+      paths are taken under coco_root; '{split}' in it is replaced by the
+      split); config.data.{train,val}_annotations.
+    images: the image folder, likewise (config.data.{train,val}_images).
 
   Returns:
-    (annotation json `{coco_root}/annotations/person_keypoints_{split}.json`,
-    image folder `{coco_root}/{split}`).
+    (annotation json, default
+    `{coco_root}/annotations/person_keypoints_{split}.json`; image folder,
+    default `{coco_root}/{split}`).
   """
-  return (os.path.join(coco_root, 'annotations',
-                       f'person_keypoints_{split}.json'),
-          os.path.join(coco_root, split))
+  ann_file = os.path.join(
+      coco_root, annotations.replace('{split}', split) or os.path.join(
+          'annotations', f'person_keypoints_{split}.json'))
+  return ann_file, os.path.join(coco_root, images.replace('{split}', split)
+                                or split)
 
 
 class ImageError(IOError):
@@ -147,7 +171,8 @@ def build_example(coco: coco_lib.COCO, image_id: int) -> CocoExample:
       rles.extend(seg if isinstance(seg, list) else [seg])
   ignore_rle = mask_utils.merge(rles, intersect=0) if rles else None
   people = [a for a in anns if a['iscrowd'] == 0 or a['num_keypoints'] > 0]
-  keypoints = np.zeros((len(people), NUM_JOINTS, 3), np.float32)
+  num_joints = len(people[0]['keypoints']) // 3 if people else 0
+  keypoints = np.zeros((len(people), num_joints, 3), np.float32)
   for i, ann in enumerate(people):
     keypoints[i] = np.asarray(ann['keypoints'], np.float32).reshape(-1, 3)
   return CocoExample(image_id, info['file_name'], height, width, keypoints,
@@ -217,37 +242,135 @@ def filter_examples(coco: coco_lib.COCO):
     yield image_id, example
 
 
-def load_coco(coco_root: str, split: str) -> coco_lib.COCO:
-  """The split's keypoint annotations (pycocotools); a clear error if absent.
+def check_root(coco_root: str) -> None:
+  """FileNotFoundError (one line, naming the config key) if it is absent."""
+  if not os.path.isdir(coco_root):
+    raise FileNotFoundError(
+        f'COCO root not found: {coco_root} (config.data.coco_root)')
+
+
+def read_annotations(ann_file: str) -> dict:
+  """The json of an annotation file, checked (one-line AnnotationError)."""
+  try:
+    with open(ann_file, 'rb') as f:
+      dataset = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise AnnotationError(f'{ann_file}: not valid json ({e}); truncated or '
+                          'not an annotation file?') from None
+  if not isinstance(dataset, dict) or not isinstance(
+      dataset.get('images'), list) or not isinstance(
+          dataset.get('annotations'), list):
+    raise AnnotationError(f'{ann_file}: not a COCO annotation file (needs '
+                          '"images" and "annotations" lists)')
+  return dataset
+
+
+def check_annotations(dataset: dict, ann_file: str,
+                      num_joints: int | None = None) -> None:
+  """Raises AnnotationError naming the file and image / annotation id.
+
+  Checks the keys mmpose reads, the keypoint count of every annotation
+  against its category's names (and `num_joints`, the keypoints trained
+  on), and
+  that annotations point at listed images. Fills a missing `area` from
+  the bbox (w * h), which COCOeval's OKS needs.
+  """
+  for img in dataset['images']:
+    missing = [k for k in _IMAGE_KEYS if k not in img]
+    if missing:
+      raise AnnotationError(f'{ann_file}: image id {img.get("id")} has no '
+                            f'{", ".join(missing)}')
+  image_ids = {img['id'] for img in dataset['images']}
+  cats = {c.get('id'): c for c in dataset.get('categories') or ()}
+  if num_joints is not None:
+    counts = {len(c['keypoints']) for c in cats.values()
+              if c.get('keypoints')}
+    if counts and num_joints not in counts:
+      raise AnnotationError(
+          f'{ann_file}: its keypoint category lists {min(counts)} joints, '
+          f'the config\'s keypoints {num_joints} (config.data.keypoints; '
+          "source='annotations' reads them from this file)")
+  for ann in dataset['annotations']:
+    missing = [k for k in _ANN_KEYS if k not in ann]
+    if missing:
+      raise AnnotationError(f'{ann_file}: annotation id {ann.get("id")} has '
+                            f'no {", ".join(missing)}')
+    if ann['image_id'] not in image_ids:
+      raise AnnotationError(f'{ann_file}: annotation id {ann["id"]}: image '
+                            f'id {ann["image_id"]} is not in "images"')
+    cat = cats.get(ann.get('category_id'), {})
+    k = len(cat['keypoints']) if cat.get('keypoints') else (
+        num_joints)
+    values = ann['keypoints']
+    if not isinstance(values, list) or len(values) % 3:
+      raise AnnotationError(
+          f'{ann_file}: annotation id {ann["id"]}: "keypoints" is not a '
+          'flat list of (x, y, v) triples')
+    if k is not None and len(values) != 3 * k:
+      raise AnnotationError(
+          f'{ann_file}: annotation id {ann["id"]}: {len(values)} keypoint '
+          f'values, its category lists {k} keypoints ({3 * k} expected)')
+    if num_joints is not None and len(values) != 3 * num_joints:
+      raise AnnotationError(
+          f'{ann_file}: annotation id {ann["id"]}: {len(values) // 3} '
+          f'keypoints, the config\'s keypoints have {num_joints}')
+    if 'area' not in ann and len(ann.get('bbox') or ()) == 4:
+      ann['area'] = float(ann['bbox'][2]) * float(ann['bbox'][3])
+
+
+def load_coco(coco_root: str, split: str, annotations: str = '',
+              num_joints: int | None = None
+              ) -> coco_lib.COCO:
+  """The split's keypoint annotations (pycocotools), checked.
+
+  Args:
+    coco_root, split, annotations: as `split_paths`.
+    num_joints: the keypoints trained on / evaluated (checked), if given.
 
   Raises:
-    FileNotFoundError: the annotation file is missing (named).
+    FileNotFoundError: coco_root or the annotation file is missing (named).
+    AnnotationError: malformed json (file and annotation id named).
   """
-  ann_file, _ = split_paths(coco_root, split)
+  check_root(coco_root)
+  ann_file, _ = split_paths(coco_root, split, annotations)
   if not os.path.isfile(ann_file):
     raise FileNotFoundError(f'COCO annotation file not found: {ann_file}')
-  return coco_lib.COCO(ann_file)
+  dataset = read_annotations(ann_file)
+  check_annotations(dataset, ann_file, num_joints)
+  with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints
+    coco = coco_lib.COCO()
+    coco.dataset = dataset
+    coco.createIndex()
+  return coco
 
 
-def load_coco_index(coco_root: str, split: str) -> CocoIndex:
+def load_coco_index(coco_root: str, split: str, annotations: str = '',
+                    images: str = '',
+                    num_joints: int | None = None
+                    ) -> CocoIndex:
   """Loads and filters the person-keypoint annotations of one split.
 
   Args:
     coco_root: folder with `annotations/` and `{split}/`.
     split: e.g. 'train2017'.
+    annotations, images: other files than the standard ones (split_paths).
+    num_joints: the keypoints trained on (the annotations are checked).
 
   Returns:
-    The CocoIndex (image files are not opened here; a missing or corrupt
-    file is found and counted by the pipeline when it is read).
+    The CocoIndex (image files are not opened here; a missing, corrupt or
+    wrongly sized file is found and counted by the pipeline when read).
 
   Raises:
-    FileNotFoundError: the annotation file or image folder is missing.
+    FileNotFoundError: coco_root, the annotation file or image folder is
+      missing.
+    AnnotationError: a malformed annotation file.
     ValueError: no usable image in the split.
   """
-  ann_file, image_dir = split_paths(coco_root, split)
+  check_root(coco_root)
+  ann_file, image_dir = split_paths(coco_root, split, annotations, images)
   if os.path.isfile(ann_file) and not os.path.isdir(image_dir):
     raise FileNotFoundError(f'COCO image folder not found: {image_dir}')
-  coco = load_coco(coco_root, split)
+  coco = load_coco(coco_root, split, annotations, num_joints)
   examples, skipped = [], collections.defaultdict(list)
   for image_id, item in filter_examples(coco):
     if isinstance(item, str):

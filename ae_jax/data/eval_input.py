@@ -3,8 +3,9 @@
 mmpose's bottom-up test set is all images of the split (val2017: 5000),
 people or not. Images are decoded by `coco.decode_image` (cv2, as mmcv,
 RGB), the decoder the train pipeline uses. A missing, empty or undecodable
-file is not fatal: it is logged by name, counted in `EvalImages.skipped` and
-left out (its ground truth still counts in AP).
+file, or one whose size is not the annotation's width/height, is not
+fatal: it is logged by name, counted in `EvalImages.skipped` and left out
+(its ground truth still counts in AP).
 
 Shapes: image [H, W, 3] uint8 RGB, pixels 0-255.
 """
@@ -44,26 +45,36 @@ class EvalImages:
   max_images: Optional[int] = None
   num_threads: int = 2
   prefetch: int = 8
+  annotations: str = ''  # other files than the standard ones (split_paths)
+  images: str = ''
+  num_joints: Optional[int] = None  # checked against the annotations
 
   def __post_init__(self):
-    self.coco = coco_lib.load_coco(self.coco_root, self.split)
+    self.coco = coco_lib.load_coco(self.coco_root, self.split,
+                                   self.annotations, self.num_joints)
     ids = sorted(self.coco.getImgIds())
     if self.max_images is not None:
       ids = ids[:self.max_images]
     self.image_ids: List[int] = ids
-    _, self.image_dir = coco_lib.split_paths(self.coco_root, self.split)
+    _, self.image_dir = coco_lib.split_paths(self.coco_root, self.split,
+                                             self.annotations, self.images)
     self.skipped: List[Tuple[str, str]] = []
 
   def __len__(self) -> int:
     return len(self.image_ids)
 
   def _load(self, image_id: int):
-    name = self.coco.imgs[image_id]['file_name']
+    info = self.coco.imgs[image_id]
+    name = info['file_name']
     try:
       image = coco_lib.decode_image(os.path.join(self.image_dir, name))
-      return name, image, None
     except coco_lib.ImageError as e:
       return name, None, str(e)
+    if image.shape[:2] != (info['height'], info['width']):
+      return name, None, (
+          f'{coco_lib.SIZE_MISMATCH}: {image.shape[1]}x{image.shape[0]} '
+          f'file, {info["width"]}x{info["height"]} in the annotations')
+    return name, image, None
 
   def __iter__(self) -> Iterator[EvalExample]:
     self.skipped = []

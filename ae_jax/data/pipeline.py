@@ -9,10 +9,12 @@ of position g is drawn from (seed, g). Resuming at start_step therefore
 starts the permutation of epoch (start_step * B) // N at its offset, with
 no image read for the skipped part.
 
-A missing or corrupt image is not dropped (that would shift every later
-batch and break resume): the example is replaced by the next readable image
-in index order, with its own annotations, so targets stay right. Each such
-replacement is counted per reason and logged (absl) once per file.
+A missing, corrupt or wrongly sized image (decoded size != the
+annotation's width/height: not the annotated image) is not dropped (that
+would shift every later batch and break resume): the example is replaced
+by the next usable image in index order, with its own annotations, so
+targets stay right. Each such replacement is counted per reason and logged
+(absl) once per file.
 
 Host work per example (one tf.numpy_function, `make_loader`): read and
 decode, ignore mask, the two warps, the flip; cv2 releases the GIL in all
@@ -42,13 +44,12 @@ import threading
 from typing import Iterator
 
 from absl import logging
-import cv2
 import numpy as np
 import tensorflow as tf
 
 from ae_jax.data import coco as coco_lib
 from ae_jax.data import transforms
-from ae_jax.keypoints import NUM_JOINTS
+from ae_jax import keypoints as keypoints_lib
 
 _MAX_REPLACEMENTS = 64  # consecutive unreadable images before giving up
 _SALT_PERMUTATION = 0x5EED
@@ -63,18 +64,19 @@ class SkipCounter:
     self.counts = collections.Counter()
     self.files: dict[str, str] = {}
 
-  def add(self, reason: str, name: str, n: int = 1) -> None:
+  def add(self, reason: str, name: str, n: int = 1, detail: str = '') -> None:
     with self._lock:
       self.counts[reason] += n
       if name not in self.files:
         self.files[name] = reason
-        logging.warning('Skipping %s (%s): replaced by the next image.', name,
-                        reason)
+        logging.warning('Skipping %s (%s%s): replaced by the next image.',
+                        name, reason, f': {detail}' if detail else '')
 
 
 def make_loader(source: coco_lib.ExampleSource, skips: SkipCounter, *,
                 input_wh: tuple[int, int], heatmap_wh: tuple[int, int],
-                scale_type: str, trans_factor: float, max_people: int):
+                scale_type: str, trans_factor: float, max_people: int,
+                flip_index=keypoints_lib.COCO.flip_index):
   """Builds the host function for tf.numpy_function.
 
   Decode, affine and flip run here in cv2/numpy: on one core this beat
@@ -89,6 +91,7 @@ def make_loader(source: coco_lib.ExampleSource, skips: SkipCounter, *,
     scale_type: 'short' or 'long'.
     trans_factor: max center shift (mmpose units), 0 = none.
     max_people: M, the people kept (the first M of the image).
+    flip_index: [K] mirrored joint of each joint (KeypointSpec.flip_index).
 
   Returns:
     fn(index, rot, scale, u_dx, u_dy, flip) -> (image [H, W, 3] uint8,
@@ -101,20 +104,22 @@ def make_loader(source: coco_lib.ExampleSource, skips: SkipCounter, *,
       ex = source.examples[i]
       try:
         image = coco_lib.decode_image(source.image(i), ex.file_name)
-        break
+        if image.shape[:2] == (ex.height, ex.width):
+          break
+        # Not the annotated image: its keypoints and masks would land
+        # elsewhere (or outside), so it is replaced like an unreadable one.
+        skips.add(coco_lib.SIZE_MISMATCH, ex.file_name, detail=(
+            f'{image.shape[1]}x{image.shape[0]} file, {ex.width}x'
+            f'{ex.height} in the annotations'))
       except coco_lib.ImageError as e:
         skips.add(e.reason, ex.file_name)
       i = (i + 1) % len(source)
     else:
       raise RuntimeError(f'{_MAX_REPLACEMENTS} consecutive COCO images could '
-                         f'not be read (last: {ex.file_name}); check the data.')
+                         f'not be read or had the wrong size (last: '
+                         f'{ex.file_name}); check the data.')
     height, width = image.shape[:2]
-    # The annotation size is authoritative for the mask; a mismatch means
-    # the image does not belong to these annotations.
     ignore = coco_lib.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width)
-    if (height, width) != (ex.height, ex.width):
-      ignore = cv2.resize(ignore, (width, height),
-                          interpolation=cv2.INTER_NEAREST)
     s = float(scale)
     aug = transforms.AugParams(
         rot=float(rot), scale=s,
@@ -123,8 +128,8 @@ def make_loader(source: coco_lib.ExampleSource, skips: SkipCounter, *,
         flip=bool(flip > 0.5))
     out, mask, joints = transforms.transform_example(
         image, ignore, ex.keypoints[:max_people], aug, input_wh, heatmap_wh,
-        scale_type)
-    keypoints = np.zeros((max_people, NUM_JOINTS, 3), np.float32)
+        scale_type, flip_index)
+    keypoints = np.zeros((max_people, len(flip_index), 3), np.float32)
     keypoints[:joints.shape[0]] = joints
     return out, mask, keypoints
 
@@ -187,13 +192,18 @@ def sample_augmentation(seed, rot_factor: float, scale_factor, flip_prob: float,
   return rot, scale, u[2], u[3], flip
 
 
-def _load_source(coco_root: str, split: str, source: str, tfds_data_dir: str):
+def _load_source(coco_root: str, split: str, source: str, tfds_data_dir: str,
+                 annotations: str, images: str, num_joints: int):
   """Returns (ExampleSource, skipped-in-index dict)."""
   if source == 'json':
-    index = coco_lib.load_coco_index(coco_root, split)
+    index = coco_lib.load_coco_index(coco_root, split, annotations, images,
+                                     num_joints)
     return (coco_lib.ExampleSource(index.examples, index.image_dir),
             index.skipped)
   if source == 'tfds':
+    if num_joints != keypoints_lib.COCO.num_joints or annotations or images:
+      raise ValueError("config.data.source 'tfds' holds the standard COCO "
+                       "files (17 joints); use source 'json' for others")
     from ae_jax.data import tfds_coco  # pylint: disable=g-import-not-at-top
     return tfds_coco.load_source(coco_root, split, tfds_data_dir)
   raise ValueError(f"Unknown data source {source!r}: 'json' or 'tfds'")
@@ -206,6 +216,8 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
                        global_batch_size: int, seed: int, start_step: int = 0,
                        source: str = 'json', tfds_data_dir: str = '',
                        num_parallel_calls: int = -1,
+                       flip_index=keypoints_lib.COCO.flip_index,
+                       annotations: str = '', images: str = '',
                        process_index: int | None = None,
                        process_count: int | None = None) -> TrainDataset:
   """Builds the infinite, deterministic AE train stream for this host.
@@ -233,6 +245,10 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
     source: 'json' (pycocotools) or 'tfds' (tfds_coco builder).
     tfds_data_dir: TFDS data_dir for source 'tfds'.
     num_parallel_calls: map parallelism, -1 = AUTOTUNE.
+    flip_index: [K] mirrored joint of each joint (KeypointSpec.flip_index;
+      K = the joints of the annotations, checked when they are loaded).
+    annotations, images: the split's annotation json and image folder if
+      not the standard ones (coco.split_paths).
     process_index: host index (default jax.process_index()).
     process_count: number of hosts (default jax.process_count()).
 
@@ -253,8 +269,11 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
     raise ValueError(f'global_batch_size {global_batch_size} is not divisible '
                      f'by the {process_count} processes')
   local_batch = global_batch_size // process_count
+  flip_index = tuple(int(j) for j in flip_index)
+  num_joints = len(flip_index)
   src, skipped_in_index = _load_source(coco_root, split, source,
-                                       tfds_data_dir)
+                                       tfds_data_dir, annotations, images,
+                                       num_joints)
   for reason, ids in skipped_in_index.items():
     logging.info('COCO %s: skipped %d images (%s).', split, len(ids), reason)
   num = len(src)
@@ -263,7 +282,7 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
   load = make_loader(src, skips, input_wh=(in_w, in_h),
                      heatmap_wh=(hm_w, hm_h), scale_type=scale_type,
                      trans_factor=trans_factor if augment else 0.0,
-                     max_people=max_people)
+                     max_people=max_people, flip_index=flip_index)
 
   start = int(start_step) * global_batch_size
   first_epoch, first_offset = divmod(start, num)
@@ -295,7 +314,7 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
         'image': tf.ensure_shape(image, [in_h, in_w, 3]),
         'mask': tf.ensure_shape(mask, [hm_h, hm_w]),
         'keypoints': tf.ensure_shape(keypoints,
-                                     [max_people, NUM_JOINTS, 3]),
+                                     [max_people, num_joints, 3]),
     }
 
   ds = tf.data.Dataset.range(first_epoch, tf.int64.max)
