@@ -10,7 +10,14 @@ r"""Evaluates a checkpoint on COCO keypoints: AP table + results json.
 
 --ckpt is a converted-variables directory (convert_torch_weights.py) or a
 training workdir (its latest checkpoint). Images that cannot be read are
-logged by name and skipped (their people count as missed).
+logged by name and skipped (their people count as missed). --output is
+checked (its folder created) before the evaluation and written atomically.
+
+Images are batched per shape bucket over the local devices (--batch_size,
+a multiple of their count); host grouping overlaps the device work.
+Multi-process (JAX_COORDINATOR_ADDRESS or AE_JAX_DISTRIBUTED=1, see
+ae_jax/sharding.py): each process evaluates every n-th image on its own
+devices, results are gathered, process 0 prints the table and writes json.
 """
 
 import os
@@ -31,6 +38,9 @@ _SPLIT = flags.DEFINE_string('split', 'val2017', 'COCO split to evaluate.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the results json here.')
 _MAX_IMAGES = flags.DEFINE_integer(
     'max_images', None, 'Evaluate only the first N images (smoke tests).')
+_BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size', None, 'Images per device batch (default: one per local '
+    'device).')
 flags.mark_flags_as_required(['ckpt'])
 
 
@@ -42,23 +52,38 @@ def main(argv):
     tf.config.set_visible_devices([], 'GPU')
   except ImportError:
     pass
-  import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, coco_eval, inference
+  from ae_jax import checkpoints, coco_eval, inference, sharding
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()
+  import jax  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  if _OUTPUT.value and jax.process_index() == 0:
+    try:  # before anything slow: a bad --output must not cost an eval
+      coco_eval.check_output_path(_OUTPUT.value)
+    except coco_eval.EvalError as e:
+      raise SystemExit(f'error: {e}') from None
   logging.info('JAX process %d / %d, %d devices (%s).', jax.process_index(),
                jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
   model = ae_model.AEModel(**config.model)
   try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
-    predictor = inference.load_predictor(model, _CKPT.value, **config.test)
+    predictor = inference.load_predictor(model, _CKPT.value,
+                                         batch_size=_BATCH_SIZE.value,
+                                         **config.test)
   except (checkpoints.CheckpointError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   split = _SPLIT.value
-  metrics, info = coco_eval.evaluate(
-      predictor, _COCO_ROOT.value or config.data.coco_root, split,
-      output_path=_OUTPUT.value, max_images=_MAX_IMAGES.value)
+  try:  # EvalError: an empty split; FileNotFoundError: a bad coco_root.
+    metrics, info = coco_eval.evaluate(
+        predictor, _COCO_ROOT.value or config.data.coco_root, split,
+        output_path=_OUTPUT.value, max_images=_MAX_IMAGES.value,
+        process_index=jax.process_index(),
+        process_count=jax.process_count())
+  except (coco_eval.EvalError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+  if jax.process_index() != 0:
+    return
   print(coco_eval.format_report(
       metrics, info, split,
       f'scales {list(predictor.scales)}, flip {predictor.flip}'))

@@ -42,19 +42,62 @@ def test_eval_cli_prints_table_and_names_missing_image(
   root = tmp_path / 'coco'
   shutil.copytree(coco_mini_root, root)
   (root / 'val2017' / '000000196141.jpg').unlink()
-  out = tmp_path / 'results.json'
+  (root / 'val2017' / '000000040083.jpg').write_bytes(b'')  # zero bytes
+  out = tmp_path / 'new' / 'folder' / 'results.json'  # folders created
   proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
                str(tiny_ckpt), '--coco_root', str(root), '--output', str(out),
+               '--batch_size=2',
                '--config.test.grouping.detection_threshold=0.2'])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| AP | AP50 | AP75 | APm | APl | AR | AR50 |' in proc.stdout
-  assert '000000196141.jpg' in proc.stdout
+  assert ('skipped 2 unreadable image(s): 000000040083.jpg, '
+          '000000196141.jpg') in proc.stdout
   assert '000000196141.jpg' in proc.stderr  # logged when skipped
+  assert '000000040083.jpg (0 bytes)' in proc.stderr
+  assert 'MB/image' in proc.stdout  # device->host bytes
   results = json.loads(out.read_text())
   assert isinstance(results, list)
   for r in results:
     assert r['category_id'] == 1 and len(r['keypoints']) == 51
-    assert r['image_id'] in (785, 40083, 197388)
+    assert r['image_id'] in (785, 197388)
+  assert [p.name for p in out.parent.iterdir()] == ['results.json']
+
+
+@pytest.mark.parametrize('kind', ['directory', 'under_a_file'])
+def test_eval_cli_refuses_bad_output_before_evaluating(
+    tiny_ckpt, coco_mini_root, tmp_path, kind):
+  if kind == 'directory':
+    out = tmp_path
+  else:
+    (tmp_path / 'a_file').write_text('keep me')
+    out = tmp_path / 'a_file' / 'results.json'
+  proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
+               str(tiny_ckpt), '--coco_root', str(coco_mini_root),
+               '--output', str(out)])
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and str(out) in last
+  assert 'eval ' not in proc.stderr  # no image was evaluated
+  if kind == 'under_a_file':
+    assert (tmp_path / 'a_file').read_text() == 'keep me'
+
+
+def test_eval_cli_empty_split_is_an_error(tiny_ckpt, coco_mini_root,
+                                          tmp_path):
+  root = tmp_path / 'coco'
+  shutil.copytree(coco_mini_root, root)
+  ann = root / 'annotations' / 'person_keypoints_val2017.json'
+  data = json.loads(ann.read_text())
+  data['images'], data['annotations'] = [], []
+  ann.write_text(json.dumps(data))
+  proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
+               str(tiny_ckpt), '--coco_root', str(root)])
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: split val2017 of {root} has no images to evaluate')
+  assert '| AP |' not in proc.stdout
 
 
 def test_eval_cli_rejects_bad_checkpoint(tmp_path, coco_mini_root):

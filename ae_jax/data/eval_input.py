@@ -35,7 +35,10 @@ class EvalImages:
 
   Attributes:
     coco: the split's COCO api object (ground truth for scoring).
-    image_ids: ids in ascending order, optionally the first `max_images`.
+    all_image_ids: ids in ascending order, optionally the first
+      `max_images`.
+    image_ids: this process's share of them (`shard` = (index, count):
+      every count-th id from index).
     skipped: (file_name, reason) of images that could not be read, filled
       during iteration.
   """
@@ -44,13 +47,16 @@ class EvalImages:
   max_images: Optional[int] = None
   num_threads: int = 2
   prefetch: int = 8
+  shard: Tuple[int, int] = (0, 1)
 
   def __post_init__(self):
     self.coco = coco_lib.load_coco(self.coco_root, self.split)
     ids = sorted(self.coco.getImgIds())
     if self.max_images is not None:
       ids = ids[:self.max_images]
-    self.image_ids: List[int] = ids
+    self.all_image_ids: List[int] = ids
+    index, count = self.shard
+    self.image_ids: List[int] = ids[index::count]
     _, self.image_dir = coco_lib.split_paths(self.coco_root, self.split)
     self.skipped: List[Tuple[str, str]] = []
 
