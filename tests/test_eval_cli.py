@@ -1,4 +1,4 @@
-"""eval.py and demo.py end to end on the mini COCO with a tiny checkpoint."""
+"""eval.py end to end on the mini COCO with a tiny checkpoint."""
 
 import json
 import os
@@ -114,20 +114,3 @@ def test_eval_cli_names_bad_test_scales_in_one_line(tiny_ckpt, coco_mini_root):
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr
   assert 'error: multi-scale test needs scale 1' in proc.stderr
-
-
-def test_demo_writes_pngs_and_names_unreadable_images(tiny_ckpt,
-                                                     coco_mini_root, tmp_path):
-  import cv2  # pylint: disable=g-import-not-at-top
-  image = coco_mini_root / 'val2017' / '000000000785.jpg'
-  missing = tmp_path / 'missing.jpg'
-  proc = _run(['demo.py', '--config', 'configs/tiny.py', '--ckpt',
-               str(tiny_ckpt), '--out', str(tmp_path / 'demo'), str(image),
-               str(missing)])
-  png = cv2.imread(str(tmp_path / 'demo' / '000000000785.png'))
-  assert png is not None, proc.stderr[-3000:]
-  assert png.shape == (425, 640, 3)
-  assert proc.returncode == 1
-  assert 'Traceback' not in proc.stderr
-  assert proc.stderr.splitlines()[-1] == (
-      f'error: 1 image(s) could not be read: {missing}')
