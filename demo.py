@@ -49,8 +49,10 @@ def main(argv):
   for path, reason in failed:
     logging.error('%s: %s', path, reason)
   failed = [path for path, _ in failed]
+  import jax  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  model = ae_model.AEModel(**config.model)
+  model = ae_model.create_model(
+      config.model, ae_model.default_kernels(jax.default_backend()))
   try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
     predictor = inference.load_predictor(model, _CKPT.value, **config.test)
     os.makedirs(out_dir, exist_ok=True)

@@ -24,7 +24,6 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -63,10 +62,9 @@ def main(argv):
       coco_eval.check_output_path(_OUTPUT.value)
     except coco_eval.EvalError as e:
       raise SystemExit(f'error: {e}') from None
-  logging.info('JAX process %d / %d, %d devices (%s).', jax.process_index(),
-               jax.process_count(), jax.device_count(),
-               jax.devices()[0].platform)
-  model = ae_model.AEModel(**config.model)
+  sharding.log_backend(config.test.input_size)
+  model = ae_model.create_model(
+      config.model, ae_model.default_kernels(jax.default_backend()))
   try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
     predictor = inference.load_predictor(model, _CKPT.value,
                                          batch_size=_BATCH_SIZE.value,

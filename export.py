@@ -15,7 +15,6 @@ from ml_collections import config_flags
 
 from ae_jax import checkpoints
 from ae_jax import export as export_lib
-from ae_jax.models import ae_model
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Model config file.', lock_config=True)
@@ -33,9 +32,9 @@ def main(argv):
     variables = checkpoints.restore_variables(_CKPT.value)
   except checkpoints.CheckpointError as e:
     raise app.UsageError(str(e)) from None
-  model = ae_model.AEModel(**_CONFIG.value.model)
   fixed = tuple(int(v) for v in _FIXED.value) if _FIXED.value else None
-  export_lib.export_saved_model(model, variables, _OUT.value, fixed)
+  export_lib.export_saved_model(_CONFIG.value.model, variables, _OUT.value,
+                                fixed)
   logging.info('Wrote SavedModel to %s', _OUT.value)
   print(f'SavedModel written to {_OUT.value}')
 

@@ -4,16 +4,23 @@ r"""Trains Associative Embedding + MobileNetV2 (resumes from --workdir).
       --config.data.coco_root=/data/coco
   python train.py --config configs/coco_mini.py --workdir /tmp/ae_mini
 
-Multi-process (TPU pod slice, multi-node GPU): pass --distributed, or set
-JAX_COORDINATOR_ADDRESS (plus JAX_NUM_PROCESSES / JAX_PROCESS_ID) or
-AE_JAX_DISTRIBUTED=1 where JAX detects the cluster itself; every process
-runs the same command. Checkpoints, TensorBoard scalars and summary.json
-go to --workdir; a rerun with the same --workdir resumes from the latest
-checkpoint; SIGTERM saves one before exiting.
+Multi-process (TPU pod slice, multi-node GPU): every process runs the same
+command. Where JAX detects the cluster (TPU pods, SLURM) pass --distributed
+(or set AE_JAX_DISTRIBUTED=1); elsewhere pass --coordinator_address,
+--num_processes and --process_id (and --local_device_ids for one process
+per GPU):
+
+  python train.py --config configs/coco512.py --workdir /shared/ae \
+      --coordinator_address=node0:1234 --num_processes=2 --process_id=$RANK
+
+Checkpoints, TensorBoard scalars and summary.json go to --workdir; a rerun
+with the same --workdir resumes from the latest checkpoint; SIGTERM saves
+one before exiting.
 """
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -25,8 +32,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Checkpoints, TensorBoard and summary go here.')
 _DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', None, 'Call jax.distributed.initialize() (default: '
-    'from JAX_COORDINATOR_ADDRESS / AE_JAX_DISTRIBUTED).')
+    'distributed', None, 'Call jax.distributed.initialize() (default: when '
+    'a flag below, JAX_COORDINATOR_ADDRESS or AE_JAX_DISTRIBUTED=1 is set).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, "Process 0's host:port (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes (multi-process).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, "This process's index in [0, num_processes).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    'local_device_ids', None, 'Local device ids this process uses, e.g. '
+    '$LOCAL_RANK for one process per GPU (default: all).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -36,29 +52,64 @@ def _quiet_orbax(record) -> bool:
           '/orbax/' not in record.pathname)
 
 
+def _end_multiprocess(code: int) -> None:
+  """Exits a multi-process run once every process is done.
+
+  All processes meet in jax.distributed's shutdown barrier, then leave
+  without interpreter teardown: with gloo CPU collectives, jax 0.10.2
+  processes were seen to hang in the final garbage collection after a peer
+  had exited. Checkpoints, TensorBoard and summary.json are closed by then.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.distributed.shutdown()
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # Imported here so --help and flag errors stay fast.
-  import jax  # pylint: disable=g-import-not-at-top
   from ae_jax import sharding  # pylint: disable=g-import-not-at-top
-  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  ids = _LOCAL_DEVICE_IDS.value
+  if ids is not None and not all(i.isdigit() for i in ids):
+    raise app.UsageError(f'--local_device_ids: not integers: {ids}')
+  try:
+    distributed = sharding.maybe_initialize_distributed(
+        _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+        _PROCESS_ID.value, None if ids is None else [int(i) for i in ids])
+  except (ValueError, TypeError, RuntimeError) as e:
+    raise SystemExit(
+        f'error: jax.distributed.initialize: {e} (pass --coordinator_address'
+        ', --num_processes and --process_id, or run where JAX detects the '
+        'cluster: TPU pod, SLURM)') from None
   try:  # tf.data must not grab accelerator memory.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')
   except ImportError:
     pass
-  logging.info('JAX process %d / %d, %d local / %d global devices (%s).',
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  config = _CONFIG.value
+  sharding.log_backend(config.data.input_size,
+                       config.train.global_batch_size)
+  import jax  # pylint: disable=g-import-not-at-top
   from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  # The one place the layer kernels are chosen: the backend this runs on.
+  kernels = ae_model.default_kernels(jax.default_backend())
+  code = 0
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_lib.train_and_evaluate(config, _WORKDIR.value, kernels=kernels)
   except train_lib.NonFiniteLossError as e:
     logging.error('%s', e)
-    raise SystemExit(f'error: {e}') from None
+    if not distributed:
+      raise SystemExit(f'error: {e}') from None
+    print(f'error: {e}', file=sys.stderr)
+    code = 1
+  if distributed:
+    _end_multiprocess(code)
 
 
 if __name__ == '__main__':

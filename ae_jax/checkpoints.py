@@ -13,18 +13,22 @@ A *training checkpoint* is one step of an orbax CheckpointManager under
   meta/   json {'step', 'data_position', 'seed', 'global_batch_size'}: the
           train pipeline is deterministic from (seed, step), so the data
           position equals the step; it is recorded explicitly anyway.
+
+Paths are `etils.epath` paths (`as_path`), so a workdir may be a local
+directory or a URL orbax writes to (gs://, s3://); nothing here applies
+os.path to it.
 """
 
-import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
+from etils import epath
 import flax
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 Variables = Dict[str, Any]
+PathLike = Union[str, epath.PathLike]
 
 STATE_ITEM = 'state'
 META_ITEM = 'meta'
@@ -34,30 +38,39 @@ class CheckpointError(ValueError):
   """A checkpoint path that does not hold what was asked for."""
 
 
-def save_variables(directory: str, variables: Variables) -> None:
+def as_path(path: PathLike) -> epath.Path:
+  """A workdir/checkpoint path: URLs (gs://...) as given, local absolute.
+
+  orbax wants absolute paths; a relative local path is taken from the
+  current directory, a URL is left exactly as it is.
+  """
+  path = epath.Path(path).expanduser()
+  return path if path.is_absolute() else path.absolute()
+
+
+def save_variables(directory: PathLike, variables: Variables) -> None:
   """Writes {'params', 'batch_stats'} (numpy or jax arrays) to `directory`."""
-  directory = os.path.abspath(directory)
+  directory = as_path(directory)
   tree = {'params': variables['params'],
           'batch_stats': variables.get('batch_stats', {})}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory, tree, force=True)
 
 
-def restore_variables(directory: str) -> Variables:
+def restore_variables(directory: PathLike) -> Variables:
   """Reads model variables from a variables checkpoint or a train workdir.
 
   Returns host numpy arrays {'params': ..., 'batch_stats': ...}.
   Raises CheckpointError naming the path when nothing usable is there.
   """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = as_path(directory)
+  if not directory.is_dir():
     raise CheckpointError(f'checkpoint directory not found: {directory}')
   latest = _latest_train_step_dir(directory)
   if latest is not None:
     return _restore_from_train_step(latest)
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      tree = ckptr.restore(directory)
+    tree = _restore_on_this_host(directory)
   except Exception as e:  # orbax raises several types for a bad directory.
     raise CheckpointError(
         f'{directory} is not an ae_jax checkpoint (neither converted '
@@ -67,26 +80,40 @@ def restore_variables(directory: str) -> Variables:
   return jax.tree_util.tree_map(np.asarray, dict(tree))
 
 
-def _latest_train_step_dir(directory: str):
-  """Path of the newest step of a train workdir's CheckpointManager, if any."""
-  ckpt_root = os.path.join(directory, 'checkpoints')
-  if not os.path.isdir(ckpt_root):
-    return None
-  steps = [int(d) for d in os.listdir(ckpt_root) if d.isdigit()]
-  return os.path.join(ckpt_root, str(max(steps))) if steps else None
+def _restore_on_this_host(directory: epath.Path) -> Dict[str, Any]:
+  """A StandardCheckpointer item, read onto this process's first device.
 
-
-def _restore_from_train_step(step_dir: str) -> Variables:
-  """Loads params/batch_stats from one step of a training checkpoint."""
-  state_dir = os.path.join(step_dir, 'state')
+  Whatever topology wrote it: a checkpoint saved by 2 processes x 4 devices
+  (or a pod) names devices this process does not have, so the saved
+  shardings are replaced by one local device.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(state_dir)
+    meta = ckptr.metadata(directory).item_metadata
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        getattr(meta, 'tree', meta))
+    return ckptr.restore(directory, target)
+
+
+def _latest_train_step_dir(directory: epath.Path) -> Optional[epath.Path]:
+  """Path of the newest step of a train workdir's CheckpointManager, if any."""
+  ckpt_root = directory / 'checkpoints'
+  if not ckpt_root.is_dir():
+    return None
+  steps = [int(d.name) for d in ckpt_root.iterdir() if d.name.isdigit()]
+  return ckpt_root / str(max(steps)) if steps else None
+
+
+def _restore_from_train_step(step_dir: epath.Path) -> Variables:
+  """Loads params/batch_stats from one step of a training checkpoint."""
+  tree = _restore_on_this_host(step_dir / 'state')
   return jax.tree_util.tree_map(
       np.asarray, {'params': tree['params'],
                    'batch_stats': tree['batch_stats']})
 
 
-def make_train_manager(workdir: str, max_to_keep: int = 3,
+def make_train_manager(workdir: PathLike, max_to_keep: int = 3,
                        async_save: bool = True) -> ocp.CheckpointManager:
   """CheckpointManager for `{workdir}/checkpoints` (items 'state', 'meta').
 
@@ -94,7 +121,7 @@ def make_train_manager(workdir: str, max_to_keep: int = 3,
   arrays are copied off the device; call `manager.wait_until_finished()`
   before relying on the files (done on exit, NaN stop and SIGTERM).
   """
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  directory = as_path(workdir) / 'checkpoints'
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
       create=True)

@@ -9,7 +9,7 @@ converters (TFLite) prefer.
 """
 
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -17,13 +17,33 @@ import numpy as np
 from ae_jax.models import ae_model
 
 
-def export_saved_model(model: ae_model.AEModel, variables: Dict[str, Any],
-                       out_dir: str,
+def make_serving_fn(model_config: Mapping[str, Any],
+                    variables: Dict[str, Any]) -> Callable:
+  """images [B, H, W, 3] -> {'heatmaps', 'tags'} with variables baked in.
+
+  Always the 'flax' kernels (plain flax layers, the accelerator graph),
+  whatever machine traces it: a SavedModel is served on GPU / TPU, and
+  TF's converters know native convolutions.
+  """
+  model = ae_model.create_model(model_config, kernels='flax')
+  variables = jax.tree_util.tree_map(np.asarray, variables)
+  k = model.num_joints
+
+  def forward(images):
+    out = model.apply(variables, images, train=False)
+    return {'heatmaps': out[..., :k], 'tags': out[..., k:]}
+
+  return forward
+
+
+def export_saved_model(model_config: Mapping[str, Any],
+                       variables: Dict[str, Any], out_dir: str,
                        fixed_shape: Optional[Sequence[int]] = None) -> str:
-  """Writes a SavedModel of `model` with `variables` baked in as constants.
+  """Writes a SavedModel of the AE model with `variables` baked in.
 
   Args:
-    model: the Flax AEModel (its dtype is kept).
+    model_config: AEModel arguments (config.model; its dtype is kept). The
+      graph is built with the 'flax' kernels (`make_serving_fn`).
     variables: {'params', 'batch_stats'} (host or device arrays).
     out_dir: SavedModel directory to write (created or overwritten).
     fixed_shape: optional (B, H, W) to export a static-shape graph.
@@ -35,13 +55,7 @@ def export_saved_model(model: ae_model.AEModel, variables: Dict[str, Any],
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
 
-  variables = jax.tree_util.tree_map(np.asarray, variables)
-  k = model.num_joints
-
-  def forward(images):
-    out = model.apply(variables, images, train=False)
-    return {'heatmaps': out[..., :k], 'tags': out[..., k:]}
-
+  forward = make_serving_fn(model_config, variables)
   if fixed_shape is None:
     # H, W as 32 * symbol: the stride-2 convs then divide exactly.
     poly = ['(b, 32*h, 32*w, 3)']

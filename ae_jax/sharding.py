@@ -11,7 +11,7 @@ every batch array.
 """
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from absl import logging
 import jax
@@ -21,23 +21,75 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 
 
-def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
-  """Calls `jax.distributed.initialize()` for multi-process runs.
+def maybe_initialize_distributed(
+    force: Optional[bool] = None, coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None, process_id: Optional[int] = None,
+    local_device_ids: Optional[Sequence[int]] = None) -> bool:
+  """Calls `jax.distributed.initialize` for multi-process runs.
 
-  Multi-process when `force` is True, or (force None) when the environment
-  names a coordinator (JAX_COORDINATOR_ADDRESS, or AE_JAX_DISTRIBUTED=1 for
-  TPU pods / SLURM where JAX auto-detects the cluster). Must run before any
-  other JAX call.
+  Multi-process when `force` is True; when `force` is None, when any of the
+  other arguments is given or the environment names a coordinator
+  (JAX_COORDINATOR_ADDRESS, or AE_JAX_DISTRIBUTED=1 on TPU pods / SLURM,
+  where JAX detects the cluster). Arguments left None are auto-detected by
+  JAX. CPU collectives go over gloo (how 2 processes x N fake CPU devices
+  emulate a cluster on one machine; the setting only affects the CPU
+  backend). Must run before any other JAX call.
+
+  Args:
+    force: True/False forces multi-process on/off (train.py --distributed).
+    coordinator_address: 'host:port' of process 0.
+    num_processes: number of processes.
+    process_id: this process's index in [0, num_processes).
+    local_device_ids: the local devices this process uses (e.g. [rank] for
+      one process per GPU).
 
   Returns:
     Whether jax.distributed was initialised.
   """
+  explicit = (coordinator_address, num_processes, process_id,
+              local_device_ids)
   if force is None:
-    force = bool(os.environ.get('JAX_COORDINATOR_ADDRESS') or
-                 os.environ.get('AE_JAX_DISTRIBUTED', '0') == '1')
+    force = (any(a is not None for a in explicit) or
+             bool(os.environ.get('JAX_COORDINATOR_ADDRESS')) or
+             os.environ.get('AE_JAX_DISTRIBUTED', '0') == '1')
   if force:
-    jax.distributed.initialize()
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes, process_id=process_id,
+        local_device_ids=(None if local_device_ids is None
+                          else list(local_device_ids)))
   return bool(force)
+
+
+def is_full_size(input_size: Any, global_batch_size: int = 0) -> bool:
+  """Whether a config is paper-sized (input >= 512 px or batch >= 64)."""
+  size = (input_size,) if np.isscalar(input_size) else tuple(input_size)
+  return max(int(s) for s in size) >= 512 or global_batch_size >= 64
+
+
+def log_backend(input_size: Any, global_batch_size: int = 0) -> str:
+  """Logs processes/devices/backend; one warning for full size on CPU.
+
+  Args:
+    input_size: the config's input size, int S or (W, H).
+    global_batch_size: the global train batch (0 for eval).
+
+  Returns:
+    The backend name (jax.default_backend()).
+  """
+  backend = jax.default_backend()
+  logging.info('JAX backend %s: process %d / %d, %d local / %d global '
+               'devices (%s).', backend, jax.process_index(),
+               jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].device_kind)
+  if backend == 'cpu' and is_full_size(input_size, global_batch_size):
+    batch = f', global batch {global_batch_size}' if global_batch_size else ''
+    logging.warning(
+        'Full-size config (input %s%s) on the CPU backend: this will be '
+        "very slow; on a GPU/TPU machine install .[cuda12] or .[tpu] (README "
+        "'Install on GPU / TPU').", input_size, batch)
+  return backend
 
 
 def make_mesh(num_devices: Optional[int] = None) -> Mesh:
@@ -52,6 +104,21 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding of a fully replicated array."""
   return NamedSharding(mesh, P())
+
+
+def put_replicated(value: Any, mesh: Mesh) -> jax.Array:
+  """A host value, equal on every process -> a replicated global array.
+
+  `jax.device_put(value, replicated(mesh))` fails in multi-process runs
+  (the sharding names other processes' devices); this builds the global
+  array from each process's copy. PRNG key arrays keep their impl.
+  """
+  if jax.dtypes.issubdtype(getattr(value, 'dtype', None),
+                           jax.dtypes.prng_key):
+    data = put_replicated(jax.random.key_data(value), mesh)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+  return jax.make_array_from_process_local_data(replicated(mesh),
+                                                np.asarray(value))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

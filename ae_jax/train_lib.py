@@ -32,6 +32,7 @@ from ae_jax import checkpoints
 from ae_jax import sharding
 from ae_jax import train_state
 from ae_jax import train_step
+from ae_jax.models import ae_model
 from ae_jax.models.ae_model import AEModel
 
 
@@ -63,7 +64,7 @@ def make_dataset(config: ml_collections.ConfigDict, start_step: int):
   d = config.data
   return pipeline.make_train_dataset(
       d.coco_root, d.train_split, input_size=d.input_size,
-      heatmap_size=d.heatmap_size, sigma=d.sigma, max_people=d.max_people,
+      heatmap_size=d.heatmap_size, max_people=d.max_people,
       rot_factor=d.rot_factor, scale_factor=tuple(d.scale_factor),
       scale_type=d.scale_type, trans_factor=d.trans_factor,
       flip_prob=d.flip_prob, augment=d.augment,
@@ -211,9 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Raises:
     NonFiniteLossError: a NaN/inf metric; the last good checkpoint stays.
   """
-  if kernels not in ('flax', 'cpu'):
-    raise ValueError(f"kernels must be 'flax' or 'cpu', not {kernels!r}")
-  workdir = epath.Path(workdir)
+  workdir = checkpoints.as_path(workdir)
   t = config.train
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh()
@@ -224,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Every resource is closed here, in reverse order, also on errors; the
   # manager's close waits for the asynchronous saves.
   with contextlib.ExitStack() as resources:
-    manager = checkpoints.make_train_manager(str(workdir),
+    manager = checkpoints.make_train_manager(workdir,
                                              t.keep_checkpoints)
     resources.callback(manager.close)
     resume_step = manager.latest_step()
@@ -235,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     total_steps = t.num_steps if t.num_steps > 0 else (
         t.num_epochs * epoch_steps)
     lr_fn = _lr_schedule(config.optim, global_batch, epoch_steps)
-    model = AEModel(**config.model)  # at merge: ae_model.create_model
+    model = ae_model.create_model(config.model, kernels)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     # torch Adam defaults: betas (0.9, 0.999), eps 1e-8.
     state, state_shardings = train_state.create_train_state(
@@ -245,11 +244,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     last_good = resume_step
     step_fn = train_step.make_train_step(
         mesh, state_shardings, model=model, lr_fn=lr_fn,
-        num_joints=config.model.num_joints,
+        num_joints=config.model.num_joints, sigma=config.data.sigma,
         heatmap_factor=config.loss.heatmap_factor,
         push_factor=config.loss.push_factor,
         pull_factor=config.loss.pull_factor)
-    step_rng = jax.device_put(step_rng, sharding.replicated(mesh))
+    step_rng = sharding.put_replicated(step_rng, mesh)
     writer = make_metric_writer(workdir / 'tensorboard', is_main)
     resources.callback(writer.close)
     data_iter = iter(dataset)
@@ -268,8 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     try:
       while step < total_steps and not preempted:
         host_batch = next(data_iter)
-        batch = sharding.make_global_batch(
-            {k: host_batch[k] for k in train_step.BATCH_KEYS}, mesh)
+        batch = sharding.make_global_batch(dict(host_batch), mesh)
         state, metrics = step_fn(state, batch, step_rng)
         pending.append(metrics)  # device arrays until the next log step
         step += 1

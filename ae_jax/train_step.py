@@ -10,8 +10,10 @@ statistics use PyTorch's momentum (0.1), so they converge alike.
 
 Legend: B global batch, S input size, h heatmap size, K=17 joints, M=30
 people. Batch: image [B, S, S, 3] uint8 RGB (normalised on device by
-ae_model.normalize_images; float32 input is taken as normalised), heatmaps
-[B, h, h, K] float32, mask [B, h, h] float32, joints [B, M, K, 2] int32.
+ae_model.normalize_images; float32 input is taken as normalised), mask
+[B, h, h] uint8/float32, keypoints [B, M, K, 3] float32, from which the step
+renders heatmaps [B, h, h, K] float32 and joints [B, M, K, 2] int32
+(data/device_targets.py); a batch may carry heatmaps and joints instead.
 """
 
 import functools
@@ -23,21 +25,17 @@ import optax
 
 from ae_jax import losses
 from ae_jax import sharding
-# Until ae_jax.models.cpu_kernels lands: its compiler_options() replaces
-# layers.compiler_options() here.
-from ae_jax.models import layers
+from ae_jax.data import device_targets
+from ae_jax.models import cpu_kernels
 from ae_jax.models.ae_model import AEModel
 from ae_jax.models.ae_model import normalize_images
 from ae_jax.train_state import TrainState
 
-BATCH_KEYS = ('image', 'heatmaps', 'mask', 'joints')
-
-
 def train_step(state: TrainState, batch: Dict[str, jax.Array],
                rng: jax.Array, *, model: AEModel,
                lr_fn: optax.Schedule, num_joints: int = 17,
-               heatmap_factor: float = 1.0, push_factor: float = 0.001,
-               pull_factor: float = 0.001
+               sigma: float = 2.0, heatmap_factor: float = 1.0,
+               push_factor: float = 0.001, pull_factor: float = 0.001
                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimisation step (pure; jitted by `make_train_step`).
 
@@ -49,6 +47,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array],
       that may come).
     model: the AEModel (static).
     lr_fn: the schedule (for the lr metric; the optimizer holds its own).
+    sigma: heatmap Gaussian sigma of the targets rendered from
+      batch['keypoints'] (device_targets.render_targets).
     num_joints, heatmap_factor, push_factor, pull_factor: loss settings.
 
   Returns:
@@ -57,6 +57,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array],
     updated params).
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  batch = device_targets.render_targets(batch, sigma=sigma)
 
   def loss_fn(params):
     outputs, updates = model.apply(
@@ -100,4 +101,4 @@ def make_train_step(mesh: jax.sharding.Mesh, state_shardings: Any,
       functools.partial(train_step, **step_kwargs),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), rep),
       out_shardings=(state_shardings, rep), donate_argnums=0,
-      compiler_options=layers.compiler_options() if on_cpu else None)
+      compiler_options=cpu_kernels.compiler_options() if on_cpu else None)

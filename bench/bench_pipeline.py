@@ -1,33 +1,36 @@
-"""Train input pipeline throughput on one CPU core: ours vs mmpose-style.
+"""Train input pipeline throughput on N cores (and vs mmpose-style on one).
 
-Run:  python -m bench.bench_pipeline [--batches 12] [--out bench/RESULTS_pipeline.md]
+Run:  python -m bench.bench_pipeline --cores N [--examples 384] [--profile]
+      python -m bench.bench_pipeline --reference [--out report.md]
 
-Both pipelines produce the full training example at 512/128 (image,
-heatmaps, mask, joints) from the mini COCO images, repeated, in batches of
-32. One core: the process pins itself to CPU 0 (os.sched_setaffinity, like
-`taskset -c 0`), cv2 uses one thread, TF's inter/intra-op pools have one
-thread, and tf.data runs on a private thread pool of size 1 with map
-parallelism 1 (so "per core" is not flattered by idle hyper-threads).
+`--cores N` times the training input exactly as train.py builds it
+(train_lib.make_dataset on configs/default.py, 512/128, full augmentation)
+on the mini COCO (val2017, repeated), limited to N cores: the process is
+pinned to the first N CPUs (os.sched_setaffinity, like `taskset -c
+0-(N-1)`), cv2 runs one thread per call, TF's inter/intra-op pools and
+tf.data's private pool have N threads and the map runs N examples in
+parallel (config.data.num_parallel_calls = N). After two warm-up batches it
+times a fixed number of examples and prints, as its last line,
+`cores=N ... <X> img/s ...` with
+  * img/s: wall-clock images per second (what a train loop would see);
+  * cpu-ms/img: CPU time of the whole process (all threads) per example;
+  * bytes/img: host->device bytes per example (all arrays of a batch, /B).
+On a machine shared with other jobs, wall-clock img/s drops with the load
+while cpu-ms/img stays close to the cost of the work; the load average is
+printed beside the figures.
 
-The reference is tests/references/mmpose_pipeline.py, a straightforward
-numpy + cv2 implementation of mmpose 0.x's train pipeline as mmpose runs
-it (the one the parity tests compare against): mmcv-style decode (cv2 BGR
--> RGB), `_get_mask` (pycocotools decode + sum), 3-point
-get_affine_transform, cv2.warpAffine of image and mask,
-`image[:, ::-1] - zeros` flip, ToTensor + NormalizeTensor in float32 numpy,
-HeatmapGenerator and JointsEncoder loops; here its parameters are drawn
-with np.random in mmpose's order and the examples stacked into a batch.
+`--profile` also splits the loader's CPU time (gil_profile) into the part
+inside GIL-free cv2 calls and the GIL-held rest, whose inverse bounds one
+process's img/s however many threads it runs.
 
-Ours yields uint8 images: the ImageNet normalisation runs on device inside
-the jitted train step (ae_model.normalize_images, one fused elementwise op
-there), which also makes the host copies and the host->device transfer 4x
-smaller; the reference normalises on the host as mmpose does.
+`--reference` also times (on one core) the shared mmpose-style reference,
+tests/references/mmpose_pipeline.py: mmcv decode, `_get_mask`, 3-point
+get_affine_transform, cv2.warpAffine, `image[:, ::-1] - zeros` flip,
+ToTensor + NormalizeTensor on the host and the HeatmapGenerator /
+JointsEncoder loops, with np.random draws in mmpose's order.
 
-A per-op section measures the choices in transforms.py (cv2 vs TF decode
-and warp; the numpy targets used).
-
-Smoke run (seconds): python -m bench.bench_pipeline --batches 1 --batch 4 \
-    --out /tmp/pipeline.md
+Smoke run (seconds): python -m bench.bench_pipeline --cores 1 --examples 8 \
+    --batch 4
 """
 
 import argparse
@@ -37,24 +40,117 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import cv2  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-from pycocotools import coco as coco_api  # pylint: disable=g-import-not-at-top
 
 # pylint: disable=g-import-not-at-top
 from bench import common
-from tests.references import mmpose_pipeline
 
 ROOT = 'data/coco_mini'
 SPLIT = 'val2017'
 S, H, SIGMA, M = 512, 128, 2, 30
 
 
+def limit_cores(cores: int) -> list[int]:
+  """Pins this process to its first `cores` CPUs; returns them."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if not 1 <= cores <= len(cpus):
+    raise ValueError(f'--cores {cores}: this process may use 1..{len(cpus)}')
+  os.sched_setaffinity(0, set(cpus[:cores]))
+  cv2.setNumThreads(1)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.threading.set_inter_op_parallelism_threads(cores)
+  tf.config.threading.set_intra_op_parallelism_threads(cores)
+  return cpus[:cores]
+
+
+def train_input(cores: int, batch: int, seed: int = 0):
+  """The train.py input (train_lib.make_dataset) with N-way parallelism."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.data.coco_root = ROOT
+  config.data.train_split = SPLIT
+  config.data.num_parallel_calls = cores
+  config.train.global_batch_size = batch
+  config.seed = seed
+  ds = train_lib.make_dataset(config, 0)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = cores
+  options.autotune.enabled = False
+  return ds.dataset.with_options(options).as_numpy_iterator()
+
+
+def time_batches(it, num_batches: int, batch: int):
+  """(wall img/s, CPU ms per image, bytes per image) over num_batches."""
+  next(it)  # warm-up: tracing, caches, the prefetch buffer filling
+  next(it)
+  t, c = time.perf_counter(), time.process_time()
+  nbytes = 0
+  for _ in range(num_batches):
+    nbytes += sum(v.nbytes for v in next(it).values())
+  n = num_batches * batch
+  return (n / (time.perf_counter() - t),
+          (time.process_time() - c) / n * 1e3, nbytes / n)
+
+
+def gil_profile(num: int):
+  """Host loader CPU ms per example: total and inside GIL-free cv2 calls.
+
+  Calls pipeline.make_loader's function directly (one thread) with the
+  augmentation the pipeline draws, and accumulates the thread CPU time
+  spent inside cv2.imdecode / warpAffine / flip, which release the GIL.
+  The rest holds it: 1 / (rest) bounds one process's examples per second
+  however many threads the map runs.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import coco, pipeline  # pylint: disable=g-import-not-at-top
+  index = coco.load_coco_index(ROOT, SPLIT)
+  load = pipeline.make_loader(
+      coco.ExampleSource(index.examples, index.image_dir),
+      pipeline.SkipCounter(), input_wh=(S, S), heatmap_wh=(H, H),
+      scale_type='short', trans_factor=40.0, max_people=M)
+  spent = [0.0]
+  originals = {n: getattr(cv2, n) for n in ('imdecode', 'warpAffine', 'flip')}
+
+  def timed(fn):
+    def call(*a, **k):
+      t = time.thread_time()
+      try:
+        return fn(*a, **k)
+      finally:
+        spent[0] += time.thread_time() - t
+    return call
+
+  params = [[float(v) for v in pipeline.sample_augmentation(
+      tf.constant([0, g], tf.int64), 30.0, (0.75, 1.5), 0.5)]
+            for g in range(num)]
+  for name, fn in originals.items():
+    setattr(cv2, name, timed(fn))
+  try:
+    load(0, *params[0])
+    spent[0] = 0.0
+    t = time.thread_time()
+    for g, p in enumerate(params):
+      load(g % len(index), *p)
+    total = time.thread_time() - t
+  finally:
+    for name, fn in originals.items():
+      setattr(cv2, name, fn)
+  return total / num * 1e3, spent[0] / num * 1e3
+
+
 class Reference:
   """mmpose 0.x train pipeline in numpy + cv2, one example per call."""
 
   def __init__(self):
+    # pylint: disable=g-import-not-at-top
+    from pycocotools import coco as coco_api
+    from tests.references import mmpose_pipeline
+    self.ref = mmpose_pipeline
     self.coco = coco_api.COCO(f'{ROOT}/annotations/person_keypoints_'
                               f'{SPLIT}.json')
     self.ids = sorted(self.coco.getImgIds())
@@ -62,7 +158,7 @@ class Reference:
 
   def example(self, image_id):
     info = self.coco.imgs[image_id]
-    img = mmpose_pipeline.read_rgb(f'{ROOT}/{SPLIT}/{info["file_name"]}')
+    img = self.ref.read_rgb(f'{ROOT}/{SPLIT}/{info["file_name"]}')
     anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
     h, w = img.shape[:2]
     # BottomUpRandomAffine's draws, in its order, then BottomUpRandomFlip's.
@@ -73,10 +169,11 @@ class Reference:
     dy = self.rng.randint(-40 * h * aug_scale / 200.0,
                           40 * h * aug_scale / 200.0)
     flip = self.rng.random_sample() < 0.5
-    ex = mmpose_pipeline.train_example(
+    ex = self.ref.train_example(
         img, anns, rot=rot, aug_scale=aug_scale, shift=(dx, dy), flip=flip,
         input_wh=(S, S), heatmap_wh=(H, H), sigma=SIGMA, max_people=M)
-    return ex['image'], ex['heatmaps'], ex['mask'], ex['enc']
+    return {'image': ex['image'], 'heatmaps': ex['heatmaps'],
+            'mask': ex['mask'], 'joints': ex['enc']}
 
   def batches(self, batch):
     i = 0
@@ -85,121 +182,61 @@ class Reference:
       for _ in range(batch):
         items.append(self.example(self.ids[i % len(self.ids)]))
         i += 1
-      yield [np.stack(z) for z in zip(*items)]
-
-
-def _time(it, n, batch):
-  """Returns (img per wall second, img per CPU second of this process).
-
-  The CPU-time rate counts the work of all threads, so on a shared,
-  loaded machine it still measures images per core-second.
-  """
-  next(it)  # warm-up (graph tracing, caches)
-  next(it)
-  t, c = time.perf_counter(), time.process_time()
-  for _ in range(n):
-    next(it)
-  return (n * batch / (time.perf_counter() - t),
-          n * batch / (time.process_time() - c))
-
-
-def _per_op_ms():
-  """Single-op timings (ms) behind the choices in transforms.py."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ae_jax.data import targets  # pylint: disable=g-import-not-at-top
-  hm_wh = (H, H)
-  data = open(f'{ROOT}/{SPLIT}/000000000785.jpg', 'rb').read()
-  buf = np.frombuffer(data, np.uint8)
-  img = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
-  mat = cv2.getRotationMatrix2D((320, 212), 20, 1.1)
-  tdata = tf.constant(data)
-  fimg = tf.cast(tf.io.decode_jpeg(tdata, channels=3), tf.float32)[None]
-  inv = cv2.invertAffineTransform(mat)
-  proj = tf.constant([list(inv[0]) + list(inv[1]) + [0, 0]], tf.float32)
-  warp = tf.function(lambda im: tf.raw_ops.ImageProjectiveTransformV3(
-      images=im, transforms=proj, output_shape=[S, S], fill_value=0.0,
-      interpolation='BILINEAR', fill_mode='CONSTANT'))
-  joints = np.random.default_rng(0).uniform(0, H, (6, 17, 3)).astype(
-      np.float32)
-  joints[..., 2] = 1
-  ops = {
-      'decode cv2.imdecode': lambda: cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB),
-      'decode tf.io.decode_jpeg': lambda: tf.io.decode_jpeg(tdata, channels=3),
-      'warp 512 cv2.warpAffine': lambda: cv2.warpAffine(img, mat, (S, S)),
-      'warp 512 tf ImageProjectiveTransformV3': lambda: warp(fimg),
-      'targets numpy (6 people, used)': lambda: (
-          targets.generate_heatmaps(joints, hm_wh, 2.0),
-          targets.encode_joints(joints, hm_wh, M)),
-  }
-  out = {}
-  for name, fn in ops.items():
-    fn()
-    t = time.perf_counter()
-    for _ in range(30):
-      fn()
-    out[name] = (time.perf_counter() - t) / 30 * 1e3
-  return out
+      yield {k: np.stack([x[k] for x in items]) for k in items[0]}
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--batches', type=int, default=12)
+  parser.add_argument('--cores', type=int, default=len(os.sched_getaffinity(0)))
+  parser.add_argument('--examples', type=int, default=384,
+                      help='timed examples (rounded down to whole batches)')
   parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--out', default='bench/RESULTS_pipeline.md')
+  parser.add_argument('--reference', action='store_true',
+                      help='also time the mmpose-style reference (1 core)')
+  parser.add_argument('--profile', action='store_true',
+                      help='also split the loader CPU time by GIL (1 core)')
+  parser.add_argument('--out', default='',
+                      help='write a markdown report here (with --reference)')
   args = parser.parse_args()
-  os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-  cv2.setNumThreads(1)
+  cpus = limit_cores(1 if args.reference else args.cores)
+  cores = len(cpus)
+  num_batches = max(1, args.examples // args.batch)
+  ours = time_batches(train_input(cores, args.batch), num_batches,
+                      args.batch)
+  load = os.getloadavg()[0]
+  line = (f'cores={cores} (cpus {cpus[0]}-{cpus[-1]}) examples='
+          f'{num_batches * args.batch} batch={args.batch} load={load:.1f}: '
+          f'{ours[0]:.0f} img/s wall, {ours[1]:.2f} cpu-ms/img '
+          f'({1e3 / ours[1]:.0f} img/s per core-second), '
+          f'{ours[2] / 1e6:.3f} MB/img host->device')
+  if args.profile:
+    total, free = gil_profile(args.examples)
+    print(f'loader alone, one thread: {total:.2f} cpu-ms/img, {free:.2f} in '
+          f'GIL-free cv2 calls, {total - free:.2f} holding the GIL '
+          f'(one process at most ~{1e3 / (total - free):.0f} img/s)')
+  if not args.reference:
+    print(line)
+    return
+  ref = time_batches(Reference().batches(args.batch), num_batches,
+                     args.batch)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.threading.set_inter_op_parallelism_threads(1)
-  tf.config.threading.set_intra_op_parallelism_threads(1)
-  from ae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
-  ds = pipeline.make_train_dataset(
-      ROOT, SPLIT, input_size=S, heatmap_size=H, sigma=2.0, max_people=M,
-      rot_factor=30.0, scale_factor=(0.75, 1.5), scale_type='short',
-      trans_factor=40.0, flip_prob=0.5, augment=True,
-      global_batch_size=args.batch, seed=0, num_parallel_calls=1,
-      process_index=0, process_count=1)
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = 1
-  options.autotune.enabled = False
-  ours_it = ds.dataset.with_options(options).as_numpy_iterator()
-  ref_it = Reference().batches(args.batch)
-  # Interleave the two measurements to share the machine's noise.
-  ours, ref = [], []
-  for _ in range(2):
-    ours.append(_time(ours_it, args.batches, args.batch))
-    ref.append(_time(ref_it, args.batches, args.batch))
-  ops = _per_op_ms()
-  ours_best, ref_best = max(o[1] for o in ours), max(r[1] for r in ref)
   lines = [
-      '## Train input pipeline (bench/bench_pipeline.py)', '',
-      f'Machine: {common.machine()}, '
-      f'{platform.python_version()}, TF {tf.__version__}, cv2 '
-      f'{cv2.__version__}; shared with other jobs (noisy).',
-      'One core: process pinned to one CPU (sched_setaffinity = taskset -c '
-      '0), cv2 1 thread, TF inter/intra-op 1, tf.data private pool 1, map '
-      'parallelism 1.',
-      f'Full examples at 512/128, mini COCO repeated, batch {args.batch}, '
-      f'{args.batches} batches per timing, 2 interleaved runs each. '
-      'img/s/core = images per CPU-second of the pinned process (all '
-      'threads, process_time), robust to other jobs on the core; wall-clock '
-      'rates in brackets.', '',
-      '| pipeline | img/s/core, best (runs) | wall img/s (runs) |',
-      '|---|---|---|',
-      f'| ours (tf.data; cv2 decode+warp, numpy targets in one '
-      f'numpy_function; uint8 out, normalised on device) | '
-      f'**{ours_best:.0f}** '
-      f'({", ".join(f"{v[1]:.0f}" for v in ours)}) | '
-      f'{", ".join(f"{v[0]:.0f}" for v in ours)} |',
-      f'| reference numpy+cv2 (mmpose 0.x style) | **{ref_best:.0f}** '
-      f'({", ".join(f"{v[1]:.0f}" for v in ref)}) | '
-      f'{", ".join(f"{v[0]:.0f}" for v in ref)} |', '',
-      f'Ratio ours / reference (CPU time): **{ours_best / ref_best:.2f}x**.',
-      '',
-      '| op (one call, wall-clock, loaded machine) | ms |', '|---|---|'
-  ] + [f'| {k} | {v:.2f} |' for k, v in ops.items()] + ['']
-  common.write_report(lines, args.out)
+      '## Train input pipeline vs the mmpose-style reference, one core', '',
+      f'Machine: {common.machine()}, {platform.python_version()}, TF '
+      f'{tf.__version__}, cv2 {cv2.__version__}; load average {load:.1f} '
+      '(shared).', '',
+      '| pipeline | cpu-ms/img | img/s per core-second | MB/img to device |',
+      '|---|---|---|---|',
+      f'| ours (train_lib.make_dataset) | {ours[1]:.2f} | '
+      f'{1e3 / ours[1]:.0f} | {ours[2] / 1e6:.3f} |',
+      f'| reference numpy+cv2 (mmpose 0.x style) | {ref[1]:.2f} | '
+      f'{1e3 / ref[1]:.0f} | {ref[2] / 1e6:.3f} |', '',
+      f'Ratio (CPU time): **{ref[1] / ours[1]:.2f}x**.', '']
+  if args.out:
+    common.write_report(lines, args.out)
+  else:
+    print('\n'.join(lines))
+  print(line)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,10 @@ r"""Train-step throughput: JAX (ours) vs PyTorch, same model, same batch.
   python -m bench.bench_train_step [--batch 8] [--size 512] [--repeats 5]
 
 Full AE + MobileNetV2 (widen 1.0, 3 x 256 deconv), fp32, one process on the
-CPU. One step = forward + masked heatmap MSE + AE push/pull + backward +
+CPU. JAX runs side by side with both layer kernels
+(`ae_model.create_model(..., kernels=)`): 'cpu' (ae_jax/models/cpu_kernels.py,
+what train.py picks on CPU) and 'flax' (plain flax layers, the GPU / TPU
+default). One step = forward + masked heatmap MSE + AE push/pull + backward +
 Adam. PyTorch uses tests/torch_reference.AETorchModel (the same
 architecture, mmpose keys) with a vectorised loss of the same definition,
 in NCHW and channels_last, with as many intra-op threads as JAX gets cores.
@@ -64,15 +67,19 @@ def interleaved(runners, repeats):
   return times
 
 
-def bench_jax(batch_np, fwd_batches):
-  """JAX train step + forward-only runners, compiled FLOPs per image."""
+def bench_jax(batch_np, fwd_batches, kernels):
+  """JAX train step + forward-only runners, compiled FLOPs per image.
+
+  The step is train_lib's (with its CPU compiler options); `kernels` is
+  'flax' or 'cpu'.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from ae_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
-  from ae_jax.models import layers  # pylint: disable=g-import-not-at-top
-  from ae_jax.models.ae_model import AEModel  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
   size = batch_np['image'].shape[1]
-  model = AEModel()
+  model = ae_model.create_model({}, kernels)
   mesh = sharding.make_mesh(1)
   lr_fn = train_state.make_lr_schedule(1.5e-3, 1000, 500, 0.001, (200, 260))
   state, shardings = train_state.create_train_state(
@@ -106,25 +113,31 @@ def bench_jax(batch_np, fwd_batches):
     jax.block_until_ready(metrics)
 
   runners['train'] = run
-  runners.update(_jax_part_grads(model, batch_np))
-  info['compiler_options'] = layers.compiler_options()
+  runners.update(_jax_part_grads(kernels, batch_np))
+  info['compiler_options'] = (cpu_kernels.compiler_options()
+                              if jax.default_backend() == 'cpu' else None)
   return runners, info
 
 
-def _jax_part_grads(model, batch_np):
+def _jax_part_grads(kernels, batch_np):
   """Runners for d mean(y^2) / d params of the backbone and of the head."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ae_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  from ae_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
   from ae_jax.models.ae_head import AEHead  # pylint: disable=g-import-not-at-top
   from ae_jax.models.mobilenet_v2 import MobileNetV2  # pylint: disable=g-import-not-at-top
   image = jnp.asarray(batch_np['image'])
   b, size = image.shape[0], image.shape[1]
   feats = jnp.asarray(np.random.default_rng(1).normal(
       size=(b, size // 32, size // 32, 1280)).astype(np.float32))
+  defs = ae_model.module_defs(kernels)
+  options = (cpu_kernels.compiler_options()
+             if jax.default_backend() == 'cpu' else None)
   runners = {}
-  for name, module, x in (('backbone', MobileNetV2(), image),
-                          ('head', AEHead(), feats)):
+  for name, module, x in (
+      ('backbone', MobileNetV2(conv=defs['conv'], norm=defs['norm']), image),
+      ('head', AEHead(**defs), feats)):
     variables = module.init(jax.random.key(0), x)
 
     def loss(params, x, module=module, stats=variables['batch_stats']):
@@ -133,7 +146,7 @@ def _jax_part_grads(model, batch_np):
       return jnp.mean(y * y)
 
     grad = jax.jit(jax.grad(loss)).lower(variables['params'], x).compile(
-        compiler_options=layers.compiler_options())
+        compiler_options=options)
     runners[name] = (lambda grad=grad, p=variables['params'], x=x:
                      jax.block_until_ready(grad(p, x)))
   return runners
@@ -235,14 +248,15 @@ def main():
   threads = os.cpu_count()
   fwd_batches = sorted({1, args.batch})
   batch = make_batch(args.batch, args.size)
-  impls = {'JAX (ours), jit, NHWC': None, 'PyTorch, NCHW': False,
-           'PyTorch, channels_last': True}
-  runners, info = {}, None
-  for name, channels_last in impls.items():
-    if channels_last is None:
-      runners[name], info = bench_jax(batch, fwd_batches)
+  impls = {'JAX (ours), kernels=cpu, jit, NHWC': 'cpu',
+           'JAX (ours), kernels=flax, jit, NHWC': 'flax',
+           'PyTorch, NCHW': False, 'PyTorch, channels_last': True}
+  runners, info = {}, {}
+  for name, impl in impls.items():
+    if isinstance(impl, str):
+      runners[name], info[impl] = bench_jax(batch, fwd_batches, impl)
     else:
-      runners[name] = bench_torch(batch, threads, channels_last, fwd_batches)
+      runners[name] = bench_torch(batch, threads, impl, fwd_batches)
   # Train steps, then forward passes; implementations take turns.
   train = interleaved({n: r['train'] for n, r in runners.items()},
                       args.repeats)
@@ -252,12 +266,11 @@ def main():
                           args.part_repeats)
            for p in ('backbone', 'head') if args.part_repeats}
   names = list(impls)
-  jax_name, torch_names = names[0], names[1:]
+  jax_names = [n for n in names if isinstance(impls[n], str)]
+  torch_names = [n for n in names if n not in jax_names]
   ips = lambda n, secs, b: b / float(np.median(secs[n]))
   best = max(torch_names, key=lambda n: ips(n, train, args.batch))
-  ratio = lambda secs, b, n: ips(jax_name, secs, b) / ips(n, secs, b)
-  ratios = [args.batch / t / ips(best, train, args.batch)
-            for t in train[jax_name]]
+  ratio = lambda secs, b, j, n: ips(j, secs, b) / ips(n, secs, b)
   lines = [
       '## Train step (bench/bench_train_step.py)', '',
       f'Machine: {common.machine()}; batch {args.batch}, '
@@ -266,8 +279,10 @@ def main():
       f'implementation after one warm-up, implementations taking turns. '
       f'One step = forward + losses + backward + Adam. '
       f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; JAX compiler '
-      f'options {info["compiler_options"]} (ae_jax.models.layers); JAX '
-      f'convs: conv_impl auto (GEMM / decomposed on CPU).', '',
+      f'options {info["cpu"]["compiler_options"]} '
+      f'(ae_jax.models.cpu_kernels, both JAX rows); JAX layers: '
+      f'kernels=cpu (GEMM / decomposed convs, fused BatchNorm) and '
+      f'kernels=flax (nn.Conv, nn.ConvTranspose, nn.BatchNorm).', '',
       'Command: `python -m bench.bench_train_step` (defaults: --batch 8 '
       '--size 512 --repeats 5 --fwd-repeats 3).', '',
       '| implementation | s/step median (min-max) | images/s |',
@@ -276,13 +291,20 @@ def main():
     med, lo, hi = _stats(train[n])
     lines.append(f'| {n} | {med:.2f} ({lo:.2f}-{hi:.2f}) | '
                  f'{args.batch / med:.2f} |')
+  lines.append('')
+  for j in jax_names:
+    per_step = [args.batch / t / ips(best, train, args.batch)
+                for t in train[j]]
+    lines.append(
+        f'Ratio {j} / best PyTorch ({best}): '
+        f'**{ratio(train, args.batch, j, best):.2f}x** (per-step ratios '
+        f'{min(per_step):.2f}-{max(per_step):.2f}); vs '
+        + ', '.join(f'{n}: {ratio(train, args.batch, j, n):.2f}x'
+                    for n in torch_names) + '.')
   lines += [
-      '',
-      f'Ratio JAX / best PyTorch ({best}): '
-      f'**{ratio(train, args.batch, best):.2f}x** (per-step ratios '
-      f'{min(ratios):.2f}-{max(ratios):.2f}); vs '
-      + ', '.join(f'{n}: {ratio(train, args.batch, n):.2f}x'
-                  for n in torch_names) + '. Target >= 1.3x.', '',
+      f'kernels=cpu / kernels=flax: '
+      f'{ratio(train, args.batch, jax_names[0], jax_names[1]):.2f}x. '
+      'Target JAX / PyTorch >= 1.3x.', '',
       f'Forward only (eval mode, no gradient), median of {args.fwd_repeats}:',
       '', '| implementation | ' + ' | '.join(
           f'batch {fb}: ms/batch, images/s' for fb in fwd_batches) + ' |',
@@ -291,15 +313,19 @@ def main():
     cells = [f'{np.median(fwd[fb][n]) * 1e3:.0f} ms, '
              f'{ips(n, fwd[fb], fb):.2f}' for fb in fwd_batches]
     lines.append(f'| {n} | ' + ' | '.join(cells) + ' |')
-  lines += [
-      '', 'Forward ratio JAX / best PyTorch: ' + ', '.join(
-          f'batch {fb} {min(ratio(fwd[fb], fb, n) for n in torch_names):.2f}x'
-          for fb in fwd_batches) + '.', '',
-      f'XLA compiled FLOPs per image: train step '
-      f'{info["flops_train"] / 1e9:.1f} GFLOP, forward '
-      f'{info["flops_fwd"] / 1e9:.1f} GFLOP '
-      f'(cost_analysis of the compiled programs / batch). '
-      f'JAX step compile: {info["compile_s"]:.0f} s.', '']
+  lines.append('')
+  for j in jax_names:
+    lines.append(f'Forward ratio {j} / best PyTorch: ' + ', '.join(
+        f'batch {fb} '
+        f'{min(ratio(fwd[fb], fb, j, n) for n in torch_names):.2f}x'
+        for fb in fwd_batches) + '.')
+  lines += ['', 'XLA compiled FLOPs per image and step compile time:', '',
+            '| kernels | train step GFLOP | forward GFLOP | compile s |',
+            '|---|---|---|---|']
+  for k, i in info.items():
+    lines.append(f'| {k} | {i["flops_train"] / 1e9:.1f} | '
+                 f'{i["flops_fwd"] / 1e9:.1f} | {i["compile_s"]:.0f} |')
+  lines.append('')
   if parts:
     lines += [
         f'Per part, gradient of mean(y^2) in train mode, median of '

@@ -16,14 +16,14 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # AEModel(**config.model).
+  # ae_model.create_model(config.model, kernels): the layer kernels are not a
+  # config key; the entry point picks them for its backend
+  # (ae_model.default_kernels: 'cpu' on CPU, plain 'flax' on GPU / TPU).
   config.model = ml_collections.ConfigDict()
   config.model.num_joints = 17
   config.model.widen_factor = 1.0  # backbone.widen_factor
   config.model.num_deconv_filters = (256, 256, 256)  # AESimpleHead default
   config.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'
-  # 'auto': convs decomposed for fast XLA:CPU gradients, native on GPU/TPU.
-  config.model.conv_impl = 'auto'
 
   config.data = ml_collections.ConfigDict()
   config.data.coco_root = 'data/coco'  # annotations/ + train2017/ + val2017/

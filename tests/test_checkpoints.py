@@ -1,4 +1,5 @@
-"""Train checkpoints: round trip, exact resume after SIGTERM, NaN stop."""
+"""Train checkpoints: round trip, exact resume after SIGTERM, NaN stop,
+workdir paths (local, URLs)."""
 
 import os
 import signal
@@ -98,3 +99,48 @@ def test_nan_stops_training_and_keeps_last_good(tmp_path, monkeypatch):
   variables = checkpoints.restore_variables(workdir)
   assert all(np.all(np.isfinite(x))
              for x in jax.tree_util.tree_leaves(variables))
+
+
+def test_workdir_urls_are_not_turned_into_local_paths(tmp_path, monkeypatch):
+  """gs:// / s3:// workdirs reach orbax as the same URL (no os.path).
+
+  Only the path handling is tested offline: orbax writes gs:// through
+  TensorStore's GCS driver and lists it through epath (tf.io.gfile), both
+  of which need the network; no remote file is written here.
+  """
+  monkeypatch.chdir(tmp_path)
+  for url in ('gs://bucket/ae', 's3://bucket/runs/ae'):
+    assert str(checkpoints.as_path(url)) == url
+    assert str(checkpoints.as_path(url + '/')) == url
+    assert str(checkpoints.as_path(url) / 'checkpoints') == url + '/checkpoints'
+  assert checkpoints.as_path('runs/ae') == tmp_path / 'runs' / 'ae'
+  assert str(checkpoints.as_path('~/ae')) == os.path.expanduser('~/ae')
+  seen = {}
+
+  class Recorder:
+    def __init__(self, directory, **kwargs):
+      del kwargs
+      seen['directory'] = directory
+
+  monkeypatch.setattr(checkpoints.ocp, 'CheckpointManager', Recorder)
+  checkpoints.make_train_manager('gs://bucket/ae')
+  assert str(seen['directory']) == 'gs://bucket/ae/checkpoints'
+
+
+def test_variables_round_trip_through_epath_and_relative_paths(
+    tmp_path, monkeypatch):
+  """Local workdirs given as relative strings or epath.Path objects."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  variables = {'params': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)},
+               'batch_stats': {'mean': np.ones(3, np.float32)}}
+  checkpoints.save_variables('rel/vars', variables)
+  assert (tmp_path / 'rel' / 'vars').is_dir()
+  restored = checkpoints.restore_variables(epath.Path(tmp_path) / 'rel' /
+                                           'vars')
+  np.testing.assert_array_equal(restored['params']['w'],
+                                variables['params']['w'])
+  np.testing.assert_array_equal(restored['batch_stats']['mean'],
+                                variables['batch_stats']['mean'])
+  with pytest.raises(checkpoints.CheckpointError, match='not found: /'):
+    checkpoints.restore_variables('rel/missing')

@@ -183,6 +183,31 @@ def test_transposed_conv_kernels_are_flipped_for_the_model():
   assert not np.allclose(apply(unflipped, images), expected, atol=1e-2)
 
 
+@pytest.mark.parametrize('kernels', ['flax', 'cpu'])
+def test_transposed_conv_kernel_is_flipped_and_transposed(kernels):
+  """PyTorch ConvTranspose2d(4, 2, pad 1) == the deconv AEHead builds."""
+  from ae_jax.models import ae_head  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  weight = rng.normal(size=(5, 3, 4, 4)).astype(np.float32)  # [I, O, kh, kw]
+  x = rng.normal(size=(2, 6, 7, 5)).astype(np.float32)
+  deconv = torch.nn.ConvTranspose2d(5, 3, 4, stride=2, padding=1, bias=False)
+  deconv.weight.data = torch.from_numpy(weight)
+  with torch.no_grad():
+    expected = deconv(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  expected = expected.numpy().transpose(0, 2, 3, 1)
+  path = ('params', 'keypoint_head', 'deconv_layers_0', 'kernel')
+  kernel = convert.convert_tensor(path, weight)
+  layer = ae_head.deconv_4x4_s2(ae_model.module_defs(kernels)['deconv'],
+                                jnp.float32)(3)
+  got = layer.apply({'params': {'kernel': kernel}}, x)
+  assert got.shape == expected.shape == (2, 12, 14, 3)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  # Without the flip the result differs: the test can tell.
+  unflipped = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))
+  assert not np.allclose(
+      layer.apply({'params': {'kernel': unflipped}}, x), expected, atol=1e-2)
+
+
 def test_small_model_parity_with_inferred_architecture():
   """In-process conversion of a narrow model; sizes taken from the weights."""
   model = torch_model.randomize_(

@@ -121,7 +121,7 @@ def test_tfds_examples_equal_json(coco_mini_root, tfds_dir):
 
 def test_tfds_pipeline_equals_json(coco_mini_root, tfds_dir):
   from ae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  kw = dict(input_size=64, heatmap_size=16, sigma=2.0, max_people=30,
+  kw = dict(input_size=64, heatmap_size=16, max_people=30,
             rot_factor=30.0, scale_factor=(0.75, 1.5), scale_type='short',
             trans_factor=40.0, flip_prob=0.5, augment=True,
             global_batch_size=4, seed=3, process_index=0, process_count=1,

@@ -1,4 +1,8 @@
-"""Train pipeline: contract, determinism, resume, host sharding, bad files."""
+"""Train pipeline: contract, determinism, resume, host sharding, bad files.
+
+Parallel maps (num_parallel_calls > 1, AUTOTUNE) must give the serial
+stream bit for bit, and resume within it.
+"""
 
 import itertools
 import json
@@ -10,10 +14,9 @@ import tensorflow as tf
 
 from ae_jax.data import coco
 from ae_jax.data import pipeline
-from ae_jax.data import targets
 from ae_jax.data import transforms
 
-SMALL = dict(input_size=64, heatmap_size=16, sigma=2.0, max_people=30,
+SMALL = dict(input_size=64, heatmap_size=16, max_people=30,
              rot_factor=30.0, scale_factor=(0.75, 1.5), scale_type='short',
              trans_factor=40.0, flip_prob=0.5, augment=True)
 
@@ -41,11 +44,13 @@ def test_contract_and_same_seed_same_batches(coco_mini_root):
   assert ds.num_examples == 4
   first = _take(ds, 3)
   b = first[0]
+  assert sorted(b) == ['image', 'keypoints', 'mask']
   assert b['image'].shape == (3, 64, 64, 3) and b['image'].dtype == np.uint8
-  assert b['heatmaps'].shape == (3, 16, 16, 17)
-  assert b['heatmaps'].min() >= 0 and b['heatmaps'].max() <= 1
-  assert b['mask'].shape == (3, 16, 16) and b['mask'].dtype == np.float32
-  assert b['joints'].shape == (3, 30, 17, 2) and b['joints'].dtype == np.int32
+  assert b['mask'].shape == (3, 16, 16) and b['mask'].dtype == np.uint8
+  assert set(np.unique(b['mask'])) <= {0, 1}
+  kp = b['keypoints']
+  assert kp.shape == (3, 30, 17, 3) and kp.dtype == np.float32
+  assert (kp[..., 2] > 0).any() and (kp[:, 5:] == 0).all()  # <= 5 people
   _assert_same(first, _take(_make(coco_mini_root), 3))
   other = _take(_make(coco_mini_root, seed=8), 1)[0]
   assert not np.array_equal(other['image'], b['image'])
@@ -55,6 +60,17 @@ def test_resume_at_start_step(coco_mini_root):
   # 3 per batch over 4 images: batches straddle epoch boundaries.
   full = _take(_make(coco_mini_root), 5)
   _assert_same(full[3:], _take(_make(coco_mini_root, start_step=3), 2))
+
+
+@pytest.mark.parametrize('calls', [2, 3, -1])
+def test_parallel_map_gives_the_serial_batches(coco_mini_root, calls):
+  """N-way (and AUTOTUNE) parallel loading: the serial stream, bit for bit,
+  from the start and resumed mid-stream (batches straddle epochs)."""
+  serial = _take(_make(coco_mini_root, num_parallel_calls=1), 6)
+  _assert_same(serial, _take(_make(coco_mini_root,
+                                   num_parallel_calls=calls), 6))
+  _assert_same(serial[4:], _take(_make(coco_mini_root, start_step=4,
+                                       num_parallel_calls=calls), 2))
 
 
 def test_hosts_split_the_global_batch(coco_mini_root):
@@ -83,8 +99,7 @@ def _expected_unaugmented(root, size, hm_size, scale_type='short'):
         ex.keypoints, transforms.AugParams(), in_wh, hm_wh, scale_type)
     out[ex.image_id] = dict(
         image=img, mask=mask,
-        heatmaps=targets.generate_heatmaps(joints, hm_wh, 2.0),
-        joints=targets.encode_joints(joints, hm_wh, 30))
+        keypoints=np.pad(joints, ((0, 30 - len(joints)), (0, 0), (0, 0))))
   return out
 
 
@@ -115,9 +130,8 @@ def test_rectangular_unaugmented_batch(coco_mini_root):
              scale_type='long', augment=False, global_batch_size=4)
   b = _take(ds, 1)[0]
   assert b['image'].shape == (4, 64, 112, 3)
-  assert b['heatmaps'].shape == (4, 16, 28, 17)
   assert b['mask'].shape == (4, 16, 28)
-  assert b['joints'].max() < 17 * 16 * 28
+  assert b['keypoints'].shape == (4, 30, 17, 3)
   expected = _expected_unaugmented(coco_mini_root, (112, 64), (28, 16),
                                    'long')
   assert sorted(_match(b, expected)) == [785, 40083, 196141, 197388]

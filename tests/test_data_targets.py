@@ -1,18 +1,37 @@
-"""Heatmaps and joint encodings equal mmpose's loops (the reference).
+"""Device-rendered heatmaps and encodings equal mmpose's loops (reference).
 
-The reference is mmpose 0.x's HeatmapGenerator / JointsEncoder as loops
-(tests/references/mmpose_pipeline.generate_targets). Tolerance: heatmaps
-1e-6 absolute (float32 exp of the same squared distance, vectorised in
-another order), encodings exact.
+The targets are rendered inside the jitted train step
+(ae_jax/data/device_targets.py) from the padded keypoints the pipeline
+sends; the reference is mmpose 0.x's HeatmapGenerator / JointsEncoder as
+loops (tests/references/mmpose_pipeline.generate_targets). Tolerance:
+heatmaps 1e-6 absolute (float32 exp of the same squared distances, as a
+product of the two axes' exps), encodings exact.
 """
 
+import jax
 import numpy as np
 import pytest
 
-from ae_jax.data import targets
+from ae_jax.data import device_targets
 from tests.references import mmpose_pipeline
 
 K = 17
+
+
+def _render(joints, size, sigma=2.0, max_people=30):
+  """(heatmaps [h, w, K], encodings [M, K, 2]) of one example, on device.
+
+  As the pipeline does: the first M people, zero padded to M.
+  """
+  w, h = _wh(size)
+  keypoints = np.zeros((1, max_people, K, 3), np.float32)
+  kept = joints[:max_people]
+  keypoints[0, :len(kept)] = kept
+  batch = {'mask': np.ones((1, h, w), np.uint8), 'keypoints': keypoints}
+  out = jax.jit(lambda b: device_targets.render_targets(b, sigma=sigma))(
+      batch)
+  assert out['mask'].dtype == np.float32 and 'keypoints' not in out
+  return np.asarray(out['heatmaps'][0]), np.asarray(out['joints'][0])
 
 
 def _wh(size):
@@ -51,7 +70,7 @@ def _random_joints(rng, num_people, size):
 def test_heatmaps_match_loops(num_people, size, seed):
   joints = _random_joints(np.random.default_rng(seed), num_people, size)
   joints[0:1, 0] = (-0.5, 3.2, 2) if num_people else 0  # int() -> x = 0
-  got = targets.generate_heatmaps(joints, _wh(size), 2.0)
+  got = _render(joints, size)[0]
   want = _ref_heatmaps(joints, size, 2)
   w, h = _wh(size)
   assert got.shape == (h, w, K) and got.dtype == np.float32
@@ -69,7 +88,7 @@ def test_heatmaps_match_loops(num_people, size, seed):
 ])
 def test_encode_joints_match_loops(num_people, size, max_people, seed):
   joints = _random_joints(np.random.default_rng(seed), num_people, size)
-  got = targets.encode_joints(joints, _wh(size), max_people)
+  got = _render(joints, size, max_people=max_people)[1]
   want = _ref_encode(joints, size, max_people)
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, want)
@@ -79,7 +98,7 @@ def test_heatmap_full_size_peak_and_support():
   """At 128 with sigma 2 each joint is a 15x15 patch peaking at 1."""
   joints = np.zeros((1, K, 3), np.float32)
   joints[0, 4] = (60.7, 100.2, 1)
-  got = targets.generate_heatmaps(joints, (128, 128), 2.0)
+  got = _render(joints, 128)[0]
   ys, xs = np.nonzero(got[..., 4])
   assert (ys.min(), ys.max(), xs.min(), xs.max()) == (93, 107, 53, 67)
   assert got[100, 60, 4] == 1.0 and got[..., :4].max() == 0
@@ -92,7 +111,7 @@ def test_rect_encoding_indexes_the_loss_tag_maps():
   from ae_jax import losses  # pylint: disable=g-import-not-at-top
   w, h = 28, 16
   joints = _random_joints(np.random.default_rng(7), 5, (w, h))
-  enc = targets.encode_joints(joints, (w, h), 30)
+  enc = _render(joints, (w, h))[1]
   tags = np.random.default_rng(8).normal(size=(1, h, w, K)).astype(np.float32)
   got = np.asarray(losses.gather_joint_tags(jnp.asarray(tags),
                                             jnp.asarray(enc[None])))[0]
@@ -104,3 +123,16 @@ def test_rect_encoding_indexes_the_loss_tag_maps():
       assert got[p, t] == tags[0, y, x, k]
       checked += 1
   assert checked > 20
+
+
+def test_batch_with_targets_passes_through():
+  """Synthetic batches carry heatmaps/joints: kept, mask cast to float32."""
+  rng = np.random.default_rng(9)
+  batch = {'image': np.zeros((2, 16, 16, 3), np.uint8),
+           'mask': np.ones((2, 4, 4), np.uint8),
+           'heatmaps': rng.uniform(size=(2, 4, 4, K)).astype(np.float32),
+           'joints': rng.integers(0, 9, (2, 30, K, 2)).astype(np.int32)}
+  out = device_targets.render_targets(batch, sigma=2.0)
+  assert sorted(out) == sorted(batch) and out['mask'].dtype == np.float32
+  for key in ('image', 'heatmaps', 'joints'):
+    np.testing.assert_array_equal(out[key], batch[key])

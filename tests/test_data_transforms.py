@@ -22,7 +22,7 @@ from pycocotools import coco as coco_api
 import pytest
 
 from ae_jax.data import coco
-from ae_jax.data import targets
+from ae_jax.data import device_targets
 from ae_jax.data import transforms
 from ae_jax.models import ae_model
 from tests.references import mmpose_pipeline
@@ -59,11 +59,14 @@ def _ours(root, image_id, aug, s_in, s_hm, scale_type='short'):
   in_wh, hm_wh = transforms.train_sizes(s_in, s_hm)
   out, mask, joints = transforms.transform_example(
       image, ignore, ex.keypoints, aug, in_wh, hm_wh, scale_type)
+  keypoints = np.zeros((1, 30, 17, 3), np.float32)
+  keypoints[0, :len(joints)] = joints
+  tgt = device_targets.render_targets(
+      {'mask': mask[None], 'keypoints': keypoints}, sigma=2.0)
   return dict(
       uint8=out, image=np.asarray(ae_model.normalize_images(out)), mask=mask,
-      joints_xy=joints,
-      heatmaps=targets.generate_heatmaps(joints, hm_wh, 2.0),
-      enc=targets.encode_joints(joints, hm_wh, 30))
+      joints_xy=joints, heatmaps=np.asarray(tgt['heatmaps'][0]),
+      enc=np.asarray(tgt['joints'][0]))
 
 
 def _compare(ours, ref):

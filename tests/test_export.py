@@ -14,8 +14,11 @@ from ae_jax.models import ae_model
 from tests.conftest import REPO_ROOT
 
 
+TINY = {'widen_factor': 0.25, 'num_deconv_filters': (16, 16, 16)}
+
+
 def _tiny_model_and_variables():
-  model = ae_model.AEModel(widen_factor=0.25, num_deconv_filters=(16, 16, 16))
+  model = ae_model.create_model(TINY)
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   variables = model.init(jax.random.key(1), x)
   # One train-mode pass so batch_stats are not the trivial 0/1 init.
@@ -23,12 +26,34 @@ def _tiny_model_and_variables():
   return model, {'params': variables['params'], **upd}
 
 
+def _conv_counts(fn, *args):
+  """(grouped convs, lhs-dilated convs) in the StableHLO of jit(fn)."""
+  text = jax.jit(fn).lower(*args).as_text()
+  convs = [line for line in text.splitlines()
+           if 'stablehlo.convolution' in line]
+  grouped = sum('feature_group_count = 1 :' not in line for line in convs)
+  dilated = sum('lhs_dilate = [2, 2]' in line for line in convs)
+  return grouped, dilated
+
+
+def test_serving_graph_uses_plain_flax_layers_on_any_backend():
+  # Traced here on the CPU backend, where train.py picks kernels='cpu':
+  # export still has the native depthwise (17 grouped) and transposed
+  # (3 lhs-dilated) convolutions of the 'flax' kernels.
+  assert jax.default_backend() == 'cpu'
+  _, variables = _tiny_model_and_variables()
+  x = jnp.zeros((1, 64, 64, 3))
+  assert _conv_counts(export.make_serving_fn(TINY, variables), x) == (17, 3)
+  cpu_model = ae_model.create_model(TINY, 'cpu')  # the check can tell
+  assert _conv_counts(lambda x: cpu_model.apply(variables, x), x) == (0, 0)
+
+
 @pytest.mark.parametrize('fixed_shape', [None, (1, 64, 96)])
 def test_saved_model_matches_jax(tmp_path, fixed_shape):
   tf = pytest.importorskip('tensorflow')
   model, variables = _tiny_model_and_variables()
   out_dir = str(tmp_path / 'sm')
-  export.export_saved_model(model, variables, out_dir, fixed_shape)
+  export.export_saved_model(TINY, variables, out_dir, fixed_shape)
   serve = tf.saved_model.load(out_dir).signatures['serving_default']
   rng = np.random.default_rng(0)
   shapes = [(1, 64, 96)] if fixed_shape else [(1, 64, 96), (3, 128, 64)]

@@ -14,17 +14,27 @@ batch and break resume): the example is replaced by the next readable image
 in index order, with its own annotations, so targets stay right. Each such
 replacement is counted per reason and logged (absl) once per file.
 
+Host work per example (one tf.numpy_function, `make_loader`): read and
+decode, ignore mask, the two warps, the flip; cv2 releases the GIL in all
+the heavy calls (~85% of the loader's time), so the parallel map's threads
+scale with the cores until the GIL-held rest (~0.9 ms per 512/128 example
+on the 2-core CI machine, about 1.1k img/s) saturates one core (measured in
+bench/RESULTS_pipeline.md). The targets (heatmaps, joint encodings) are
+rendered on device inside the jitted step from the padded keypoints
+(device_targets.render_targets), which keeps their rendering off the host
+and 1.1 of the 2.0 MB per 512/128 example off the host->device link.
+
 Train batch (host-local numpy dict), b = global_batch // process_count,
 H x W the input size and h x w the heatmap size (config.data.input_size /
 heatmap_size: an int for square, or (w, h) as mmpose's image_size; the
 heatmap size is the input size / 4, checked by transforms.train_sizes):
-  'image'    [b, H, W, 3] uint8 RGB 0-255; the ImageNet normalisation runs
-             on device inside the jitted train step
-             (models/ae_model.normalize_images), which keeps the host copies and
-             the host->device transfer 4x smaller than float32
-  'heatmaps' [b, h, w, K] float32 in [0, 1]
-  'mask'     [b, h, w]    float32, 0 = ignore
-  'joints'   [b, M, K, 2] int32 (k * h * w + y * w + x, visible)
+  'image'     [b, H, W, 3] uint8 RGB 0-255; the ImageNet normalisation runs
+              on device inside the jitted train step
+              (models/ae_model.normalize_images), which keeps the host copies
+              and the host->device transfer 4x smaller than float32
+  'mask'      [b, h, w]    uint8, 1 = train on the pixel, 0 = ignore
+  'keypoints' [b, M, K, 3] float32 (x, y, v) in heatmap pixels after the
+              affine and flip: the first M people, zero padded (v = 0)
 """
 
 import collections
@@ -37,7 +47,6 @@ import numpy as np
 import tensorflow as tf
 
 from ae_jax.data import coco as coco_lib
-from ae_jax.data import targets
 from ae_jax.data import transforms
 from ae_jax.keypoints import NUM_JOINTS
 
@@ -65,12 +74,12 @@ class SkipCounter:
 
 def make_loader(source: coco_lib.ExampleSource, skips: SkipCounter, *,
                 input_wh: tuple[int, int], heatmap_wh: tuple[int, int],
-                scale_type: str, trans_factor: float, sigma: float,
-                max_people: int):
+                scale_type: str, trans_factor: float, max_people: int):
   """Builds the host function for tf.numpy_function.
 
-  Decode, affine, flip and targets run here in cv2/numpy: on one core this
-  beat the TF-graph alternatives (see transforms.py and bench_pipeline.py).
+  Decode, affine and flip run here in cv2/numpy: on one core this beat
+  the TF-graph alternatives (see transforms.py); the targets are rendered
+  on device from the keypoints returned (device_targets.py).
 
   Args:
     source: the examples.
@@ -79,13 +88,11 @@ def make_loader(source: coco_lib.ExampleSource, skips: SkipCounter, *,
     heatmap_wh: target map (w, h).
     scale_type: 'short' or 'long'.
     trans_factor: max center shift (mmpose units), 0 = none.
-    sigma: heatmap Gaussian sigma (heatmap px).
-    max_people: M.
+    max_people: M, the people kept (the first M of the image).
 
   Returns:
     fn(index, rot, scale, u_dx, u_dy, flip) -> (image [H, W, 3] uint8,
-    mask [h, w] float32, heatmaps [h, w, K] float32, joints [M, K, 2]
-    int32).
+    mask [h, w] uint8, keypoints [M, K, 3] float32 in heatmap pixels).
   """
 
   def load(index, rot, scale, u_dx, u_dy, flip):
@@ -115,11 +122,11 @@ def make_loader(source: coco_lib.ExampleSource, skips: SkipCounter, *,
         dy=transforms.shift_from_uniform(float(u_dy), height, s, trans_factor),
         flip=bool(flip > 0.5))
     out, mask, joints = transforms.transform_example(
-        image, ignore, ex.keypoints, aug, input_wh, heatmap_wh, scale_type)
-    return (out, mask,
-            np.ascontiguousarray(
-                targets.generate_heatmaps(joints, heatmap_wh, sigma)),
-            targets.encode_joints(joints, heatmap_wh, max_people))
+        image, ignore, ex.keypoints[:max_people], aug, input_wh, heatmap_wh,
+        scale_type)
+    keypoints = np.zeros((max_people, NUM_JOINTS, 3), np.float32)
+    keypoints[:joints.shape[0]] = joints
+    return out, mask, keypoints
 
   return load
 
@@ -193,7 +200,7 @@ def _load_source(coco_root: str, split: str, source: str, tfds_data_dir: str):
 
 
 def make_train_dataset(coco_root: str, split: str, *, input_size,
-                       heatmap_size, sigma: float, max_people: int,
+                       heatmap_size, max_people: int,
                        rot_factor: float, scale_factor, scale_type: str,
                        trans_factor: float, flip_prob: float, augment: bool,
                        global_batch_size: int, seed: int, start_step: int = 0,
@@ -212,8 +219,8 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
     split: image split, e.g. 'train2017'.
     input_size: int S (square) or (W, H), mmpose's image_size.
     heatmap_size: int h (square) or (w, h); must be input_size / 4.
-    sigma: heatmap Gaussian sigma (heatmap px).
-    max_people: M.
+    max_people: M, people kept per image (the targets' config.data.sigma
+      goes to the train step, which renders them).
     rot_factor: max rotation (degrees).
     scale_factor: (min, max) zoom.
     scale_type: 'short' or 'long'.
@@ -256,7 +263,7 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
   load = make_loader(src, skips, input_wh=(in_w, in_h),
                      heatmap_wh=(hm_w, hm_h), scale_type=scale_type,
                      trans_factor=trans_factor if augment else 0.0,
-                     sigma=sigma, max_people=max_people)
+                     max_people=max_people)
 
   start = int(start_step) * global_batch_size
   first_epoch, first_offset = divmod(start, num)
@@ -281,14 +288,14 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
         tf.constant([seed, _SALT_AUGMENT], tf.int64), g)
     rot, scale, u_dx, u_dy, flip = sample_augmentation(
         aug_seed, rot_factor, scale_factor, flip_prob, augment)
-    image, mask, heatmaps, joints = tf.numpy_function(
+    image, mask, keypoints = tf.numpy_function(
         load, [index, rot, scale, u_dx, u_dy, flip],
-        [tf.uint8, tf.float32, tf.float32, tf.int32], stateful=False)
+        [tf.uint8, tf.uint8, tf.float32], stateful=False)
     return {
         'image': tf.ensure_shape(image, [in_h, in_w, 3]),
-        'heatmaps': tf.ensure_shape(heatmaps, [hm_h, hm_w, NUM_JOINTS]),
         'mask': tf.ensure_shape(mask, [hm_h, hm_w]),
-        'joints': tf.ensure_shape(joints, [max_people, NUM_JOINTS, 2]),
+        'keypoints': tf.ensure_shape(keypoints,
+                                     [max_people, NUM_JOINTS, 3]),
     }
 
   ds = tf.data.Dataset.range(first_epoch, tf.int64.max)

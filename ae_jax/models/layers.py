@@ -1,360 +1,46 @@
-"""Convolutions and BatchNorm whose gradients are fast on every backend.
+"""The model's default layers: plain flax, as XLA:GPU / TPU and cuDNN like.
 
-XLA:CPU lowers the backward pass of a grouped (depthwise) convolution and of
-a transposed convolution (an lhs-dilated convolution) to slow generic loops:
-on 2 cores one 16->32 px deconv gradient took 0.64 s natively and 0.038 s
-as four stride-1 convolutions (bench/RESULTS.md). The modules here keep the
-native parameter layout (so checkpoints and conversion do not care) and
-choose the formulation per backend with `impl`:
-  'native': lax convolutions, best with cuDNN / TPU convolution units;
-  'decomposed': depthwise as 9 shifted multiply-adds; deconv as one GEMM
-    over 2x2 windows whose 4 sub-pixel phases are interleaved by
-    depth-to-space; dense convs (1x1, the 3x3 stem) as im2col + one GEMM,
-    since XLA:CPU runs dot_general and its transposes as tuned GEMMs but
-    convolution gradients as slow generic convolutions (head gradient
-    2.6x faster at batch 8 512x512, bench/RESULTS_train.md);
-  'auto': 'decomposed' on CPU, 'native' elsewhere.
-Both formulations compute the same sums (tests/test_models.py).
-`BatchNorm` (+ fused ReLU/ReLU6) has a two-pass hand-written backward on
-all backends; `compiler_options` gives the XLA options the train step uses
-(memory-optimised scheduling on CPU).
-
-Layout NHWC; kernels HWIO.
+AEModel, MobileNetV2 and AEHead take their layer classes as module defs
+(as flax examples/imagenet/models.py does); `MODULE_DEFS` are the defaults:
+  conv    nn.Conv; the 3x3 depthwise convs are nn.Conv with
+          feature_group_count = channels (kernel [3, 3, 1, C]);
+  deconv  nn.ConvTranspose for PyTorch's ConvTranspose2d(4, 2, padding 1):
+          padding k - 1 - p = 2 on each side and transpose_kernel False,
+          i.e. a stride-1 conv over the 2x dilated input whose kernel
+          [4, 4, in, out] is the spatially flipped PyTorch weight
+          (ae_jax/convert.py flips it);
+  norm    BatchNormAct: nn.BatchNorm followed by an optional ReLU / ReLU6.
+ae_jax/models/cpu_kernels.py has drop-in twins with fast XLA:CPU gradients
+(`ae_model.create_model(config.model, kernels='cpu')`).
 """
 
-import functools
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from jax import lax
 
-_DN = ('NHWC', 'HWIO', 'NHWC')
+ModuleDef = Any
 
-
-def resolve_impl(impl: str) -> str:
-  """Maps 'auto' to the formulation that is fast on the default backend."""
-  if impl == 'auto':
-    return 'decomposed' if jax.default_backend() == 'cpu' else 'native'
-  if impl not in ('native', 'decomposed'):
-    raise ValueError(f'conv impl must be auto, native or decomposed: {impl}')
-  return impl
+ACTIVATIONS: Dict[Optional[str], Callable[[jnp.ndarray], jnp.ndarray]] = {
+    None: lambda x: x, 'relu': nn.relu, 'relu6': nn.relu6}
 
 
-def compiler_options():
-  """XLA options for programs that train or run the model on this backend.
+class BatchNormAct(nn.BatchNorm):
+  """nn.BatchNorm (same variables and statistics), then `act`.
 
-  On CPU, XLA's default scheduler orders the train step for concurrency
-  and keeps far more activations alive: its temp buffer was 7.4 GB at
-  batch 8 512x512 vs 2.8 GB memory-optimised. XLA:CPU maps that buffer
-  fresh on every call, so the extra pages cost ~1.1M page faults and
-  ~5 s of kernel time per step (train step 8.0 -> 5.5 s,
-  bench/RESULTS_train.md).
+  act: None, 'relu' or 'relu6' (a name, so that a fused twin can take the
+  same argument).
   """
-  if jax.default_backend() == 'cpu':
-    return {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
-  return None
+  act: Optional[str] = None
+
+  def __call__(self, x: jnp.ndarray,
+               use_running_average: Optional[bool] = None,
+               *, mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    if self.act not in ACTIVATIONS:
+      raise ValueError(f'activation must be None, relu or relu6: {self.act}')
+    y = super().__call__(x, use_running_average, mask=mask)
+    return ACTIVATIONS[self.act](y)
 
 
-class DepthwiseConv3x3(nn.Module):
-  """3x3 depthwise conv, padding 1, no bias; kernel [3, 3, 1, C]."""
-  stride: int = 1
-  impl: str = 'auto'
-  dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.variance_scaling(2.0, 'fan_out',
-                                                      'normal')
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    c = x.shape[-1]
-    kernel = self.param('kernel', self.kernel_init, (3, 3, 1, c), jnp.float32)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    s = self.stride
-    if resolve_impl(self.impl) == 'native':
-      return lax.conv_general_dilated(x, kernel, (s, s), ((1, 1), (1, 1)),
-                                      dimension_numbers=_DN,
-                                      feature_group_count=c)
-    return _depthwise3x3(x, kernel, s)
-
-
-def _depthwise_taps(x: jnp.ndarray, stride: int, h_out: int, w_out: int):
-  """The 9 shifted (strided) views of x padded by 1, as (u, v, view)."""
-  # Materialise the padded input once: without the barrier XLA fused its
-  # producer (BN + ReLU6) into each of the 9 slices and wrote 9 tensors.
-  xp = lax.optimization_barrier(
-      jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
-  span = lambda n: stride * (n - 1) + 1
-  return [(u, v, xp[:, u:u + span(h_out):stride, v:v + span(w_out):stride])
-          for u in range(3) for v in range(3)]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise3x3(x: jnp.ndarray, kernel: jnp.ndarray,
-                  stride: int) -> jnp.ndarray:
-  """Depthwise 3x3 (padding 1) as 9 shifted multiply-adds.
-
-  A custom VJP keeps only x as the residual: with plain autodiff XLA
-  saved the 9 views (each recomputing the producer, e.g. BN + ReLU6) as
-  separate full tensors; here the backward recomputes them inside its
-  fusions (measured 1.7x faster per stride-1 layer).
-  """
-  return _depthwise3x3_fwd(x, kernel, stride)[0]
-
-
-def _depthwise3x3_fwd(x, kernel, stride):
-  h_out = (x.shape[1] - 1) // stride + 1
-  w_out = (x.shape[2] - 1) // stride + 1
-  y = None
-  for u, v, tap in _depthwise_taps(x, stride, h_out, w_out):
-    y = tap * kernel[u, v, 0] if y is None else y + tap * kernel[u, v, 0]
-  return y, (x, kernel)
-
-
-def _depthwise3x3_bwd(stride, residuals, dy):
-  x, kernel = residuals
-  h, w = x.shape[1], x.shape[2]
-  h_out, w_out = dy.shape[1], dy.shape[2]
-  # d kernel[u, v] = sum over B, H, W of view(u, v) * dy (float32 sums).
-  dk = jnp.stack([jnp.sum(tap * dy, axis=(0, 1, 2), dtype=jnp.float32)
-                  for _, _, tap in _depthwise_taps(x, stride, h_out, w_out)])
-  dk = dk.reshape(kernel.shape).astype(kernel.dtype)
-  # dx = correlation of dy (dilated by the stride, padded so that
-  # dyp[m] = dy_dilated[m - 1]) with the flipped kernel:
-  # dx[j] = sum_u dyp[j + 2 - u] * kernel[u].
-  hi_h = h - stride * (h_out - 1)
-  hi_w = w - stride * (w_out - 1)
-  dyp = lax.pad(dy, jnp.zeros((), dy.dtype),
-                ((0, 0, 0), (1, hi_h, stride - 1), (1, hi_w, stride - 1),
-                 (0, 0, 0)))
-  dyp = lax.optimization_barrier(dyp)
-  dx = None
-  for u in range(3):
-    for v in range(3):
-      t = dyp[:, 2 - u:2 - u + h, 2 - v:2 - v + w] * kernel[u, v, 0]
-      dx = t if dx is None else dx + t
-  return dx, dk
-
-
-_depthwise3x3.defvjp(_depthwise3x3_fwd, _depthwise3x3_bwd)
-
-
-class ConvTranspose4x4S2(nn.Module):
-  """PyTorch ConvTranspose2d(kernel 4, stride 2, padding 1, no bias).
-
-  The kernel [4, 4, in, out] is the spatially flipped PyTorch weight, i.e.
-  the kernel of the equivalent stride-1 conv over the 2x dilated input
-  padded by 2 (lax.conv_transpose with explicit padding). Output
-  [B, 2H, 2W, out] from input [B, H, W, in].
-  """
-  features: int
-  impl: str = 'auto'
-  dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.normal(0.001)  # mmpose normal_init
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kernel = self.param('kernel', self.kernel_init,
-                        (4, 4, x.shape[-1], self.features), jnp.float32)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if resolve_impl(self.impl) == 'native':
-      return lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
-                                dimension_numbers=_DN)
-    return _subpixel_deconv(x, kernel)
-
-
-def _im2col(xp: jnp.ndarray, k: int, stride: int, h_out: int,
-            w_out: int) -> jnp.ndarray:
-  """[B, Hp, Wp, C] (padded) -> [B, h_out, w_out, k*k*C], taps (u, v, c)."""
-  span = lambda n: stride * (n - 1) + 1
-  taps = [xp[:, u:u + span(h_out):stride, v:v + span(w_out):stride]
-          for u in range(k) for v in range(k)]
-  return taps[0] if k == 1 else jnp.concatenate(taps, axis=-1)
-
-
-@jax.custom_vjp
-def _dot(cols: jnp.ndarray, kernel2d: jnp.ndarray) -> jnp.ndarray:
-  """[..., K] x [K, N] -> [..., N] as one GEMM (fast forward and backward).
-
-  Its backward materialises dy once, row-major. With plain autodiff,
-  XLA:CPU wrote the BatchNorm backward that produces dy transposed
-  ([N, C] -> [C, N], ~1 GB/s) to feed the weight-gradient GEMM: 0.7 s of
-  the 3.1 s backbone gradient at batch 8 512x512. Behind the barrier both
-  GEMMs read dy as written (backbone gradient 2.7 s).
-  """
-  return lax.dot_general(cols, kernel2d, (((cols.ndim - 1,), (0,)), ((), ())))
-
-
-def _dot_fwd(cols, kernel2d):
-  return _dot(cols, kernel2d), (cols, kernel2d)
-
-
-def _dot_bwd(residuals, dy):
-  cols, kernel2d = residuals
-  dy = lax.optimization_barrier(dy)
-  n = cols.ndim - 1
-  dcols = lax.dot_general(dy, kernel2d, (((n,), (1,)), ((), ())))
-  dk = lax.dot_general(cols.reshape(-1, cols.shape[-1]),
-                       dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ())))
-  return dcols, dk
-
-
-_dot.defvjp(_dot_fwd, _dot_bwd)
-
-
-def _subpixel_deconv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-  """ConvTranspose4x4S2 as one GEMM over 2x2 windows + depth-to-space.
-
-  Output row 2i + a only sees kernel rows a and a + 2: even rows use input
-  rows (i-1, i), odd rows (i, i+1); columns likewise. With x padded by 1,
-  phase (a, b) at (i, j) is the 2x2 window at (i + a, j + b) times
-  kernel[a::2, b::2], so all four phases are one [B(H+1)(W+1), 4 in] x
-  [4 in, 4 out] product (windows gathered once, ~(1 + 1/H)(1 + 1/W) of the
-  minimal FLOPs) whose outputs are sliced per phase and interleaved.
-  """
-  b, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  cols = _im2col(xp, 2, 1, h + 1, w + 1)  # [B, H+1, W+1, 4 in]
-  # [4 (u, v, in), 4 (a, b), out]: phase (a, b) uses kernel[a + 2u, b + 2v].
-  k2 = kernel.reshape(2, 2, 2, 2, c, -1)  # [u, a, v, b, in, out]
-  k2 = k2.transpose(0, 2, 4, 1, 3, 5).reshape(4 * c, -1)
-  q = _dot(cols, k2)  # [B, H+1, W+1, 4 * out]
-  q = q.reshape(b, h + 1, w + 1, 4, -1)
-  rows = []
-  for a in (0, 1):
-    rows.append(jnp.stack([q[:, a:a + h, bb:bb + w, 2 * a + bb]
-                           for bb in (0, 1)], axis=3))  # [B, H, W, 2, out]
-  y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), out]
-  return y.reshape(b, 2 * h, 2 * w, y.shape[-1])
-
-
-class Conv(nn.Module):
-  """nn.Conv twin (same 'kernel' [k, k, in, out] / 'bias' params).
-
-  PyTorch-style symmetric padding k // 2. 'decomposed' computes it as
-  im2col + one GEMM (a plain reshape for 1x1): XLA:CPU runs dot_general
-  and its transposes as tuned GEMMs, but the backward (filter/input) of a
-  convolution as much slower generic convolutions.
-  """
-  features: int
-  kernel_size: int = 1
-  stride: int = 1
-  use_bias: bool = False
-  impl: str = 'auto'
-  dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()  # nn.Conv default
-  bias_init: Any = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    k, s = self.kernel_size, self.stride
-    kernel = self.param('kernel', self.kernel_init,
-                        (k, k, x.shape[-1], self.features), jnp.float32)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    pad = k // 2
-    if resolve_impl(self.impl) == 'native':
-      y = lax.conv_general_dilated(x, kernel, (s, s), ((pad, pad),) * 2,
-                                   dimension_numbers=_DN)
-    else:
-      h_out = (x.shape[1] + 2 * pad - k) // s + 1
-      w_out = (x.shape[2] + 2 * pad - k) // s + 1
-      xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
-      y = _dot(_im2col(xp, k, s, h_out, w_out),
-               kernel.reshape(-1, self.features))
-    if self.use_bias:
-      bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
-
-
-class BatchNorm(nn.Module):
-  """nn.BatchNorm twin with an optional fused ReLU / ReLU6.
-
-  Same variables as flax's BatchNorm (params 'scale', 'bias'; batch_stats
-  'mean', 'var'), the same statistics (float32 E[x], E[x^2] - E[x]^2 over
-  all but the channel axis; under jit with a 'data'-sharded batch they
-  span the global batch) and the same running-average update. Training
-  uses `_bn_act`, whose hand-written backward takes two passes over x and
-  dy (one for the two channel sums, one for dx) where autodiff of
-  normalise + clip took about five: BN + ReLU6 gradient 0.27 -> 0.17 s at
-  [8, 256, 256, 96] on CPU (bench/RESULTS_train.md).
-  """
-  use_running_average: bool = False
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  act: Optional[str] = None  # None | 'relu' | 'relu6'
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,),
-                            jnp.float32)
-    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
-    if self.use_running_average:
-      mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
-      y = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
-      return _activation(y, self.act).astype(self.dtype)
-    y, mean, var = _bn_act(x, scale, bias, self.act, self.epsilon)
-    if not self.is_initializing():
-      m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
-      ra_var.value = m * ra_var.value + (1.0 - m) * var
-    return y.astype(self.dtype)
-
-
-# Output range (lo, hi) of each fused activation: forward clips to it, the
-# backward passes the gradient only strictly inside it.
-_ACT_RANGE = {'relu': (0.0, None), 'relu6': (0.0, 6.0)}
-
-
-def _activation(z: jnp.ndarray, act: Optional[str]) -> jnp.ndarray:
-  if act is None:
-    return z
-  if act not in _ACT_RANGE:
-    raise ValueError(f'activation must be None, relu or relu6: {act}')
-  return jnp.clip(z, *_ACT_RANGE[act])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bn_act(x, scale, bias, act, epsilon):
-  """act(BN(x)) with batch statistics: (y, mean, var), y float32."""
-  return _bn_act_fwd(x, scale, bias, act, epsilon)[0]
-
-
-def _bn_act_fwd(x, scale, bias, act, epsilon):
-  axes = tuple(range(x.ndim - 1))
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axes)
-  var = jnp.maximum(jnp.mean(x32 * x32, axes) - mean * mean, 0.0)
-  inv = lax.rsqrt(var + epsilon)
-  y = _activation((x32 - mean) * (inv * scale) + bias, act)
-  return (y, mean, var), (x, mean, inv, scale, bias)
-
-
-def _bn_act_bwd(act, epsilon, residuals, cotangents):
-  """dx = scale * inv * (g - mean(g) - xhat * mean(g * xhat)), g = act' dy.
-
-  The statistics outputs feed only the running averages, which are not
-  differentiated: their cotangents are ignored.
-  """
-  del epsilon
-  x, mean, inv, scale, bias = residuals
-  dy = cotangents[0].astype(jnp.float32)
-  axes = tuple(range(x.ndim - 1))
-  n = x.size // x.shape[-1]
-  xhat = (x.astype(jnp.float32) - mean) * inv
-  if act is not None:
-    z = xhat * scale + bias
-    lo, hi = _ACT_RANGE[act]
-    keep = z > lo if hi is None else (z > lo) & (z < hi)
-    dy = jnp.where(keep, dy, 0.0)
-  dbias = jnp.sum(dy, axes)
-  dscale = jnp.sum(dy * xhat, axes)
-  dx = (scale * inv) * (dy - (dbias + xhat * dscale) / n)
-  return dx.astype(x.dtype), dscale, dbias
-
-
-_bn_act.defvjp(_bn_act_fwd, _bn_act_bwd)
+MODULE_DEFS: Dict[str, ModuleDef] = {
+    'conv': nn.Conv, 'deconv': nn.ConvTranspose, 'norm': BatchNormAct}
