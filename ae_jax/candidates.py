@@ -31,15 +31,27 @@ Candidates = Dict[str, np.ndarray]
 
 
 def top_candidates(heat: jnp.ndarray, tags: jnp.ndarray, max_people: int,
-                   nms_kernel: int = 5) -> Dict[str, jnp.ndarray]:
-  """Device half: heat [K, H, W], tags [K, H, W, L] -> candidates (above)."""
+                   nms_kernel: int = 5,
+                   by_sort: bool = False) -> Dict[str, jnp.ndarray]:
+  """Device half: heat [K, H, W], tags [K, H, W, L] -> candidates (above).
+
+  by_sort: a stable full sort instead of lax.top_k (same result), for
+  jax2tf: lax.top_k lowers to a StableHLO composite that TF's XlaCallModule
+  cannot read.
+  """
   num_joints, height, width = heat.shape
   pad = (nms_kernel - 1) // 2
   pooled = jax.lax.reduce_window(
       heat, -jnp.inf, jax.lax.max, (1, nms_kernel, nms_kernel), (1, 1, 1),
       ((0, 0), (pad, pad), (pad, pad)))
   nms = jnp.where(pooled == heat, heat, -jnp.inf).reshape(num_joints, -1)
-  val, idx = jax.lax.top_k(nms, max_people)  # [K, M]
+  if by_sort:
+    iota = jax.lax.broadcasted_iota(jnp.int32, nms.shape, 1)
+    neg, idx = jax.lax.sort((-nms, iota), dimension=1, is_stable=True,
+                            num_keys=1)
+    val, idx = -neg[:, :max_people], idx[:, :max_people]
+  else:
+    val, idx = jax.lax.top_k(nms, max_people)  # [K, M]
   y, x = idx // width, idx % width
   flat_heat = heat.reshape(num_joints, -1)
   tag = jnp.take_along_axis(

@@ -47,9 +47,11 @@ def test_candidates_grouping_equals_full_map_grouping(seed, plateau, params):
   assert len(fetched) == (1 if params.refine else 0)
 
 
-def test_candidates_are_find_candidates_in_topk_order():
+@pytest.mark.parametrize('by_sort', [False, True])
+def test_candidates_are_find_candidates_in_topk_order(by_sort):
   heat, tags = _maps(4, plateau=True)
-  cands = jax.device_get(candidates.top_candidates(heat, tags, 30, 5))
+  cands = jax.device_get(candidates.top_candidates(heat, tags, 30, 5,
+                                                   by_sort))
   want = grouping.find_candidates(heat, tags, 30, 0.0, 5)
   for k, joint in enumerate(want):
     n = joint.val.size
