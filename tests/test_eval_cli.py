@@ -114,3 +114,35 @@ def test_eval_cli_names_bad_test_scales_in_one_line(tiny_ckpt, coco_mini_root):
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr
   assert 'error: multi-scale test needs scale 1' in proc.stderr
+
+
+def test_eval_cli_two_processes_equal_one(tiny_ckpt, coco_mini_root,
+                                          tmp_path):
+  """2 processes (gloo, each half the images) == 1 process, same json."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  args = ['eval.py', '--config', 'configs/tiny.py', '--ckpt', str(tiny_ckpt),
+          '--coco_root', str(coco_mini_root), '--max_images=2',
+          '--config.test.grouping.detection_threshold=0.2']
+  one = _run(args + ['--output', str(tmp_path / 'one.json')])
+  assert one.returncode == 0, one.stderr[-3000:]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
+             TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  procs = [subprocess.Popen(
+      [sys.executable] + args + [
+          '--output', str(tmp_path / 'two.json'),
+          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+          f'--process_id={i}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+  assert '| AP |' in outs[0][0] and '| AP |' not in outs[1][0]
+  table = [l for l in one.stdout.splitlines() if l.startswith('| 0')]
+  assert table and table == [l for l in outs[0][0].splitlines()
+                             if l.startswith('| 0')]
+  assert (json.loads((tmp_path / 'two.json').read_text()) ==
+          json.loads((tmp_path / 'one.json').read_text()))
