@@ -11,11 +11,15 @@ BottomUpResizeAlign, AssociativeEmbedding.forward_test):
    torch align_corners=False) to the scale-1 input size. Heatmaps of image
    and mirror are averaged; their tags are kept side by side (L=2).
 4. Heatmaps are averaged over scales; tags come from scale 1 only.
-5. Grouping (grouping.py) on the host, then back to image coordinates.
+5. Grouping, then back to image coordinates: NMS / top-k and the adjust
+   neighbours on the device, matching and refine on the host
+   (candidates.py); refine fetches the maps of only the joints it fills.
 
-Device work (normalise, forward, flip, resize, averaging, layout) is one jit
-per set of input shapes; shapes are multiples of 64, so an eval compiles
-once per distinct aspect bucket, not per image.
+Device work (normalise, forward, flip, resize, averaging, layout, NMS,
+top-k) is one jit per set of input shapes; shapes are multiples of 64, so
+an eval compiles once per distinct aspect bucket, not per image.
+`Predictor.predict_stream` batches images of one bucket over the local
+devices and overlaps host grouping with the device work.
 
 Legend: H x W resized input (multiples of 64), h x w = H/4 x W/4 model
 output, Hb x Wb the scale-1 input size, K=17 joints, L tag dim, P people.
