@@ -1,50 +1,98 @@
-r"""Draws detected skeletons on images and writes PNGs (<out>/<stem>.png).
+r"""Draws detected skeletons on images, folders of images or videos.
 
   python demo.py --ckpt /tmp/ae_mini --config configs/coco_mini.py \
-      data/coco_mini/val2017/000000000785.jpg --out /tmp/demo
+      data/coco_mini/val2017/ --out /tmp/demo
+  python demo.py --ckpt DIR --config configs/coco512.py walk.mp4 --out DIR
+
+Images become <out>/<stem>.png plus <out>/poses.json (every image's people:
+score and [x, y, value] per joint); a video (by extension: .mp4, .avi, ...)
+becomes <out>/<stem>.mp4 (mp4v) plus <out>/<stem>.json (poses per frame).
+Output names never collide with each other or overwrite an input: on a
+clash the extension joins the stem (img_gif.png), then a counter. Progress
+is logged; the last line gives the img/s (including the first compile).
+Inputs that are missing or unreadable are named in one final `error:` line
+(exit 1) after the readable ones are drawn.
 """
 
 import os
+import time
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Config file (model and test groups).',
     lock_config=True)
 _CKPT = flags.DEFINE_string('ckpt', None, 'Variables dir or train workdir.')
-_OUT = flags.DEFINE_string('out', None, 'Output directory for the PNGs.')
+_OUT = flags.DEFINE_string('out', None, 'Output directory.')
 _MIN_SCORE = flags.DEFINE_float(
     'min_score', 0.2, 'Draw people whose score (mean joint heatmap value) '
     'is above this; grouping also returns many low-score fragments.')
 flags.mark_flags_as_required(['ckpt', 'out'])
 
+POSES_JSON = 'poses.json'
+
 
 def main(argv):
-  images = argv[1:]
-  if not images:
-    raise app.UsageError('give one or more image files')
+  inputs = argv[1:]
+  if not inputs:
+    raise app.UsageError('give image files, folders or video files')
   # pylint: disable=g-import-not-at-top
   from ae_jax import checkpoints, draw, inference, keypoints
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  out_dir = _OUT.value
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise SystemExit(f'error: --out {out_dir} is a file, not a folder')
+  images, videos, failed = draw.expand_inputs(inputs)
+  for path, reason in failed:
+    logging.error('%s: %s', path, reason)
+  failed = [path for path, _ in failed]
+  import jax  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:  # CheckpointError: bad --ckpt; ValueError: bad config values;
     # FileNotFoundError: the annotation file the keypoints are read from.
     spec = keypoints.resolve_spec(config.data, 'val')
-    model = ae_model.AEModel(**{**config.model,
-                                'num_joints': spec.num_joints})
+    model = ae_model.create_model(
+        {**config.model, 'num_joints': spec.num_joints},
+        ae_model.default_kernels(jax.default_backend()))
     variables = checkpoints.restore_variables(_CKPT.value)
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
     predictor = inference.Predictor(model, variables, **config.test,
                                     flip_index=spec.flip_index)
+    os.makedirs(out_dir, exist_ok=True)
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
-  failed = draw.annotate_images(predictor, images, _OUT.value,
-                                person_threshold=_MIN_SCORE.value,
-                                skeleton=spec.skeleton)
+  except OSError as e:
+    raise SystemExit(f'error: cannot create --out {out_dir}: '
+                     f'{e.strerror}') from None
+  bases = draw.output_bases(images, out_dir, ('.png',),
+                            reserved=[POSES_JSON])
+  bases.update(draw.output_bases(
+      videos, out_dir, ('.mp4', '.json'),
+      reserved=[POSES_JSON] + [b + '.png' for b in bases.values()]))
+  start = time.perf_counter()
+  count = 0
+  if images:
+    entries, bad = draw.annotate_images(predictor, images, out_dir,
+                                        _MIN_SCORE.value, bases,
+                                        skeleton=spec.skeleton)
+    failed += bad
+    count += len(entries)
+    draw.write_json(entries, os.path.join(out_dir, POSES_JSON))
+  for path in videos:
+    frames = draw.annotate_video(predictor, path, bases[path],
+                                 _MIN_SCORE.value, skeleton=spec.skeleton)
+    if frames is None:
+      failed.append(path)
+    else:
+      count += frames
+  elapsed = time.perf_counter() - start
+  print(f'{count} images/frames in {elapsed:.1f} s, '
+        f'{count / max(elapsed, 1e-9):.2f} img/s -> {out_dir}')
   if failed:
-    raise SystemExit(f'error: {len(failed)} image(s) could not be read: ' +
+    raise SystemExit(f'error: {len(failed)} input(s) could not be read: ' +
                      ', '.join(failed))
 
 

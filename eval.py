@@ -10,14 +10,21 @@ r"""Evaluates a checkpoint on COCO keypoints: AP table + results json.
 
 --ckpt is a converted-variables directory (convert_torch_weights.py) or a
 training workdir (its latest checkpoint). Images that cannot be read are
-logged by name and skipped (their people count as missed).
+logged by name and skipped (their people count as missed). --output is
+checked (its folder created) before the evaluation and written atomically.
+
+Images are batched per shape bucket over the local devices (--batch_size,
+a multiple of their count); host grouping overlaps the device work.
+Multi-process (--coordinator_address/--num_processes/--process_id, or
+JAX_COORDINATOR_ADDRESS / AE_JAX_DISTRIBUTED=1, see ae_jax/sharding.py):
+each process evaluates every n-th image on its own devices, results are
+gathered, process 0 prints the table and writes the json.
 """
 
 import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +38,15 @@ _SPLIT = flags.DEFINE_string('split', 'val2017', 'COCO split to evaluate.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the results json here.')
 _MAX_IMAGES = flags.DEFINE_integer(
     'max_images', None, 'Evaluate only the first N images (smoke tests).')
+_BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size', None, 'Images per device batch (default: one per local '
+    'device).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, "Process 0's host:port (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes (multi-process).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(['ckpt'])
 
 
@@ -42,11 +58,21 @@ def main(argv):
     tf.config.set_visible_devices([], 'GPU')
   except ImportError:
     pass
-  import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
   from ae_jax import checkpoints, coco_eval, inference, keypoints, sharding
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  try:
+    sharding.maybe_initialize_distributed(
+        None, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except (ValueError, TypeError, RuntimeError) as e:
+    raise SystemExit(f'error: jax.distributed.initialize: {e}') from None
+  import jax  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  if _OUTPUT.value and jax.process_index() == 0:
+    try:  # before anything slow: a bad --output must not cost an eval
+      coco_eval.check_output_path(_OUTPUT.value)
+    except coco_eval.EvalError as e:
+      raise SystemExit(f'error: {e}') from None
   sharding.log_backend(config.test.input_size)
   split = _SPLIT.value
   data = dict(config.data, coco_root=_COCO_ROOT.value or config.data.coco_root)
@@ -61,17 +87,23 @@ def main(argv):
     variables = checkpoints.restore_variables(_CKPT.value)
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
     predictor = inference.Predictor(model, variables, **config.test,
-                                    flip_index=spec.flip_index)
+                                    flip_index=spec.flip_index,
+                                    batch_size=_BATCH_SIZE.value)
   except (checkpoints.CheckpointError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
-  try:  # a missing coco_root / annotation file, malformed annotations
+  try:  # EvalError: an empty split; FileNotFoundError / ValueError: a
+    # missing coco_root or annotation file, malformed annotations.
     metrics, info = coco_eval.evaluate(
         predictor, data['coco_root'], split,
         output_path=_OUTPUT.value, max_images=_MAX_IMAGES.value,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
         sigmas=spec.sigmas, annotations=config.data.val_annotations,
         images=config.data.val_images)
-  except (FileNotFoundError, ValueError) as e:
+  except (coco_eval.EvalError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
+  if jax.process_index() != 0:
+    return
   print(coco_eval.format_report(
       metrics, info, split,
       f'scales {list(predictor.scales)}, flip {predictor.flip}'))

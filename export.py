@@ -1,7 +1,12 @@
 """Exports a trained or converted ae_jax checkpoint to a TF SavedModel.
 
   python export.py --config configs/coco512.py --ckpt /tmp/ae_coco512 \
-      --out /tmp/ae_savedmodel [--fixed_shape=1,512,512]
+      --out /tmp/ae_savedmodel [--fixed_shape=1,512,512] [--nodecode]
+
+The signature (ae_jax/export.py, README "Export"): images -> heatmaps, tags
+and, unless --nodecode, the NMS'd top-k candidates per joint. Errors (a bad
+--ckpt, an --out that is a file, a non-SavedModel folder or not writable)
+are one `error:` line.
 """
 
 import os
@@ -25,20 +30,37 @@ _OUT = flags.DEFINE_string('out', None, 'SavedModel directory to write.',
                            required=True)
 _FIXED = flags.DEFINE_list('fixed_shape', None,
                            'Optional B,H,W for a static-shape export.')
+_DECODE = flags.DEFINE_bool(
+    'decode', True, 'Also return the NMS\'d top-k candidates per joint '
+    '(config.test.grouping max_people / nms_kernel); README "Export".')
 
 
 def main(argv):
   del argv
+  try:  # before the slow part: refuse a bad --out at once
+    export_lib.check_out_dir(_OUT.value)
+    variables = checkpoints.restore_variables(_CKPT.value)
+  except (checkpoints.CheckpointError, export_lib.ExportError) as e:
+    raise SystemExit(f'error: {e}') from None
   config = _CONFIG.value
   try:  # the joint count comes from the config's keypoint spec
-    variables = checkpoints.restore_variables(_CKPT.value)
     num_joints = keypoints.resolve_spec(config.data).num_joints
     keypoints.check_head(variables, num_joints, _CKPT.value)
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
-  fixed = tuple(int(v) for v in _FIXED.value) if _FIXED.value else None
-  export_lib.export_saved_model({**config.model, 'num_joints': num_joints},
-                                variables, _OUT.value, fixed)
+    raise SystemExit(f'error: {e}') from None
+  grouping = config.test.grouping
+  try:
+    fixed = tuple(int(v) for v in _FIXED.value) if _FIXED.value else None
+    if fixed is not None and len(fixed) != 3:
+      raise ValueError(f'--fixed_shape wants B,H,W, got {_FIXED.value}')
+    export_lib.export_saved_model(
+        {**config.model, 'num_joints': num_joints}, variables, _OUT.value,
+        fixed, max_people=grouping.max_people if _DECODE.value else 0,
+        nms_kernel=grouping.nms_kernel)
+  except ValueError as e:  # ExportError, a bad --fixed_shape
+    raise SystemExit(f'error: {e}') from None
+  except OSError as e:  # the disk filled up or vanished while writing
+    raise SystemExit(f'error: cannot write --out {_OUT.value}: {e}') from None
   logging.info('Wrote SavedModel to %s', _OUT.value)
   print(f'SavedModel written to {_OUT.value}')
 

@@ -14,6 +14,8 @@ Shapes: poses [P, K, 3] float32 (x, y image px, value), scores [P].
 import contextlib
 import io
 import json
+import os
+import tempfile
 import time
 from typing import (Callable, Dict, Iterable, List, Optional, Sequence,
                     Tuple)
@@ -49,9 +51,40 @@ def poses_to_results(image_id: int, poses: np.ndarray,
   return out
 
 
+class EvalError(ValueError):
+  """A user error found before or instead of scoring (one line)."""
+
+
+def check_output_path(path: str) -> None:
+  """Fails fast (before any evaluation) when `path` cannot take the json.
+
+  Creates a missing parent folder. Raises:
+    EvalError: `path` is a directory, or its folder is not writable.
+  """
+  if os.path.isdir(path):
+    raise EvalError(f'output {path} is a directory; give a file name')
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=parent, prefix='.ae_jax_probe'):
+      pass
+  except OSError as e:
+    raise EvalError(f'cannot write output {path}: {e.strerror or e}') from None
+
+
 def write_results(results: List[dict], path: str) -> None:
-  with open(path, 'w') as f:
-    json.dump(results, f)
+  """Writes the json atomically: a temporary file beside it, then rename."""
+  parent = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix='.' + os.path.basename(path),
+                             suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(results, f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def score_results(coco_gt: coco_api.COCO, results: List[dict],
@@ -114,6 +147,9 @@ def format_report(metrics: Dict[str, float], info: dict, split: str,
            f'{info["num_people"]} people, '
            f'{info["images_per_second"]:.2f} img/s' +
            (f', {settings}' if settings else '')]
+  if 'bytes_to_host' in info:
+    lines.append(f'device->host {info["bytes_to_host"] / 1e6:.2f} MB/image '
+                 f'(full maps: {info["full_map_bytes"] / 1e6:.2f} MB)')
   if info['skipped']:
     lines.append(f'skipped {len(info["skipped"])} unreadable image(s): ' +
                  ', '.join(name for name, _ in info['skipped']))
@@ -121,24 +157,53 @@ def format_report(metrics: Dict[str, float], info: dict, split: str,
   return '\n'.join(lines)
 
 
+def _stream(predict_fn, items):
+  """(key, image) -> (key, poses, scores) via predict_stream or per image."""
+  if hasattr(predict_fn, 'predict_stream'):
+    return predict_fn.predict_stream(items)
+  return ((key, *predict_fn(image)) for key, image in items)
+
+
+def _gather(value, process_count: int):
+  """All processes' json-able `value`s, as a list (process order)."""
+  if process_count == 1:
+    return [value]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([data.size]))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  every = multihost_utils.process_allgather(padded)
+  return [json.loads(every[i, :int(n)].tobytes().decode())
+          for i, n in enumerate(np.asarray(sizes).reshape(-1))]
+
+
 def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
              coco_root: str, split: str = 'val2017', *,
              output_path: Optional[str] = None,
              max_images: Optional[int] = None,
-             log_every: int = 50,
+             log_every: int = 50, process_index: int = 0,
+             process_count: int = 1,
              sigmas: Optional[Sequence[float]] = None,
              annotations: str = '', images: str = ''
              ) -> Tuple[Dict[str, float], dict]:
   """Runs `predict_fn` on every image of a split and scores the results.
 
+  Multi-process: process i takes images i, i + n, ... (n = process_count)
+  with its own local devices; results are gathered and scored on every
+  process (identical), and process 0 writes the json.
+
   Args:
     predict_fn: [H, W, 3] uint8 RGB -> (poses [P, K, 3], scores [P]), e.g.
-      an inference.Predictor.
+      an inference.Predictor (then its batched `predict_stream` is used).
     coco_root: COCO root with annotations/ and <split>/.
     split: e.g. 'val2017'.
-    output_path: where to write the results json (optional).
+    output_path: where to write the results json (optional); checked (and
+      its folder created) before any image is evaluated, written
+      atomically.
     max_images: evaluate the first N images only (then AP covers those).
     log_every: progress line every N images.
+    process_index, process_count: this process's share (jax.process_*).
     sigmas: [K] OKS sigmas (KeypointSpec.sigmas; the annotations' K is
       checked against it); default COCO's 17.
     annotations, images: other files than the split's standard ones
@@ -146,35 +211,56 @@ def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
 
   Returns:
     (metrics, info) with info = {'num_images', 'skipped': [(file, reason)],
-    'images_per_second', 'num_people'}.
+    'images_per_second', 'num_people'} and, for a Predictor,
+    'bytes_to_host' / 'full_map_bytes' per image.
+
+  Raises:
+    EvalError: an unusable output_path, or a split with no images.
   """
+  if output_path and process_index == 0:
+    check_output_path(output_path)
   images = eval_input.EvalImages(
       coco_root, split, max_images=max_images, annotations=annotations,
-      images=images, num_joints=None if sigmas is None else len(sigmas))
+      images=images, num_joints=None if sigmas is None else len(sigmas),
+      shard=(process_index, process_count))
+  if not images.all_image_ids:
+    raise EvalError(f'split {split} of {coco_root} has no images to '
+                     'evaluate' + (f' (max_images {max_images})'
+                                   if max_images is not None else ''))
   total = len(images)
-  results = []
+  per_image = {}
   start = time.perf_counter()
   done = 0
-  for example in images:
-    poses, scores = predict_fn(example.image)
-    results.extend(poses_to_results(example.image_id, poses, scores))
+  items = ((ex.image_id, ex.image) for ex in images)
+  for image_id, poses, scores in _stream(predict_fn, items):
+    per_image[image_id] = poses_to_results(image_id, poses, scores)
     done += 1
-    if done % log_every == 0 or done == total:
+    if done % log_every == 0 or done == total - len(images.skipped):
       elapsed = time.perf_counter() - start
       rate = done / max(elapsed, 1e-9)
       logging.info('eval %d/%d images, %.2f img/s, ETA %.0f s', done, total,
                    rate, (total - done) / rate)
   elapsed = time.perf_counter() - start
-  if images.skipped:
+  results = [r for i in sorted(per_image) for r in per_image[i]]
+  shares = _gather([results, images.skipped, done], process_count)
+  results = [r for share in shares for r in share[0]]
+  results.sort(key=lambda r: r['image_id'])  # stable: per-image order kept
+  skipped = sorted(tuple(s) for share in shares for s in share[1])
+  done = sum(share[2] for share in shares)
+  if skipped:
     logging.warning('%d image(s) could not be read and were skipped: %s',
-                    len(images.skipped),
-                    ', '.join(name for name, _ in images.skipped))
-  if output_path:
+                    len(skipped), ', '.join(name for name, _ in skipped))
+  if output_path and process_index == 0:
     write_results(results, output_path)
     logging.info('wrote %d results to %s', len(results), output_path)
-  scored_ids = images.image_ids if max_images is not None else None
-  metrics = score_results(images.coco, results, scored_ids, sigmas=sigmas)
-  info = {'num_images': done, 'skipped': list(images.skipped),
+  scored_ids = images.all_image_ids if max_images is not None else None
+  metrics = score_results(images.coco, results, scored_ids, sigmas=sigmas,
+                          verbose=process_index == 0)
+  info = {'num_images': done, 'skipped': skipped,
           'images_per_second': done / max(elapsed, 1e-9),
           'num_people': len(results)}
+  stats = getattr(predict_fn, 'stats', None)
+  if stats and stats.get('images'):
+    info['bytes_to_host'] = stats['bytes_to_host'] / stats['images']
+    info['full_map_bytes'] = stats['full_map_bytes'] / stats['images']
   return metrics, info

@@ -11,11 +11,15 @@ BottomUpResizeAlign, AssociativeEmbedding.forward_test):
    torch align_corners=False) to the scale-1 input size. Heatmaps of image
    and mirror are averaged; their tags are kept side by side (L=2).
 4. Heatmaps are averaged over scales; tags come from scale 1 only.
-5. Grouping (grouping.py) on the host, then back to image coordinates.
+5. Grouping, then back to image coordinates: NMS / top-k and the adjust
+   neighbours on the device, matching and refine on the host
+   (candidates.py); refine fetches the maps of only the joints it fills.
 
-Device work (normalise, forward, flip, resize, averaging, layout) is one jit
-per set of input shapes; shapes are multiples of 64, so an eval compiles
-once per distinct aspect bucket, not per image.
+Device work (normalise, forward, flip, resize, averaging, layout, NMS,
+top-k) is one jit per set of input shapes; shapes are multiples of 64, so
+an eval compiles once per distinct aspect bucket, not per image.
+`Predictor.predict_stream` batches images of one bucket over the local
+devices and overlaps host grouping with the device work.
 
 Legend: H x W resized input (multiples of 64), h x w = H/4 x W/4 model
 output, Hb x Wb the scale-1 input size, K=17 joints, L tag dim, P people.
@@ -23,10 +27,13 @@ Images [H, W, 3] uint8 RGB 0-255; maps to the host joint-major:
 heatmaps [K, Hb, Wb], tags [K, Hb, Wb, L] float32.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence, Tuple
+import threading
+from typing import Any, Hashable, Iterable, Iterator, Sequence, Tuple
 
 import cv2
 import flax.linen as nn
@@ -34,9 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ae_jax import candidates as candidates_lib
 from ae_jax import checkpoints
 from ae_jax import grouping as grouping_lib
 from ae_jax import keypoints
+from ae_jax import sharding
 from ae_jax.data import affine
 from ae_jax.models import ae_model
 
@@ -121,12 +130,10 @@ def _scale_maps(model: nn.Module, variables, image: jnp.ndarray, flip: bool,
   return heat, jnp.stack(tags, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    'model', 'scales', 'flip', 'base_hw', 'project2image', 'flip_index'))
-def compute_maps(variables, images: Tuple[jnp.ndarray, ...], *,
-                 model: nn.Module, scales: Tuple[float, ...], flip: bool,
-                 base_hw: Tuple[int, int], project2image: bool = True,
-                 flip_index: Tuple[int, ...] = keypoints.COCO.flip_index):
+def _compute_maps(variables, images: Tuple[jnp.ndarray, ...], *,
+                  model: nn.Module, scales: Tuple[float, ...], flip: bool,
+                  base_hw: Tuple[int, int], project2image: bool = True,
+                  flip_index: Tuple[int, ...] = keypoints.COCO.flip_index):
   """Aggregated maps of one image over scales (and its mirror).
 
   Args:
@@ -160,6 +167,34 @@ def compute_maps(variables, images: Tuple[jnp.ndarray, ...], *,
   return jnp.transpose(heat, (2, 0, 1)), jnp.transpose(tags, (2, 0, 1, 3))
 
 
+_MAP_STATICS = ('model', 'scales', 'flip', 'base_hw', 'project2image',
+                'flip_index')
+compute_maps = jax.jit(_compute_maps, static_argnames=_MAP_STATICS)
+
+
+@functools.partial(jax.jit, static_argnames=_MAP_STATICS + (
+    'max_people', 'nms_kernel'))
+def compute_batch(variables, images: Tuple[jnp.ndarray, ...], *,
+                  max_people: int, nms_kernel: int, **statics):
+  """`compute_maps` + candidates.top_candidates over a batch of images.
+
+  images: one [B, H_s, W_s, 3] uint8 batch per scale (B split over the
+  devices by its sharding). Returns {'heat' [B, K, H', W'], 'tags'
+  [B, K, H', W', L], 'cands': candidates with a leading B}.
+  """
+  def one(imgs):
+    heat, tags = _compute_maps(variables, imgs, **statics)
+    return heat, tags, candidates_lib.top_candidates(heat, tags, max_people,
+                                                     nms_kernel)
+
+  if images[0].shape[0] == 1:  # no vmap: cheaper on XLA:CPU
+    heat, tags, cands = jax.tree_util.tree_map(
+        lambda a: a[None], one(tuple(i[0] for i in images)))
+  else:
+    heat, tags, cands = jax.vmap(one)(images)
+  return {'heat': heat, 'tags': tags, 'cands': cands}
+
+
 def grouping_params(grouping: Any) -> grouping_lib.GroupingParams:
   """GroupingParams from itself or a mapping of its fields.
 
@@ -182,6 +217,13 @@ class Predictor:
   unpacks straight into it: `Predictor(model, variables, **config.test)`.
   Values are normalised here, once.
 
+  `predict_stream` is the fast path (eval, demo): images of one shape
+  bucket run as a batch split over the local devices ('data' mesh); the
+  device does the maps and NMS/top-k (candidates.py) and keeps the maps;
+  only the candidates, then the maps of the joints refine fills, cross to
+  the host, where grouping runs in `num_threads` threads while the device
+  computes the next batches. `stats` counts images and device->host bytes.
+
   Args:
     model: AEModel.
     variables: its {'params', 'batch_stats'}.
@@ -195,13 +237,17 @@ class Predictor:
       (config.test.grouping).
     flip_index: [K] mirrored joint of each joint (KeypointSpec.flip_index);
       default COCO's, which fits a 17-joint model only.
+    batch_size: images per device batch in predict_stream; a multiple of
+      the local device count (default: that count).
+    num_threads: host grouping threads.
   """
 
   def __init__(self, model: nn.Module, variables: Any, *,
                input_size: int = 512, scales: Sequence[float] = (1.0,),
                flip: bool = True, project2image: bool = True,
                grouping: Any = grouping_lib.GroupingParams(),
-               flip_index: Sequence[int] | None = None):
+               flip_index: Sequence[int] | None = None,
+               batch_size: int | None = None, num_threads: int = 2):
     self.scales = tuple(sorted((float(s) for s in scales), reverse=True))
     if not self.scales or min(self.scales) <= 0:
       raise ValueError(f'test scales must be positive, got {self.scales}')
@@ -210,6 +256,11 @@ class Predictor:
                        f'got {self.scales}')
     if int(input_size) <= 0:
       raise ValueError(f'test input_size must be positive, got {input_size}')
+    devices = jax.local_devices()
+    batch_size = len(devices) if batch_size is None else int(batch_size)
+    if batch_size <= 0 or batch_size % len(devices):
+      raise ValueError(f'batch_size {batch_size} is not a positive multiple '
+                       f'of the {len(devices)} local devices')
     self.model = model
     self.variables = jax.device_put(variables)
     self.input_size = int(input_size)
@@ -222,6 +273,23 @@ class Predictor:
     if len(self.flip_index) != model.num_joints:
       raise ValueError(f'flip_index has {len(self.flip_index)} joints, the '
                        f'model {model.num_joints} (pass the KeypointSpec\'s)')
+    self.batch_size = batch_size
+    self.num_threads = max(1, int(num_threads))
+    mesh = jax.sharding.Mesh(np.array(devices), (sharding.DATA_AXIS,))
+    self._batch_sharding = sharding.batch_sharding(mesh)
+    self._mesh_variables = jax.device_put(variables,
+                                          sharding.replicated(mesh))
+    self._lock = threading.Lock()
+    self.stats = {'images': 0, 'bytes_to_host': 0, 'full_map_bytes': 0}
+
+  def _prepare(self, image: np.ndarray):
+    """Resized inputs per scale, center/scale and the scale-1 size."""
+    min_scale = min(self.scales)
+    (base_w, base_h), center, scale = get_multi_scale_size(
+        image.shape[0], image.shape[1], self.input_size, 1.0, min_scale)
+    resized = tuple(resize_align(image, self.input_size, s, min_scale)
+                    for s in self.scales)
+    return resized, center, scale, (base_h, base_w)
 
   def maps(self, image: np.ndarray):
     """Device maps for a [H, W, 3] uint8 RGB image, plus its center/scale.
@@ -231,16 +299,91 @@ class Predictor:
       and scale [2] of the scale-1 input (get_multi_scale_size), which map
       the maps back to the image.
     """
-    min_scale = min(self.scales)
-    (base_w, base_h), center, scale = get_multi_scale_size(
-        image.shape[0], image.shape[1], self.input_size, 1.0, min_scale)
-    resized = tuple(resize_align(image, self.input_size, s, min_scale)
-                    for s in self.scales)
+    resized, center, scale, base_hw = self._prepare(image)
     heat, tags = compute_maps(
         self.variables, resized, model=self.model, scales=self.scales,
-        flip=self.flip, base_hw=(base_h, base_w), flip_index=self.flip_index,
+        flip=self.flip, base_hw=base_hw, flip_index=self.flip_index,
         project2image=self.project2image)
     return (heat, tags), center, scale
+
+  def _dispatch(self, batch, batch_size: int):
+    """Starts the device work of one bucket's batch (asynchronous)."""
+    preps = [prep for _, prep in batch]
+    preps += [preps[-1]] * (batch_size - len(preps))  # pad: same shapes
+    images = tuple(np.stack([p[0][s] for p in preps])
+                   for s in range(len(self.scales)))
+    if batch_size == 1:
+      variables = self.variables
+    else:
+      variables = self._mesh_variables
+      images = jax.device_put(images, self._batch_sharding)
+    return compute_batch(
+        variables, images, model=self.model, scales=self.scales,
+        flip=self.flip, base_hw=preps[0][3], flip_index=self.flip_index,
+        project2image=self.project2image,
+        max_people=self.grouping.max_people,
+        nms_kernel=self.grouping.nms_kernel)
+
+  def _group_batch(self, batch, outs):
+    """Host half for one dispatched batch: [(key, poses, scores)]."""
+    cands = jax.device_get(outs['cands'])  # waits for the device
+    heat, tags = outs['heat'], outs['tags']
+    num_joints, height, width = heat.shape[1:]
+    moved = sum(v[0].nbytes for v in cands.values())
+    results = []
+    for i, (key, (_, center, scale, _)) in enumerate(batch):
+      fetched = [moved]
+
+      def fetch(joints, i=i, fetched=fetched):
+        joints = np.asarray(joints)
+        maps = jax.device_get((heat[i][joints], tags[i][joints]))
+        fetched[0] += maps[0].nbytes + maps[1].nbytes
+        return maps
+
+      poses, scores = candidates_lib.group_candidates(
+          {n: v[i] for n, v in cands.items()}, (height, width), fetch,
+          self.grouping)
+      poses = grouping_lib.transform_to_image(poses, center, scale,
+                                              (width, height))
+      results.append((key, poses[..., :3], scores))
+      with self._lock:
+        self.stats['images'] += 1
+        self.stats['bytes_to_host'] += fetched[0]
+        self.stats['full_map_bytes'] += (heat[i].nbytes + tags[i].nbytes)
+    return results
+
+  def predict_stream(self, items: Iterable[Tuple[Hashable, np.ndarray]],
+                     batch_size: int | None = None
+                     ) -> Iterator[Tuple[Hashable, np.ndarray, np.ndarray]]:
+    """(key, [H, W, 3] uint8 RGB image) -> (key, poses, scores), batched.
+
+    Results come in completion order (a bucket's images wait for the bucket
+    to fill, or for the end of `items`); images of one shape keep their
+    order. Poses and scores are as from `__call__`.
+    """
+    batch_size = batch_size or self.batch_size
+    buckets = collections.OrderedDict()
+    pending = collections.deque()
+    max_pending = self.num_threads + 1
+    with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
+
+      def dispatch(shape_key):
+        batch = buckets.pop(shape_key)
+        outs = self._dispatch(batch, batch_size)
+        pending.append(pool.submit(self._group_batch, batch, outs))
+
+      for key, image in items:
+        prep = self._prepare(image)
+        shape_key = tuple(r.shape for r in prep[0])
+        buckets.setdefault(shape_key, []).append((key, prep))
+        if len(buckets[shape_key]) == batch_size:
+          dispatch(shape_key)
+        while pending and (len(pending) > max_pending or pending[0].done()):
+          yield from pending.popleft().result()
+      for shape_key in list(buckets):
+        dispatch(shape_key)
+      while pending:
+        yield from pending.popleft().result()
 
   def __call__(self, image: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """People in a [H, W, 3] uint8 RGB image.
@@ -248,12 +391,8 @@ class Predictor:
     Returns:
       poses [P, K, 3] float32 (x, y image px, joint score) and scores [P].
     """
-    (heat, tags), center, scale = self.maps(image)
-    heat, tags = jax.device_get((heat, tags))
-    poses, scores = grouping_lib.group_poses(heat, tags, self.grouping)
-    map_size = (heat.shape[2], heat.shape[1])
-    poses = grouping_lib.transform_to_image(poses, center, scale, map_size)
-    return poses[..., :3], scores
+    (_, poses, scores), = self.predict_stream([(0, image)], batch_size=1)
+    return poses, scores
 
 
 def load_predictor(model: nn.Module, ckpt_dir: str, **test) -> Predictor:

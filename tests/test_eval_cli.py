@@ -1,4 +1,4 @@
-"""eval.py and demo.py end to end on the mini COCO with a tiny checkpoint."""
+"""eval.py end to end on the mini COCO with a tiny checkpoint."""
 
 import json
 import os
@@ -42,19 +42,62 @@ def test_eval_cli_prints_table_and_names_missing_image(
   root = tmp_path / 'coco'
   shutil.copytree(coco_mini_root, root)
   (root / 'val2017' / '000000196141.jpg').unlink()
-  out = tmp_path / 'results.json'
+  (root / 'val2017' / '000000040083.jpg').write_bytes(b'')  # zero bytes
+  out = tmp_path / 'new' / 'folder' / 'results.json'  # folders created
   proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
                str(tiny_ckpt), '--coco_root', str(root), '--output', str(out),
+               '--batch_size=2',
                '--config.test.grouping.detection_threshold=0.2'])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| AP | AP50 | AP75 | APm | APl | AR | AR50 |' in proc.stdout
-  assert '000000196141.jpg' in proc.stdout
+  assert ('skipped 2 unreadable image(s): 000000040083.jpg, '
+          '000000196141.jpg') in proc.stdout
   assert '000000196141.jpg' in proc.stderr  # logged when skipped
+  assert '000000040083.jpg (0 bytes)' in proc.stderr
+  assert 'MB/image' in proc.stdout  # device->host bytes
   results = json.loads(out.read_text())
   assert isinstance(results, list)
   for r in results:
     assert r['category_id'] == 1 and len(r['keypoints']) == 51
-    assert r['image_id'] in (785, 40083, 197388)
+    assert r['image_id'] in (785, 197388)
+  assert [p.name for p in out.parent.iterdir()] == ['results.json']
+
+
+@pytest.mark.parametrize('kind', ['directory', 'under_a_file'])
+def test_eval_cli_refuses_bad_output_before_evaluating(
+    tiny_ckpt, coco_mini_root, tmp_path, kind):
+  if kind == 'directory':
+    out = tmp_path
+  else:
+    (tmp_path / 'a_file').write_text('keep me')
+    out = tmp_path / 'a_file' / 'results.json'
+  proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
+               str(tiny_ckpt), '--coco_root', str(coco_mini_root),
+               '--output', str(out)])
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and str(out) in last
+  assert 'eval ' not in proc.stderr  # no image was evaluated
+  if kind == 'under_a_file':
+    assert (tmp_path / 'a_file').read_text() == 'keep me'
+
+
+def test_eval_cli_empty_split_is_an_error(tiny_ckpt, coco_mini_root,
+                                          tmp_path):
+  root = tmp_path / 'coco'
+  shutil.copytree(coco_mini_root, root)
+  ann = root / 'annotations' / 'person_keypoints_val2017.json'
+  data = json.loads(ann.read_text())
+  data['images'], data['annotations'] = [], []
+  ann.write_text(json.dumps(data))
+  proc = _run(['eval.py', '--config', 'configs/tiny.py', '--ckpt',
+               str(tiny_ckpt), '--coco_root', str(root)])
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: split val2017 of {root} has no images to evaluate')
+  assert '| AP |' not in proc.stdout
 
 
 def test_eval_cli_rejects_bad_checkpoint(tmp_path, coco_mini_root):
@@ -73,18 +116,33 @@ def test_eval_cli_names_bad_test_scales_in_one_line(tiny_ckpt, coco_mini_root):
   assert 'error: multi-scale test needs scale 1' in proc.stderr
 
 
-def test_demo_writes_pngs_and_names_unreadable_images(tiny_ckpt,
-                                                     coco_mini_root, tmp_path):
-  import cv2  # pylint: disable=g-import-not-at-top
-  image = coco_mini_root / 'val2017' / '000000000785.jpg'
-  missing = tmp_path / 'missing.jpg'
-  proc = _run(['demo.py', '--config', 'configs/tiny.py', '--ckpt',
-               str(tiny_ckpt), '--out', str(tmp_path / 'demo'), str(image),
-               str(missing)])
-  png = cv2.imread(str(tmp_path / 'demo' / '000000000785.png'))
-  assert png is not None, proc.stderr[-3000:]
-  assert png.shape == (425, 640, 3)
-  assert proc.returncode == 1
-  assert 'Traceback' not in proc.stderr
-  assert proc.stderr.splitlines()[-1] == (
-      f'error: 1 image(s) could not be read: {missing}')
+def test_eval_cli_two_processes_equal_one(tiny_ckpt, coco_mini_root,
+                                          tmp_path):
+  """2 processes (gloo, each half the images) == 1 process, same json."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  args = ['eval.py', '--config', 'configs/tiny.py', '--ckpt', str(tiny_ckpt),
+          '--coco_root', str(coco_mini_root), '--max_images=2',
+          '--config.test.grouping.detection_threshold=0.2']
+  one = _run(args + ['--output', str(tmp_path / 'one.json')])
+  assert one.returncode == 0, one.stderr[-3000:]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
+             TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  procs = [subprocess.Popen(
+      [sys.executable] + args + [
+          '--output', str(tmp_path / 'two.json'),
+          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+          f'--process_id={i}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+  assert '| AP |' in outs[0][0] and '| AP |' not in outs[1][0]
+  table = [l for l in one.stdout.splitlines() if l.startswith('| 0')]
+  assert table and table == [l for l in outs[0][0].splitlines()
+                             if l.startswith('| 0')]
+  assert (json.loads((tmp_path / 'two.json').read_text()) ==
+          json.loads((tmp_path / 'one.json').read_text()))

@@ -48,12 +48,49 @@ def test_serving_graph_uses_plain_flax_layers_on_any_backend():
   assert _conv_counts(lambda x: cpu_model.apply(variables, x), x) == (0, 0)
 
 
+def _check_candidates(model, variables, x, got):
+  """candidate_* outputs == host NMS/top-k of the torch-resized maps."""
+  torch = pytest.importorskip('torch')
+  from ae_jax import grouping  # pylint: disable=g-import-not-at-top
+  got = {k: v.numpy() for k, v in got.items()}
+  _, h, w, _ = x.shape
+  raw = torch.from_numpy(np.array(model.apply(variables, jnp.asarray(x))))
+  maps = torch.nn.functional.interpolate(
+      raw.permute(0, 3, 1, 2), size=(h, w), mode='bilinear',
+      align_corners=False).numpy()  # [B, 2K, H, W]
+  found = 0
+  for b in range(x.shape[0]):
+    heat, tags = maps[b, :17], maps[b, 17:, ..., None]
+    want = grouping.find_candidates(heat, tags, 6, 0.0)
+    for k, joint in enumerate(want):
+      n = joint.val.size
+      found += n
+      np.testing.assert_allclose(got['candidate_values'][b, k, :n],
+                                 joint.val, atol=1e-5)
+      # Upsampled maps have plateaus (equal peaks), which rounding orders
+      # differently in TF and torch: check every position holds its value.
+      xs, ys = got['candidate_xy'][b, k, :n].T
+      np.testing.assert_allclose(heat[k, ys, xs], joint.val, atol=1e-5)
+      np.testing.assert_allclose(got['candidate_tags'][b, k, :n, 0],
+                                 tags[k, ys, xs, 0], atol=1e-5)
+      np.testing.assert_allclose(
+          got['candidate_neighbors'][b, k, :n],
+          np.stack([heat[k, np.minimum(h - 1, ys + 1), xs],
+                    heat[k, np.maximum(0, ys - 1), xs],
+                    heat[k, ys, np.minimum(w - 1, xs + 1)],
+                    heat[k, ys, np.maximum(0, xs - 1)]], -1), atol=1e-5)
+  assert found > 10
+
+
 @pytest.mark.parametrize('fixed_shape', [None, (1, 64, 96)])
 def test_saved_model_matches_jax(tmp_path, fixed_shape):
   tf = pytest.importorskip('tensorflow')
   model, variables = _tiny_model_and_variables()
   out_dir = str(tmp_path / 'sm')
-  export.export_saved_model(TINY, variables, out_dir, fixed_shape)
+  # The polymorphic export also decodes: candidates for every shape.
+  decode = 6 if fixed_shape is None else 0
+  export.export_saved_model(TINY, variables, out_dir, fixed_shape,
+                            max_people=decode)
   serve = tf.saved_model.load(out_dir).signatures['serving_default']
   rng = np.random.default_rng(0)
   shapes = [(1, 64, 96)] if fixed_shape else [(1, 64, 96), (3, 128, 64)]
@@ -65,6 +102,9 @@ def test_saved_model_matches_jax(tmp_path, fixed_shape):
                                atol=1e-5)
     np.testing.assert_allclose(got['tags'].numpy(), want[..., 17:],
                                atol=1e-5)
+    assert ('candidate_xy' in got) == bool(decode)
+    if decode:
+      _check_candidates(model, variables, x, got)
 
 
 def test_export_cli_reports_bad_checkpoint(tmp_path):
@@ -83,7 +123,32 @@ def test_export_cli_writes_saved_model(tmp_path):
   proc = subprocess.run(
       [sys.executable, 'export.py', '--config', 'configs/tiny.py',
        '--config.model.num_deconv_filters=(16,16,16)',
-       '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'sm')],
+       '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'sm'),
+       '--nodecode'],  # decoding: test_saved_model_matches_jax
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert (tmp_path / 'sm' / 'saved_model.pb').exists()
+  # Written beside, then renamed: no temporary folder is left.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt', 'sm']
+
+
+@pytest.mark.parametrize('case', ['under_a_file', 'foreign_folder'])
+def test_export_cli_refuses_unwritable_out_in_one_line(tmp_path, case):
+  _, variables = _tiny_model_and_variables()
+  checkpoints.save_variables(str(tmp_path / 'ckpt'), variables)
+  (tmp_path / 'a_file').write_text('keep me')
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'notes.txt').write_text('keep me too')
+  out = {'under_a_file': tmp_path / 'a_file' / 'sm',
+         'foreign_folder': tmp_path / 'mine'}[case]
+  proc = subprocess.run(
+      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
+       '--config.model.num_deconv_filters=(16,16,16)',
+       '--ckpt', str(tmp_path / 'ckpt'), '--out', str(out)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and str(out) in last
+  assert (tmp_path / 'a_file').read_text() == 'keep me'
+  assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep me too'

@@ -191,3 +191,36 @@ def test_bad_test_settings_are_named(tiny, kwargs, match):
   model, variables = tiny
   with pytest.raises(ValueError, match=match):
     inference.Predictor(model, variables, **kwargs)
+
+
+def test_predict_stream_batches_equal_per_image_full_maps(tiny):
+  """Batched, sharded, overlapped stream == full-map grouping per image."""
+  model, variables = tiny
+  rng = np.random.default_rng(5)
+  shapes = [(60, 90), (90, 60), (60, 90)]
+  images = [rng.integers(0, 255, s + (3,), np.uint8) for s in shapes]
+  params = grouping.GroupingParams(detection_threshold=0.0)
+  predictor = inference.Predictor(model, variables, input_size=64,
+                                  scales=(1.0, 0.5), grouping=params)
+  assert predictor.batch_size == jax.local_device_count()
+  got = {k: (p, s) for k, p, s in predictor.predict_stream(enumerate(images))}
+  assert sorted(got) == list(range(len(images)))
+  for i, image in enumerate(images):
+    (heat, tags), center, scale = predictor.maps(image)
+    grid, want_scores = grouping.group_poses(np.asarray(heat),
+                                             np.asarray(tags), params)
+    want = grouping.transform_to_image(grid, center, scale,
+                                       (heat.shape[2], heat.shape[1]))
+    assert want.shape[0] > 0
+    np.testing.assert_allclose(got[i][0], want[..., :3], rtol=1e-6)
+    np.testing.assert_array_equal(got[i][1], want_scores)
+  stats = predictor.stats
+  assert stats['images'] == len(images)
+  assert 0 < stats['bytes_to_host'] <= stats['full_map_bytes']
+
+
+def test_batch_size_must_divide_over_devices(tiny):
+  model, variables = tiny
+  with pytest.raises(ValueError, match='local devices'):
+    inference.Predictor(model, variables,
+                        batch_size=jax.local_device_count() + 1)

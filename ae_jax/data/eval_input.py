@@ -36,7 +36,10 @@ class EvalImages:
 
   Attributes:
     coco: the split's COCO api object (ground truth for scoring).
-    image_ids: ids in ascending order, optionally the first `max_images`.
+    all_image_ids: ids in ascending order, optionally the first
+      `max_images`.
+    image_ids: this process's share of them (`shard` = (index, count):
+      every count-th id from index).
     skipped: (file_name, reason) of images that could not be read, filled
       during iteration.
   """
@@ -48,6 +51,7 @@ class EvalImages:
   annotations: str = ''  # other files than the standard ones (split_paths)
   images: str = ''
   num_joints: Optional[int] = None  # checked against the annotations
+  shard: Tuple[int, int] = (0, 1)
 
   def __post_init__(self):
     self.coco = coco_lib.load_coco(self.coco_root, self.split,
@@ -55,7 +59,9 @@ class EvalImages:
     ids = sorted(self.coco.getImgIds())
     if self.max_images is not None:
       ids = ids[:self.max_images]
-    self.image_ids: List[int] = ids
+    self.all_image_ids: List[int] = ids
+    index, count = self.shard
+    self.image_ids: List[int] = ids[index::count]
     _, self.image_dir = coco_lib.split_paths(self.coco_root, self.split,
                                              self.annotations, self.images)
     self.skipped: List[Tuple[str, str]] = []

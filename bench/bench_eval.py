@@ -1,0 +1,163 @@
+r"""End-to-end eval img/s: ae_jax's batched stream vs an mmpose-style loop.
+
+  python -m bench.bench_eval [--config configs/coco512.py] [--max_images 4]
+      [--scales 1 --scales 2,1,0.5]
+
+Both sides run in this process on the same decoded mini-COCO images and
+cores, one after the other, per scale setting:
+- ours: inference.Predictor.predict_stream (batches per shape bucket over
+  the local devices, NMS/top-k on device, host grouping in threads
+  overlapped with the device, only candidates + refine's joints to host);
+- mmpose-style: per image and scale a jitted forward of the image and one
+  of its mirror (mmpose's forward_test), full maps to the host, numpy flip
+  and torch bilinear resize, the `munkres` parser of
+  tests/references/mmpose_grouping.py (loops, refine over all K full maps
+  per person), transform to the image.
+The first pass over the images (compiles) is timed separately from a
+second, warm pass; img/s are of the warm pass. Weights: model.init (random;
+few peaks pass the 0.1 threshold, so grouping is light). Writes
+bench/RESULTS_eval_e2e.md (included in RESULTS_eval.md by hand).
+"""
+
+import argparse
+import os
+import subprocess
+import time
+
+import jax
+import numpy as np
+import torch
+
+from ae_jax import grouping
+from ae_jax import inference
+from ae_jax import keypoints
+from ae_jax.data import eval_input
+from ae_jax.models import ae_model
+from bench import common
+from configs import coco512
+from tests.references import mmpose_grouping
+
+COCO_MINI = os.path.join(os.path.dirname(__file__), '..', 'data', 'coco_mini')
+
+
+def reference_predict(apply, variables, image, test, num_joints=17):
+  """mmpose-style per-image eval; returns poses [P, K, 3], scores, bytes."""
+  scales = sorted(test['scales'], reverse=True)
+  min_scale = min(scales)
+  (bw, bh), center, scale = inference.get_multi_scale_size(
+      image.shape[0], image.shape[1], test['input_size'], 1.0, min_scale)
+  moved = 0
+
+  def resize(x):  # [h, w, C] -> (bh, bw), torch bilinear
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None]
+    t = torch.nn.functional.interpolate(t, size=(bh, bw), mode='bilinear',
+                                        align_corners=False)
+    return t[0].permute(1, 2, 0).numpy()
+
+  heats, tags = [], None
+  for s in scales:
+    x = inference.resize_align(image, test['input_size'], s, min_scale)
+    x = ((x.astype(np.float32) / 255 - keypoints.IMAGENET_MEAN) /
+         keypoints.IMAGENET_STD)[None]
+    out = np.asarray(apply(variables, x))[0]
+    moved += out.nbytes
+    heat, tag_list = resize(out[..., :num_joints]), [resize(
+        out[..., num_joints:])]
+    if test['flip']:
+      out_f = np.asarray(apply(variables, x[:, :, ::-1].copy()))[0][:, ::-1]
+      moved += out_f.nbytes
+      flip = keypoints.FLIP_INDEX[:num_joints]
+      heat = (heat + resize(out_f[..., :num_joints][..., flip])) / 2
+      tag_list.append(resize(out_f[..., num_joints:][..., flip]))
+    heats.append(heat)
+    if s == 1 or len(scales) == 1:
+      tags = np.stack(tag_list, -1)
+  heat = (sum(heats) / len(heats)).transpose(2, 0, 1)
+  poses, scores = mmpose_grouping.reference_parse(
+      heat, tags.transpose(2, 0, 1, 3), solver='munkres')
+  poses = grouping.transform_to_image(poses, center, scale, (bw, bh))
+  return poses[..., :3], scores, moved
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - start
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--max_images', type=int, default=4)
+  parser.add_argument('--scales', action='append', default=None,
+                      help='comma-separated test scales; repeatable')
+  parser.add_argument('--out', default=os.path.join(
+      os.path.dirname(__file__), 'RESULTS_eval_e2e.md'))
+  args = parser.parse_args()
+  settings = [tuple(float(v) for v in s.split(','))
+              for s in (args.scales or ['1', '2,1,0.5'])]
+  config = coco512.get_config()
+  model = ae_model.create_model(
+      config.model, ae_model.default_kernels(jax.default_backend()))
+  variables = jax.jit(model.init)(jax.random.key(0),
+                                  np.zeros((1, 64, 64, 3), np.float32))
+  images = [(ex.image_id, ex.image) for ex in eval_input.EvalImages(
+      COCO_MINI, 'val2017', max_images=args.max_images)]
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  load = os.getloadavg()
+  rows = []
+  for scales in settings:
+    test = dict(config.test)
+    test.update(scales=scales)
+    predictor = inference.Predictor(model, variables, **test)
+    ref_test = {'scales': scales, 'input_size': test['input_size'],
+                'flip': test['flip']}
+    row = {'scales': list(scales)}
+    for name, run in (
+        ('ours', lambda: list(predictor.predict_stream(images))),
+        ('ref', lambda: [reference_predict(apply, variables, im, ref_test)
+                         for _, im in images])):
+      first, t_first = _timed(run)
+      second, t_warm = _timed(run)
+      row[name] = (t_first - t_warm, len(images) / t_warm)
+      if name == 'ours':
+        ours = {k: (p, s) for k, p, s in second}
+      else:
+        ref_bytes = np.mean([r[2] for r in second])
+        same = all(
+            ours[k][0].shape == r[0].shape and
+            np.allclose(ours[k][0], r[0], atol=1e-2)
+            for (k, _), r in zip(images, second))
+      del first
+    stats = predictor.stats
+    row['bytes'] = (stats['bytes_to_host'] / stats['images'],
+                    stats['full_map_bytes'] / stats['images'], ref_bytes)
+    row['same'] = same
+    rows.append(row)
+    print(row, flush=True)
+  uptime = subprocess.run(['uptime'], capture_output=True, text=True,
+                          check=False).stdout.strip()
+  lines = [
+      '## End-to-end eval: ae_jax stream vs mmpose-style loop',
+      '',
+      f'Machine: {common.machine()}, backend {jax.default_backend()} '
+      f'({jax.local_device_count()} device(s)); load before the run '
+      f'{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, after: `{uptime}`.',
+      f'`python -m bench.bench_eval`: {len(images)} mini-COCO images, '
+      f'configs/coco512.py (512 model, flip), random init; compile = first '
+      'pass minus warm pass.',
+      '',
+      '| scales | ours img/s | mmpose-style img/s | speed-up | compile ours / '
+      'ref (s) | device->host MB/img ours (full maps) / ref | same poses |',
+      '|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(
+        f'| {r["scales"]} | {r["ours"][1]:.3f} | {r["ref"][1]:.3f} | '
+        f'{r["ours"][1] / r["ref"][1]:.2f}x | {r["ours"][0]:.1f} / '
+        f'{r["ref"][0]:.1f} | {r["bytes"][0] / 1e6:.3f} '
+        f'({r["bytes"][1] / 1e6:.1f}) / {r["bytes"][2] / 1e6:.1f} | '
+        f'{"yes" if r["same"] else "no"} |')
+  common.write_report(lines, args.out)
+
+
+if __name__ == '__main__':
+  main()
