@@ -3,19 +3,22 @@
 BatchNorm statistics, `bn_stats` (config.train.bn_stats):
   'global' (default): under `jax.jit` with the batch split over 'data',
     flax's BatchNorm computes its mean/variance over the *global* batch
-    (XLA inserts the all-reduces: in the 8-device step 2 per BN layer
-    forward and backward). The step is then independent of the device
-    count (1 device == 8 devices, tested) and at the paper's global batch
-    of 192 the estimate is only less noisy than mmpose's.
+    (XLA inserts the all-reduces: 111 in the compiled 8-device step, one
+    per BatchNorm layer forward (mean, variance), one backward, plus the
+    gradient's). The step is then independent of the device count (1
+    device == 8 devices, tested) and at the paper's global batch of 192
+    the estimate is only less noisy than mmpose's.
   'per_device': mmpose's DDP BatchNorm: forward, loss and gradient run
     per device under `jax.shard_map` over 'data' with statistics over the
     device's own examples; the gradients, metrics and the new running
-    statistics are averaged with `lax.pmean` (one combined all-reduce
-    instead of ~110 latency-bound small ones; counts in the README's
-    "Scale" section). Depends on the per-device batch, as mmpose does.
-  The default stays 'global': it keeps 1 device == N devices and exact
-  resume on a different device count; 'per_device' is the choice for
-  many devices where the small all-reduces cost step time.
+    statistics are averaged with `lax.pmean` (XLA combines them: 2
+    all-reduces of about the same bytes instead of 111, most of them
+    small and latency-bound; README "Scale"). The result depends on the
+    per-device batch, as mmpose's does.
+  The default stays 'global': it keeps 1 device == N devices, so a run
+  resumed on another device count continues the same computation;
+  'per_device' is the choice on many devices where the small all-reduces
+  cost step time (measure: bench/accelerator.py).
 Running statistics use PyTorch's momentum (0.1), so they converge alike.
 
 Legend: B global batch, S input size, h heatmap size, K=17 joints, M=30
