@@ -263,7 +263,8 @@ def parse(argv):
   p.add_argument('--smoke', action='store_true')
   p.add_argument('--no-install', dest='no_install', action='store_true')
   p.add_argument('--extra', default='auto', help='auto, cuda12 or tpu')
-  p.add_argument('--budget_s', type=float, default=450.0)
+  p.add_argument('--budget_s', type=float, default=0.0,
+                 help='seconds after the install (0: 450; smoke: 1200)')
   p.add_argument('--devices', type=int, default=0, help='0: all local')
   p.add_argument('--size', type=int, default=512)
   p.add_argument('--per_device_batch', type=int, default=24)  # mmpose's
@@ -278,6 +279,8 @@ def parse(argv):
   p.add_argument('--out', default='', help='also write the table here')
   args = p.parse_args(argv)
   args.multi_scales = (2.0, 1.0, 0.5)
+  # Smoke: generous, so a loaded CI machine still runs every row.
+  args.budget_s = args.budget_s or (1200.0 if args.smoke else 450.0)
   if args.smoke:
     args.size, args.per_device_batch, args.steps = 64, 2, 2
     args.devices = args.devices or 1

@@ -231,16 +231,16 @@ def test_per_device_on_eight_devices_is_eight_independent_shards(
       *[_leaves(s.batch_stats) for _, s in shards])]
   for a, b in zip(ref_bn, _leaves(s8.batch_stats)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-  # Not the global-statistics step: per channel the global batch variance
-  # is the mean of the per-example variances plus the variance of the
-  # per-example means (so >=, and > where the examples' means differ).
+  # Not the global-statistics step. At conv1 (same input in both) the
+  # global variance is the mean of the per-example variances plus the
+  # variance of the per-example means: >= per-device; deeper layers see
+  # other activations and differ either way.
   _, sg = _one_step(compiled['global'], mesh8, host, True)
-  gap = [g - p for path_g, g, p in zip(
-      jax.tree_util.tree_leaves_with_path(sg.batch_stats),
-      _leaves(sg.batch_stats), _leaves(s8.batch_stats))
-         if 'var' in jax.tree_util.keystr(path_g[0])]
-  assert min(x.min() for x in gap) > -1e-5
-  assert max(x.max() for x in gap) > 1e-3
+  g1 = sg.batch_stats['backbone']['conv1']['bn']['var']
+  p1 = s8.batch_stats['backbone']['conv1']['bn']['var']
+  assert np.all(g1 - p1 > -1e-6)
+  assert max(np.abs(g - p).max() for g, p in zip(
+      _leaves(sg.batch_stats), _leaves(s8.batch_stats))) > 1e-3
 
 
 def test_all_reduces_of_the_eight_device_step(eight_device_steps):
