@@ -4,14 +4,18 @@ One mesh axis, 'data', over every device of every process (no pmap). The
 train state is replicated (PartitionSpec()), batches are split on their
 leading axis (P('data')). Optionally Adam's moments are sharded over 'data'
 on their largest divisible dimension (ZeRO-1 style) to save memory on big
-slices; XLA inserts the gathers.
+slices; XLA inserts the gathers. `prefetch_to_mesh` puts batches on the
+devices ahead of the step; `all_reduce_stats` counts a compiled program's
+all-reduces.
 
 Legend: B global batch (b = B / process_count per host), leading axis of
 every batch array.
 """
 
+import collections
 import os
-from typing import Any, Dict, Optional, Sequence
+import re
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -179,3 +183,84 @@ def make_global_batch(host_batch: Dict[str, np.ndarray],
           f'size divisible by {mesh.size}')
     out[name] = jax.make_array_from_process_local_data(sharding, value)
   return out
+
+
+
+class Prefetcher:
+  """Host batches -> global batches on `mesh`, `size` in flight.
+
+  Put-ahead (as flax's `prefetch_to_device`): each `next` reads host
+  batches until `size` global batches have been handed to
+  `make_global_batch`, then returns the oldest. Host->device copies are
+  asynchronous on GPU / TPU, so batch i+1's copy runs while step i does,
+  and the step never waits on it. Same order as the iterator, read in the
+  caller's thread (deterministic: batch i is read during step i - size +
+  1); exact resume is unaffected. `close()` (also on `with` exit) drops
+  the prefetched batches and closes `iterator` if it can be closed.
+  """
+
+  def __init__(self, iterator: Iterator[Dict[str, np.ndarray]], mesh: Mesh,
+               size: int = 2):
+    if size < 1:
+      raise ValueError(f'prefetch size must be >= 1, got {size}')
+    self._source, self._mesh, self._size = iterator, mesh, size
+    self._ready = collections.deque()
+    self._exhausted = False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, jax.Array]:
+    while not self._exhausted and len(self._ready) < self._size:
+      try:
+        host_batch = next(self._source)
+      except StopIteration:
+        self._exhausted = True
+        break
+      self._ready.append(make_global_batch(dict(host_batch), self._mesh))
+    if not self._ready:
+      raise StopIteration
+    return self._ready.popleft()
+
+  def close(self):
+    """Drops the prefetched batches; closes the source iterator."""
+    self._ready.clear()
+    self._exhausted = True
+    if hasattr(self._source, 'close'):
+      self._source.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def prefetch_to_mesh(iterator: Iterator[Dict[str, np.ndarray]], mesh: Mesh,
+                     size: int = 2) -> Prefetcher:
+  """`iterator`'s host batches as global batches, `size` in flight."""
+  return Prefetcher(iterator, mesh, size)
+
+
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
+                'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
+                'f64': 8}
+
+
+def all_reduce_stats(hlo_text: str) -> Tuple[int, int]:
+  """(number of all-reduce ops, bytes they reduce) in compiled HLO text.
+
+  Counts `all-reduce` and async `all-reduce-start` instructions (a
+  combined all-reduce of a tuple counts once, its bytes are the sum of
+  the tuple's arrays), e.g. of `jitted.lower(...).compile().as_text()`.
+  """
+  count = nbytes = 0
+  for line in hlo_text.splitlines():
+    m = re.search(r'=\s*(.*?)\s+all-reduce(?:-start)?\(', line)
+    if not m:
+      continue
+    count += 1
+    for dtype, dims in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', m.group(1)):
+      size = int(np.prod([int(d) for d in dims.split(',') if d]))
+      nbytes += _DTYPE_BYTES.get(dtype, 4) * size
+  return count, nbytes

@@ -256,11 +256,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         num_joints=spec.num_joints, sigma=config.data.sigma,
         heatmap_factor=config.loss.heatmap_factor,
         push_factor=config.loss.push_factor,
-        pull_factor=config.loss.pull_factor)
+        pull_factor=config.loss.pull_factor, bn_stats=t.bn_stats)
     step_rng = sharding.put_replicated(step_rng, mesh)
     writer = make_metric_writer(workdir / 'tensorboard', is_main)
     resources.callback(writer.close)
-    data_iter = iter(dataset)
+    data_iter = sharding.prefetch_to_mesh(iter(dataset), mesh, size=2)
     if hasattr(data_iter, 'close'):
       resources.callback(data_iter.close)
     stop = resources.enter_context(_StopFlag())
@@ -275,8 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     t_start = t_window = time.time()
     try:
       while step < total_steps and not preempted:
-        host_batch = next(data_iter)
-        batch = sharding.make_global_batch(dict(host_batch), mesh)
+        batch = next(data_iter)  # on the devices, 2 batches ahead
         state, metrics = step_fn(state, batch, step_rng)
         pending.append(metrics)  # device arrays until the next log step
         step += 1

@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3
   config.train.eval_at_end = True
+  # BatchNorm statistics: 'global' (over the global batch; 1 device == N
+  # devices) or 'per_device' (mmpose's DDP: each device's own examples,
+  # far fewer all-reduces; train_step.py, README "Scale").
+  config.train.bn_stats = 'global'
 
   # test_cfg of the mmpose config: inference.Predictor(**config.test).
   config.test = ml_collections.ConfigDict()

@@ -65,7 +65,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
   train_lib.train_and_evaluate(small_config(4, 100), str(tmp_path / 'full'))
 
   def preempt(step):
-    if step == 1:  # arrives while step 2 is being prepared
+    if step == 2:  # read 2 ahead (prefetch): while step 2 is prepared
       os.kill(os.getpid(), signal.SIGTERM)
 
   use_synthetic(monkeypatch, hook=preempt)

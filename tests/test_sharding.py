@@ -90,3 +90,48 @@ def test_eight_devices_match_one_device():
   for a, b in zip(jax.tree_util.tree_leaves(s1.batch_stats),
                   jax.tree_util.tree_leaves(s8.batch_stats)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_prefetch_to_mesh_keeps_order_reads_two_ahead_and_closes():
+  mesh = sharding.make_mesh()
+  hosts = [synthetic_batch(0, s, 8, 32, 8) for s in range(5)]
+  log = {'read': 0, 'closed': False}
+
+  def source():
+    try:
+      for h in hosts:
+        log['read'] += 1
+        yield h
+    finally:
+      log['closed'] = True
+
+  it = sharding.prefetch_to_mesh(source(), mesh, size=2)
+  got = [next(it)]
+  assert log['read'] == 2  # batch 1 already handed to the devices
+  got += list(it)  # to the end: StopIteration, no batch lost
+  assert len(got) == len(hosts)
+  for g, h in zip(got, hosts):
+    assert g['image'].sharding == sharding.batch_sharding(mesh)
+    for name in h:
+      np.testing.assert_array_equal(np.asarray(g[name]), h[name])
+  with pytest.raises(StopIteration):
+    next(it)
+  # Closing mid-stream closes the source (a generator: its finally runs).
+  log['read'] = 0
+  with sharding.prefetch_to_mesh(source(), mesh) as it:
+    next(it)
+  assert log['closed'] and log['read'] == 2
+  with pytest.raises(StopIteration):
+    next(it)
+  with pytest.raises(ValueError, match='prefetch size must be >= 1'):
+    sharding.prefetch_to_mesh(source(), mesh, size=0)
+
+
+def test_all_reduce_stats_reads_hlo_text():
+  hlo = '\n'.join([
+      '  %a = f32[8]{0} all-reduce(f32[8]{0} %x), to_apply=%add',
+      '  %b = (f32[2,3]{1,0}, bf16[4]{0}) all-reduce(%y, %z), to_apply=%add',
+      '  %c = f32[16]{0} all-reduce-start(f32[16]{0} %w), to_apply=%add',
+      '  %d = f32[16]{0} all-reduce-done(f32[16]{0} %c)',
+      '  %e = f32[8]{0} add(f32[8]{0} %a, f32[8]{0} %a)'])
+  assert sharding.all_reduce_stats(hlo) == (3, 32 + 24 + 8 + 64)

@@ -142,3 +142,124 @@ def test_normalize_images_on_device_equals_host_normalisation():
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
   floats = want.astype(np.float32)
   assert normalize_images(floats) is floats  # already normalised
+
+
+# ------------------------------------------- BatchNorm statistics variants
+
+
+@functools.lru_cache(maxsize=None)
+def _model_lr_tx():
+  """One model / schedule / optimizer: compiled steps are tied to them."""
+  model, lr_fn = small_model_and_lr()
+  return model, lr_fn, optax.adam(lr_fn)
+
+
+def _init(mesh, shard_opt_state=False):
+  model, _, tx = _model_lr_tx()
+  return train_state.create_train_state(
+      jax.random.key(0), model, tx, 64, mesh, shard_opt_state=shard_opt_state)
+
+
+def _make_step(mesh, shardings, bn_stats):
+  model, lr_fn, _ = _model_lr_tx()
+  return train_step.make_train_step(mesh, shardings, model=model,
+                                    lr_fn=lr_fn, bn_stats=bn_stats)
+
+
+def _one_step(step, mesh, host, shard_opt_state=False):
+  """(metrics, state) after `step` from a fresh state, as host values."""
+  state, _ = _init(mesh, shard_opt_state)
+  state, metrics = step(state, sharding.make_global_batch(host, mesh),
+                        jax.random.key(1))
+  return jax.device_get((metrics, state))
+
+
+def _leaves(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.fixture(scope='module')
+def eight_device_steps():
+  """The compiled 8-device steps, 'global' and 'per_device' (Adam moments
+  sharded as in test_sharding, so 'global' is its program)."""
+  mesh = sharding.make_mesh(8)
+  state, shardings = _init(mesh, shard_opt_state=True)
+  batch = sharding.make_global_batch(synthetic_batch(3, 0, 8, 64, 16), mesh)
+  return mesh, {
+      bn: _make_step(mesh, shardings, bn).lower(
+          state, batch, jax.random.key(1)).compile()
+      for bn in train_step.BN_STATS}
+
+
+def test_per_device_on_one_device_equals_global():
+  mesh = sharding.make_mesh(1)
+  _, shardings = _init(mesh)
+  host = synthetic_batch(3, 0, 8, 64, 16)
+  (mg, sg), (mp, sp) = (_one_step(_make_step(mesh, shardings, bn), mesh, host)
+                        for bn in ('global', 'per_device'))
+  for name in mg:
+    np.testing.assert_allclose(mp[name], mg[name], rtol=1e-5, err_msg=name)
+  for tree in ('params', 'batch_stats'):
+    for a, b in zip(_leaves(getattr(sg, tree)), _leaves(getattr(sp, tree))):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="bn_stats must be 'global' or"):
+    train_step.make_train_step(mesh, None, bn_stats='sync')
+
+
+def test_per_device_on_eight_devices_is_eight_independent_shards(
+    eight_device_steps):
+  """8 devices x 1 example with per-device BatchNorm == the 1-device step
+  run on each example alone, averaged: loss parts, the Adam first moment
+  (0.1 x gradient after one step) and the running BN statistics."""
+  mesh8, compiled = eight_device_steps
+  host = synthetic_batch(3, 0, 8, 64, 16)
+  m8, s8 = _one_step(compiled['per_device'], mesh8, host, True)
+  mesh1 = sharding.make_mesh(1)
+  step1 = _make_step(mesh1, _init(mesh1)[1], 'global')  # on 1 example
+  shards = [_one_step(step1, mesh1, {k: v[i:i + 1] for k, v in host.items()})
+            for i in range(8)]
+  for name in ('heatmap_loss', 'push_loss', 'pull_loss', 'total_loss'):
+    np.testing.assert_allclose(
+        m8[name], np.mean([m[name] for m, _ in shards]), rtol=1e-5,
+        err_msg=name)
+  ref_mu = [np.mean(x, axis=0) for x in zip(
+      *[_leaves(s.opt_state[0].mu) for _, s in shards])]
+  gmax = max(np.abs(g).max() for g in ref_mu)
+  for a, b in zip(ref_mu, _leaves(s8.opt_state[0].mu)):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * gmax)
+  ref_bn = [np.mean(x, axis=0) for x in zip(
+      *[_leaves(s.batch_stats) for _, s in shards])]
+  for a, b in zip(ref_bn, _leaves(s8.batch_stats)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  # Not the global-statistics step. At conv1 (same input in both) the
+  # global variance is the mean of the per-example variances plus the
+  # variance of the per-example means: >= per-device; deeper layers see
+  # other activations and differ either way.
+  _, sg = _one_step(compiled['global'], mesh8, host, True)
+  g1 = sg.batch_stats['backbone']['conv1']['bn']['var']
+  p1 = s8.batch_stats['backbone']['conv1']['bn']['var']
+  assert np.all(g1 - p1 > -1e-6)
+  assert max(np.abs(g - p).max() for g, p in zip(
+      _leaves(sg.batch_stats), _leaves(s8.batch_stats))) > 1e-3
+
+
+def test_all_reduces_of_the_eight_device_step(eight_device_steps):
+  """Measured on this 8-device CPU step: 'global' has one all-reduce per
+  BatchNorm layer forward (mean, variance) and one backward, plus the
+  gradient's (2 x 55 + 1 = 111); 'per_device' only XLA's combined pmean
+  of gradients, loss parts and statistics (2 tuple all-reduces)."""
+  _, compiled = eight_device_steps
+  stats = {bn: sharding.all_reduce_stats(c.as_text())
+           for bn, c in compiled.items()}
+  model, _, _ = _model_lr_tx()
+  variables = jax.eval_shape(model.init, jax.random.key(0),
+                             np.zeros((1, 64, 64, 3), np.float32))
+  num_bn = len(jax.tree_util.tree_leaves(variables['batch_stats'])) // 2
+  param_bytes = 4 * sum(x.size for x in jax.tree_util.tree_leaves(
+      variables['params']))
+  (n_global, b_global), (n_dev, b_dev) = stats['global'], stats['per_device']
+  assert num_bn == 55
+  assert n_global >= 2 * num_bn  # 111 measured
+  assert 1 <= n_dev <= 3  # 2 measured
+  # Both reduce the whole gradient (the bulk of the bytes).
+  assert b_dev >= param_bytes and b_global >= param_bytes
