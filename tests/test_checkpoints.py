@@ -191,6 +191,7 @@ def test_checkpoint_of_another_model_is_not_skipped(tmp_path, monkeypatch):
   other.model.widen_factor = 0.5
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'checkpoints/1 does not match this model/'
-                     r"optimizer config: \['params'\].* there, .* here"):
+                     r'optimizer config: \[.*\] is \(8,\) there, \(16,\) '
+                     r'here'):
     train_lib.train_and_evaluate(other, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1']

@@ -22,13 +22,15 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 import jax
 
 from ae_jax import checkpoints
 from ae_jax import sharding
 from tests.test_train_cli import SMALL
-from tests.test_train_lib import compile_cache  # pylint: disable=unused-import
+
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 5
