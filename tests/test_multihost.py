@@ -190,8 +190,10 @@ def test_two_processes_through_sigterm_and_kill_match_one_process(tmp_path):
       continue
     for name in ('total_loss', 'heatmap_loss', 'push_loss', 'pull_loss',
                  'grad_norm'):
+      # atol: pull_loss is ~3e-8 here, where the two reduction orders
+      # differ by ~6e-12 (measured at step 4); every other loss is >= 1e-4.
       np.testing.assert_allclose(history[h1['step']][name], h1[name],
-                                 rtol=1e-4,
+                                 rtol=1e-4, atol=1e-10,
                                  err_msg=f'{name} at step {h1["step"]}')
   # Final variables from both workdirs' last checkpoints (restored on this
   # 8-device process, whatever topology saved them). Same computation up
