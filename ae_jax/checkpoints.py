@@ -24,6 +24,8 @@ directory or a URL orbax writes to (gs://, s3://); nothing here applies
 os.path to it.
 """
 
+import gc
+import sys
 from typing import Any, Dict, Optional, Tuple, Union
 
 from absl import logging
@@ -182,7 +184,13 @@ def restore_train_state(manager: ocp.CheckpointManager, state: Any,
 
 
 def _reason(error: BaseException) -> str:
-  """The first line of an error, short enough for a one-line warning."""
+  """The innermost cause's first line, short enough for a one-line warning.
+
+  (orbax wraps TensorStore's message, e.g. a truncated zstd stream, in a
+  generic 'error while reading array index' with a spec dump.)
+  """
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
   text = str(error).strip().splitlines()
   text = text[0] if text else type(error).__name__
   return text if len(text) <= 240 else text[:237] + '...'
@@ -228,12 +236,20 @@ def check_train_step(manager: ocp.CheckpointManager, step: int,
           f'optimizer config: {jax.tree_util.keystr(path)} is '
           f'{"missing" if have is None else tuple(have.shape)} there, '
           f'{tuple(want.shape)} here')
+  # A failed read leaves orbax's other read coroutines to be collected,
+  # each printing a traceback: they are dropped here (the step is reported
+  # once, by the caller).
+  previous_hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
   try:
     manager.restore(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardRestore(target),
         META_ITEM: ocp.args.JsonRestore()}))
   except Exception as e:  # pylint: disable=broad-except
     raise IncompleteCheckpointError(f'{step_dir}: {_reason(e)}') from None
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous_hook
 
 
 def newest_complete_step(manager: ocp.CheckpointManager,
