@@ -14,8 +14,15 @@ per GPU):
       --coordinator_address=node0:1234 --num_processes=2 --process_id=$RANK
 
 Checkpoints, TensorBoard scalars and summary.json go to --workdir; a rerun
-with the same --workdir resumes from the latest checkpoint; SIGTERM saves
-one before exiting.
+with the same --workdir resumes from the newest complete checkpoint. One
+trainer per workdir (train.lock). Exit codes:
+  0    done (num_steps reached)
+  1    an `error: ...` line: bad flag/config value, workdir in use,
+       unusable checkpoint, NaN/inf loss (the last good checkpoint stays)
+  143  preempted: SIGTERM to any process saved the same step on all of
+       them; rerun the same command to resume (schedulers: requeue)
+  134  (multi-process) another process died; rerun resumes from the last
+       checkpoint
 """
 
 import logging as std_logging
@@ -40,6 +47,9 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Number of processes (multi-process).')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, "This process's index in [0, num_processes).")
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout_s', None, 'Multi-process: a process silent this long '
+    'counts as dead and the others stop (default: jax, 100 s).')
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     'local_device_ids', None, 'Local device ids this process uses, e.g. '
     '$LOCAL_RANK for one process per GPU (default: all).')
@@ -68,6 +78,28 @@ def _end_multiprocess(code: int) -> None:
   os._exit(code)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with config override errors as one line.
+
+  A misspelt key (--config.optim.lrr=1) raises AttributeError inside
+  ml_collections (the config is locked): one line, no traceback.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e} (see --helpfull)', file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    text = ' '.join(str(e.args[0] if e.args else e).strip("'").split())
+    text = text.replace("\\'", "'").replace('\\n', ' ')
+    bad = [a.split('=')[0] for a in argv[1:]
+           if a.startswith('--config.') and text.split("'")[0] in a]
+    where = f'{bad[0]}: ' if bad else ''
+    print(f'error: {where}no such config key or bad value ({text})',
+          file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -80,7 +112,8 @@ def main(argv):
   try:
     distributed = sharding.maybe_initialize_distributed(
         _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-        _PROCESS_ID.value, None if ids is None else [int(i) for i in ids])
+        _PROCESS_ID.value, None if ids is None else [int(i) for i in ids],
+        heartbeat_timeout_s=_HEARTBEAT.value)
   except (ValueError, TypeError, RuntimeError) as e:
     raise SystemExit(
         f'error: jax.distributed.initialize: {e} (pass --coordinator_address'
@@ -99,24 +132,33 @@ def main(argv):
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   # The one place the layer kernels are chosen: the backend this runs on.
   kernels = ae_model.default_kernels(jax.default_backend())
+  from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from ae_jax import config_checks  # pylint: disable=g-import-not-at-top
   from ae_jax import keypoints  # pylint: disable=g-import-not-at-top
+  from ae_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
   code = 0
   try:
-    train_lib.train_and_evaluate(config, _WORKDIR.value, kernels=kernels)
-  except (FileNotFoundError, coco.AnnotationError,
-          keypoints.KeypointSpecError) as e:  # data paths, annotations
-    raise SystemExit(f'error: {e}') from None
-  except train_lib.NonFiniteLossError as e:
-    logging.error('%s', e)
-    if not distributed:
-      raise SystemExit(f'error: {e}') from None
+    summary = train_lib.train_and_evaluate(config, _WORKDIR.value,
+                                           kernels=kernels)
+    if summary['preempted']:
+      code = train_lib.PREEMPTED_EXIT_CODE
+      logging.warning('Preempted at step %d (saved): exit code %d; rerun '
+                      'the same command to resume.', summary['final_step'],
+                      code)
+  except (train_lib.NonFiniteLossError, config_checks.ConfigError,
+          workdir_lock.WorkdirLockedError, checkpoints.CheckpointError,
+          FileNotFoundError, coco.AnnotationError,
+          keypoints.KeypointSpecError) as e:  # user errors, data included
+    logging.flush()
     print(f'error: {e}', file=sys.stderr)
     code = 1
   if distributed:
     _end_multiprocess(code)
+  logging.flush()
+  sys.exit(code)
 
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

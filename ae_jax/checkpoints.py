@@ -14,14 +14,22 @@ A *training checkpoint* is one step of an orbax CheckpointManager under
           train pipeline is deterministic from (seed, step), so the data
           position equals the step; it is recorded explicitly anyway.
 
+A step folder that cannot be read (empty, half-copied, a truncated data
+file) is *incomplete*: `newest_complete_step` skips it with one warning
+naming it and the reason, and moves it aside to `{step}.incomplete` so that
+the resumed run can write that step again.
+
 Paths are `etils.epath` paths (`as_path`), so a workdir may be a local
 directory or a URL orbax writes to (gs://, s3://); nothing here applies
 os.path to it.
 """
 
+import gc
+import sys
 from typing import Any, Dict, Optional, Tuple, Union
 import uuid
 
+from absl import logging
 from etils import epath
 import flax
 import jax
@@ -37,6 +45,10 @@ META_ITEM = 'meta'
 
 class CheckpointError(ValueError):
   """A checkpoint path that does not hold what was asked for."""
+
+
+class IncompleteCheckpointError(CheckpointError):
+  """A training step that cannot be read (empty, half-written, truncated)."""
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -258,10 +270,7 @@ def restore_train_state(manager: ocp.CheckpointManager, state: Any,
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f'no training checkpoint in {manager.directory}')
-  target = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=getattr(x, 'sharding', None)),
-      flax.serialization.to_state_dict(state))
+  target = _abstract(state)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardRestore(target),
@@ -272,3 +281,126 @@ def restore_train_state(manager: ocp.CheckpointManager, state: Any,
         f'this model/optimizer config: {e}') from None
   return (flax.serialization.from_state_dict(state, restored[STATE_ITEM]),
           dict(restored[META_ITEM]))
+
+
+def _reason(error: BaseException) -> str:
+  """The innermost cause's first line, short enough for a one-line warning.
+
+  (orbax wraps TensorStore's message, e.g. a truncated zstd stream, in a
+  generic 'error while reading array index' with a spec dump.)
+  """
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = str(error).strip().splitlines()
+  text = text[0] if text else type(error).__name__
+  return text if len(text) <= 240 else text[:237] + '...'
+
+
+def _abstract(state: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a TrainState's state dict."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, 'sharding', None)),
+      flax.serialization.to_state_dict(state))
+
+
+def check_train_step(manager: ocp.CheckpointManager, step: int,
+                     state: Any) -> None:
+  """Reads step `step` fully into the structure of `state`; returns nothing.
+
+  Raises:
+    IncompleteCheckpointError: the step cannot be read (not finalised,
+      empty or half-written folder, a truncated or corrupt data file).
+    CheckpointError: the step is readable but holds another model or
+      optimizer (names the first differing array).
+  """
+  step_dir = epath.Path(manager.directory) / str(step)
+  for name in ('_CHECKPOINT_METADATA', STATE_ITEM, META_ITEM):
+    if not (step_dir / name).exists():
+      raise IncompleteCheckpointError(f'{step_dir}: no {name} (not a '
+                                      'finished orbax save)')
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      saved = ckptr.metadata(step_dir / STATE_ITEM).item_metadata
+  except Exception as e:  # pylint: disable=broad-except
+    raise IncompleteCheckpointError(
+        f'{step_dir}: unreadable metadata ({_reason(e)})') from None
+  saved = getattr(saved, 'tree', saved) or {}
+  target = _abstract(state)
+  flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+  for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+    have = flat_saved.get(path)
+    if have is None or tuple(have.shape) != tuple(want.shape):
+      raise CheckpointError(
+          f'training checkpoint {step_dir} does not match this model/'
+          f'optimizer config: {jax.tree_util.keystr(path)} is '
+          f'{"missing" if have is None else tuple(have.shape)} there, '
+          f'{tuple(want.shape)} here')
+  # A failed read leaves orbax's other read coroutines to be collected,
+  # each printing a traceback: they are dropped here (the step is reported
+  # once, by the caller).
+  previous_hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(target),
+        META_ITEM: ocp.args.JsonRestore()}))
+  except Exception as e:  # pylint: disable=broad-except
+    raise IncompleteCheckpointError(f'{step_dir}: {_reason(e)}') from None
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous_hook
+
+
+def newest_complete_step(manager: ocp.CheckpointManager,
+                         state: Any) -> Optional[int]:
+  """The newest step of `manager` that reads fully into `state`.
+
+  Every newer, incomplete step gets one warning naming it and the reason
+  and is moved aside to `{step}.incomplete` (by process 0; all processes
+  check the same shared files and agree), so the resumed run can save that
+  step again. Steps are read in full (the data files too): a truncated
+  array is found here, not half-way through the resume. Nothing is moved
+  unless a complete step is found. Call `make_train_manager` again after a
+  move (the manager caches its step list).
+
+  Returns:
+    The step, or None when the manager has no steps.
+
+  Raises:
+    CheckpointError: the newest readable step holds another model, or no
+      step is complete (nothing is moved then).
+  """
+  bad = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      check_train_step(manager, step, state)
+      break
+    except IncompleteCheckpointError as e:
+      bad.append((step, e))
+  else:
+    if not bad:
+      return None
+    raise CheckpointError(
+        f'no complete training checkpoint in {manager.directory} ('
+        + '; '.join(f'step {s}: {e}' for s, e in bad) + '); move the '
+        'folder away to start afresh')
+  sync = lambda name: None  # pylint: disable=unnecessary-lambda-assignment
+  if bad and jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    sync = multihost_utils.sync_global_devices
+  sync('ae_jax_checked_steps')
+  for bad_step, e in bad:
+    step_dir = epath.Path(manager.directory) / str(bad_step)
+    aside = step_dir.parent / f'{bad_step}.incomplete'
+    n = 1
+    while aside.exists():
+      n += 1
+      aside = step_dir.parent / f'{bad_step}.incomplete{n}'
+    logging.warning('Skipping incomplete checkpoint step %d: %s (moved to '
+                    '%s; resuming from step %d).', bad_step, e, aside.name,
+                    step)
+    if jax.process_index() == 0:
+      step_dir.rename(aside)
+  sync('ae_jax_moved_steps')
+  return step

@@ -28,7 +28,8 @@ DATA_AXIS = 'data'
 def maybe_initialize_distributed(
     force: Optional[bool] = None, coordinator_address: Optional[str] = None,
     num_processes: Optional[int] = None, process_id: Optional[int] = None,
-    local_device_ids: Optional[Sequence[int]] = None) -> bool:
+    local_device_ids: Optional[Sequence[int]] = None,
+    heartbeat_timeout_s: Optional[int] = None) -> bool:
   """Calls `jax.distributed.initialize` for multi-process runs.
 
   Multi-process when `force` is True; when `force` is None, when any of the
@@ -46,6 +47,8 @@ def maybe_initialize_distributed(
     process_id: this process's index in [0, num_processes).
     local_device_ids: the local devices this process uses (e.g. [rank] for
       one process per GPU).
+    heartbeat_timeout_s: a process silent this long counts as dead and
+      every other process stops (None: jax's default, 100 s).
 
   Returns:
     Whether jax.distributed was initialised.
@@ -62,7 +65,9 @@ def maybe_initialize_distributed(
         coordinator_address=coordinator_address,
         num_processes=num_processes, process_id=process_id,
         local_device_ids=(None if local_device_ids is None
-                          else list(local_device_ids)))
+                          else list(local_device_ids)),
+        **({} if heartbeat_timeout_s is None else
+           {'heartbeat_timeout_seconds': int(heartbeat_timeout_s)}))
   return bool(force)
 
 

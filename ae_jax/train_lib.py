@@ -11,7 +11,14 @@ through etils.epath):
   tensorboard/          scalars of every log step (clu metric_writers)
   summary.json          the run summary with a per-log-step `history`
   results_{split}.json  predictions of the end-of-training eval
+  train.lock            pid/host of the running trainer (ae_jax.workdir_lock)
 TensorBoard scalars and summary.json are written by process 0 only.
+
+Resume takes the newest *complete* checkpoint (ae_jax.checkpoints
+.newest_complete_step: an empty, half-written or truncated newest step is
+skipped with a warning and moved aside). Preemption (SIGTERM to any one
+process) stops every process after the same step, saves it and returns
+with summary['preempted'] (train.py then exits with PREEMPTED_EXIT_CODE).
 """
 
 import contextlib
@@ -29,10 +36,12 @@ import numpy as np
 import optax
 
 from ae_jax import checkpoints
+from ae_jax import config_checks
 from ae_jax import keypoints
 from ae_jax import sharding
 from ae_jax import train_state
 from ae_jax import train_step
+from ae_jax import workdir_lock
 from ae_jax.models import ae_model
 from ae_jax.models.ae_model import AEModel
 
@@ -77,17 +86,42 @@ def make_dataset(config: ml_collections.ConfigDict, start_step: int,
       annotations=d.train_annotations, images=d.train_images)
 
 
+# train.py's exit status after a preemption was saved (128 + SIGTERM, what a
+# shell reports for a job ended by SIGTERM): schedulers requeue on it.
+PREEMPTED_EXIT_CODE = 143
+
+
 class _StopFlag:
-  """Set by SIGTERM (preemption); the loop saves and returns."""
+  """Preemption: a SIGTERM to any one process stops all at the same step.
+
+  One process: a SIGTERM handler sets a flag the loop reads after every
+  step. Several processes: jax.distributed's preemption service catches
+  SIGTERM itself (a Python handler would replace it) and tells every
+  process the same step to stop at (the maximum step any process has
+  reached, plus one); `reached(step)` is asked after every step, so no
+  process goes on into collectives the others never join.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if (not self._multi and
+        threading.current_thread() is threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (same on every process)."""
+    if self._multi and not self.requested:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning('Preemption: every process stops after step %d and '
+                        'saves it.', step)
+        self.requested = True
+    return self.requested
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning('SIGTERM: saving a checkpoint after this step.')
@@ -148,6 +182,26 @@ def _lr_schedule(optim: ml_collections.ConfigDict, global_batch: int,
   return train_state.make_lr_schedule(
       lr, epoch_steps, optim.warmup_steps, optim.warmup_ratio,
       tuple(optim.decay_epochs), optim.decay_factor)
+
+
+def skipped_images(dataset) -> Dict[str, int]:
+  """Images skipped so far, by reason, over all processes.
+
+  The index filtering (no people, crowd only) is the same on every
+  process; unreadable files replaced at run time are per process, summed.
+  """
+  counts = dict(getattr(dataset, 'skipped', None) or {})
+  if jax.process_count() > 1:
+    from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    runtime = [coco.MISSING, coco.CORRUPT]
+    skips = getattr(dataset, 'skips', None)
+    local = [skips.counts.get(r, 0) if skips else 0 for r in runtime]
+    total = np.asarray(multihost_utils.process_allgather(
+        np.asarray(local, np.int64))).reshape(-1, len(runtime)).sum(0)
+    for reason, here, n in zip(runtime, local, total):
+      counts[reason] = counts.get(reason, 0) - here + int(n)
+  return {k: int(v) for k, v in sorted(counts.items()) if v}
 
 
 def _resume_or_init(state, manager, resume_step, init_checkpoint: str):
@@ -214,33 +268,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     start/final/total steps, preempted, first/last loss, seconds,
     images_per_sec, last_checkpoint, history (one entry per log step:
     step, the mean metrics of the steps since the last log, images/s) and
-    eval (the COCO metrics, if eval_at_end ran).
+    eval (the COCO metrics, if eval_at_end ran) and skipped_images
+    (reason -> images skipped, all processes).
 
   Raises:
+    config_checks.ConfigError: a config value that cannot work (names it).
+    workdir_lock.WorkdirLockedError: another trainer uses `workdir`.
+    checkpoints.CheckpointError: the newest complete checkpoint holds
+      another model.
     NonFiniteLossError: a NaN/inf metric; the last good checkpoint stays.
   """
   workdir = checkpoints.as_path(workdir)
   t = config.train
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh()
+  config_checks.check_train_config(config, mesh.size, jax.process_count())
   global_batch = t.global_batch_size
-  if global_batch % mesh.size:
-    raise ValueError(f'global_batch_size {global_batch} is not a multiple '
-                     f'of the {mesh.size} devices')
   # Every resource is closed here, in reverse order, also on errors; the
   # manager's close waits for the asynchronous saves.
   with contextlib.ExitStack() as resources:
+    resources.enter_context(workdir_lock.WorkdirLock(workdir))
     manager = checkpoints.make_train_manager(workdir,
                                              t.keep_checkpoints)
-    resources.callback(manager.close)
+    resources.callback(lambda: manager.close())  # the current one
     resume_step = manager.latest_step()
     start_step = step = resume_step or 0
     spec = keypoints.resolve_spec(config.data)  # the one source of K
     dataset = make_dataset(config, start_step, spec)
     num_examples = int(dataset.num_examples)
     epoch_steps = train_state.steps_per_epoch(num_examples, global_batch)
-    total_steps = t.num_steps if t.num_steps > 0 else (
-        t.num_epochs * epoch_steps)
+    total_steps = config_checks.total_steps(t, epoch_steps)
     lr_fn = _lr_schedule(config.optim, global_batch, epoch_steps)
     model = ae_model.create_model(
         {**config.model, 'num_joints': spec.num_joints}, kernels)
@@ -249,6 +306,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state, state_shardings = train_state.create_train_state(
         init_rng, model, optax.adam(lr_fn), config.data.input_size, mesh,
         config.optim.shard_opt_state)
+    if resume_step is not None:
+      complete = checkpoints.newest_complete_step(manager, state)
+      if complete != resume_step:  # incomplete steps were moved aside
+        manager.close()
+        manager = checkpoints.make_train_manager(workdir,
+                                                 t.keep_checkpoints)
+        resume_step = complete
+        start_step = step = resume_step or 0
+        dataset = make_dataset(config, start_step)
     state = _resume_or_init(state, manager, resume_step, t.init_checkpoint)
     last_good = resume_step
     step_fn = train_step.make_train_step(
@@ -279,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         state, metrics = step_fn(state, batch, step_rng)
         pending.append(metrics)  # device arrays until the next log step
         step += 1
-        preempted = stop.requested
+        preempted = stop.reached(step)
         save = (preempted or step == total_steps or
                 step % t.checkpoint_every_steps == 0)
         if save or step % t.log_every_steps == 0:
@@ -311,7 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         'seconds': elapsed,
         'images_per_sec': ((step - start_step) * global_batch /
                            max(elapsed, 1e-9)),
-        'last_checkpoint': last_good, 'history': history}
+        'last_checkpoint': last_good, 'history': history,
+        'skipped_images': skipped_images(dataset)}
     if t.eval_at_end and not preempted and step == total_steps:
       summary['eval'] = evaluate_state(config, workdir, model, state, spec)
       writer.write_scalars(
@@ -322,5 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  start_step, step, first_loss, last_loss, elapsed,
                  summary['images_per_sec'],
                  ' (preempted, saved)' if preempted else '')
+    skipped = summary['skipped_images']
+    logging.info('Skipped images: %d%s.', sum(skipped.values()),
+                 ''.join(f', {n} {r}' for r, n in skipped.items()))
     (workdir / 'summary.json').write_text(json.dumps(summary, indent=1))
   return summary

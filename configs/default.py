@@ -9,6 +9,7 @@ is given in the comment.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -81,7 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 192  # samples_per_gpu 24 x 8 GPUs
   config.train.num_epochs = 300  # total_epochs
-  config.train.num_steps = -1  # > 0 overrides num_epochs (short runs)
+  # Unset (None): num_epochs epochs; an int >= 1 overrides it (short runs).
+  config.train.num_steps = config_dict.placeholder(int)
   config.train.init_checkpoint = ''  # converted weights: full model (fine-tune) or ImageNet backbone
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 1000

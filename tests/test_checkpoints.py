@@ -144,3 +144,54 @@ def test_variables_round_trip_through_epath_and_relative_paths(
                                 variables['batch_stats']['mean'])
   with pytest.raises(checkpoints.CheckpointError, match='not found: /'):
     checkpoints.restore_variables('rel/missing')
+
+
+def test_incomplete_newest_steps_are_skipped_and_moved_aside(
+    tmp_path, monkeypatch, caplog):
+  """An empty newest folder and a truncated data file in the next one:
+  resume from the newest intact step, one warning per bad step."""
+  use_synthetic(monkeypatch)
+  workdir = tmp_path / 'w'
+  train_lib.train_and_evaluate(small_config(3, 1), str(workdir))
+  ckpt = workdir / 'checkpoints'
+  assert sorted(os.listdir(ckpt)) == ['1', '2', '3']
+  files = [p for p in (ckpt / '3' / 'state').rglob('*') if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  data = biggest.read_bytes()
+  biggest.write_bytes(data[:len(data) // 2])  # a truncated copy/upload
+  (ckpt / '4').mkdir()  # an empty (half-copied) newest step
+  caplog.set_level('WARNING')
+  summary = train_lib.train_and_evaluate(small_config(4, 1), str(workdir))
+  assert summary['start_step'] == 2 and summary['final_step'] == 4
+  warnings = [r.getMessage() for r in caplog.records
+              if 'incomplete checkpoint' in r.getMessage()]
+  assert len(warnings) == 2, warnings
+  assert warnings[0].startswith('Skipping incomplete checkpoint step 4: ')
+  assert warnings[1].startswith('Skipping incomplete checkpoint step 3: ')
+  assert all(len(w.splitlines()) == 1 for w in warnings)
+  assert {'3.incomplete', '4.incomplete'} <= set(os.listdir(ckpt))
+  assert {'3', '4'} <= set(os.listdir(ckpt))  # written again on resume
+  # The resumed steps 3 and 4 are the uninterrupted run's.
+  want = read_train_checkpoint(tmp_path / 'w', 4)
+  use_synthetic(monkeypatch)
+  train_lib.train_and_evaluate(small_config(4, 100), str(tmp_path / 'full'))
+  got = read_train_checkpoint(tmp_path / 'full', 4)
+  for a, b in zip(jax.tree_util.tree_leaves(want),
+                  jax.tree_util.tree_leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_of_another_model_is_not_skipped(tmp_path, monkeypatch):
+  """A readable step of another width is a config error, not 'incomplete'
+  (no silent fall back to older steps)."""
+  use_synthetic(monkeypatch)
+  workdir = str(tmp_path / 'w')
+  train_lib.train_and_evaluate(small_config(1, 1), workdir)
+  other = small_config(2, 1)
+  other.model.widen_factor = 0.5
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'checkpoints/1 does not match this model/'
+                     r'optimizer config: \[.*\] is \(8,\) there, \(16,\) '
+                     r'here'):
+    train_lib.train_and_evaluate(other, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1']

@@ -174,9 +174,10 @@ def test_own_checkpoint_evaluates_and_draws(own_root, own_run, tmp_path):
                                      sigmas=spec.sigmas, max_images=1)
   assert info['num_images'] == 1 and 0.0 <= metrics['AP'] <= 1.0
   image = str(own_root / 'val2017' / '000000000785.jpg')
-  assert not draw.annotate_images(predictor, [image], str(tmp_path),
-                                  person_threshold=-1.0,
-                                  skeleton=spec.skeleton)
+  _, failed = draw.annotate_images(predictor, [image], str(tmp_path),
+                                   person_threshold=-1.0,
+                                   skeleton=spec.skeleton)
+  assert not failed
   with pytest.raises(ValueError, match='flip_index has 17 joints'):
     inference.Predictor(model, predictor.variables, **config.test)
 
@@ -237,8 +238,8 @@ def test_own_skeleton_is_drawn(own_root, tmp_path):
   gt = coco.load_coco(str(own_root), 'val2017', num_joints=5)
   paths = [str(own_root / 'val2017' / i['file_name'])
            for i in gt.imgs.values()][:1]
-  failed = draw.annotate_images(_ground_truth_predictor(gt), paths,
-                                str(tmp_path), skeleton=spec.skeleton)
+  _, failed = draw.annotate_images(_ground_truth_predictor(gt), paths,
+                                   str(tmp_path), skeleton=spec.skeleton)
   assert not failed and len(os.listdir(tmp_path)) == 1
 
 

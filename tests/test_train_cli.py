@@ -1,9 +1,13 @@
-"""train.py end to end on the mini COCO (subprocess), and flag errors."""
+"""train.py end to end on the mini COCO (subprocess): resume, preemption
+exit code, skipped-image totals; one-line user errors."""
 
 import glob
 import json
 import os
 import pathlib
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -25,35 +29,87 @@ SMALL = ['--config', 'configs/tiny.py',
          '--config.train.checkpoint_every_steps=100']
 
 
-def run_train(args, workdir):
+def _env():
   env = dict(os.environ)
   env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
+  return env
+
+
+def run_train(args, workdir):
   return subprocess.run(
       [sys.executable, 'train.py', '--workdir', str(workdir)] + args,
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+      cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
 
 
-def test_train_then_resume_on_mini_coco(tmp_path):
-  first = run_train(SMALL + ['--config.train.num_steps=2'], tmp_path)
+def _error_lines(stderr):
+  return [line for line in stderr.splitlines() if line.startswith('error:')]
+
+
+def test_train_preempt_resume_on_mini_coco(tmp_path):
+  """2 steps; then a SIGTERM'd resume (exit 143, saved); skipped totals."""
+  coco = tmp_path / 'coco'
+  shutil.copytree(REPO_ROOT / 'data' / 'coco_mini', coco)
+  (coco / 'val2017' / '000000040083.jpg').write_bytes(b'')  # unreadable
+  workdir = tmp_path / 'w'
+  args = SMALL + [f'--config.data.coco_root={coco}']
+  first = run_train(args + ['--config.train.num_steps=2'], workdir)
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'step 2/2' in first.stderr and 'img/s' in first.stderr
   assert '8 global devices' in first.stderr  # conftest's fake devices
-  summary = json.loads((tmp_path / 'summary.json').read_text())
+  summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['final_step'] == 2 and summary['last_loss'] > 0
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
-  assert glob.glob(str(tmp_path / 'tensorboard' / 'events.out.tfevents.*'))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  assert glob.glob(str(workdir / 'tensorboard' / 'events.out.tfevents.*'))
+  corrupt = summary['skipped_images']['corrupt_image']
+  assert corrupt >= 1 and f'Skipped images: {corrupt}' in first.stderr
+  assert not (workdir / 'train.lock').exists()
 
-  second = run_train(SMALL + ['--config.train.num_steps=3'], tmp_path)
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert 'Resumed' in second.stderr and 'step 3/3' in second.stderr
-  summary = json.loads((tmp_path / 'summary.json').read_text())
+  # SIGTERM once the loop's handler is up (it logs 'Training 2 -> 4'):
+  # step 3 runs, is saved, and train.py exits 143 for the scheduler.
+  proc = subprocess.Popen(
+      [sys.executable, 'train.py', '--workdir', str(workdir)] + args +
+      ['--config.train.num_steps=4'], cwd=REPO_ROOT, env=_env(),
+      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  try:
+    lines = []
+    for line in proc.stderr:
+      lines.append(line)
+      if 'Training 2 -> 4 steps' in line:
+        proc.send_signal(signal.SIGTERM)
+        break
+    lines.extend(proc.stderr)
+    proc.wait(timeout=600)
+  finally:
+    proc.kill()
+  stderr = ''.join(lines)
+  assert proc.returncode == 143, stderr[-3000:]
+  assert 'Resumed' in stderr and 'Preempted at step 3 (saved)' in stderr
+  summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['start_step'] == 2 and summary['final_step'] == 3
+  assert summary['preempted']
+  assert '3' in os.listdir(workdir / 'checkpoints')
 
 
-def test_config_typo_and_missing_workdir_fail(tmp_path):
+def test_user_errors_are_one_line(tmp_path):
   typo = run_train(['--config', 'configs/tiny.py', '--config.optim.lrr=1'],
                    tmp_path)
-  assert typo.returncode != 0 and 'lrr' in typo.stderr
+  assert typo.returncode == 1 and 'Traceback' not in typo.stderr
+  assert _error_lines(typo.stderr) == [
+      'error: --config.optim.lrr: no such config key or bad value (\'lrr\' '
+      'Did you mean "lr" instead of "lrr"?)'], typo.stderr
+  zero = run_train(SMALL + ['--config.train.num_steps=0'], tmp_path / 'z')
+  assert zero.returncode == 1 and 'Traceback' not in zero.stderr
+  assert _error_lines(zero.stderr) == [
+      'error: config.train.num_steps = 0: must be an integer >= 1 (or '
+      'unset, None, to train config.train.num_epochs epochs)'], zero.stderr
+  # A live trainer (this test process) holds the workdir.
+  (tmp_path / 'train.lock').write_text(json.dumps(
+      {'pid': os.getpid(), 'host': socket.gethostname(), 'time': 'now'}))
+  locked = run_train(SMALL, tmp_path)
+  assert locked.returncode == 1 and 'Traceback' not in locked.stderr
+  [line] = _error_lines(locked.stderr)
+  assert f'in use by another trainer (pid {os.getpid()} on host' in line
+  assert not (tmp_path / 'checkpoints').exists()
   missing = subprocess.run(
       [sys.executable, 'train.py', '--config', 'configs/tiny.py'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

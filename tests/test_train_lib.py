@@ -1,14 +1,21 @@
-"""The train loop: NaN check, metric writer, summary.json, mini COCO run.
+"""The train loop: NaN check, metric writer, summary.json, mini COCO run,
+config checks and the workdir lock.
 
 Resume, SIGTERM and the NaN stop of the loop: test_checkpoints.py.
 """
 
 import json
+import os
+import socket
+import subprocess
+import types
 
 import numpy as np
 import pytest
 
+from ae_jax import config_checks
 from ae_jax import train_lib
+from ae_jax import workdir_lock
 from tests.conftest import small_config
 from tests.conftest import use_synthetic
 
@@ -85,3 +92,136 @@ def test_mini_coco_loss_decreases(coco_mini_root, tmp_path):
   assert losses[-1] < losses[0]
   assert summary['first_loss'] == losses[0]  # one step per log window
   assert summary['last_loss'] == losses[-1]
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('train.num_steps', 0, r'config.train.num_steps = 0: must be an integer'
+     r' >= 1 \(or unset'),
+    ('train.num_steps', -3, r'config.train.num_steps = -3'),
+    ('train.log_every_steps', 0, r'config.train.log_every_steps = 0'),
+    ('train.checkpoint_every_steps', 0,
+     r'config.train.checkpoint_every_steps = 0'),
+    ('train.keep_checkpoints', 0, r'config.train.keep_checkpoints = 0'),
+    ('train.global_batch_size', 12, r'global_batch_size = 12 is not a '
+     r'multiple of the 8 devices \(choose e.g. 8 or 16\)'),
+    ('train.global_batch_size', 0, r'global_batch_size = 0: must be'),
+])
+def test_bad_train_config_names_the_key(key, value, match):
+  config = small_config()
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(config_checks.ConfigError, match=match):
+    config_checks.check_train_config(config, num_devices=8)
+
+
+def test_num_steps_unset_means_epochs_and_process_count_checked():
+  config = small_config()
+  config.train.num_steps = None
+  config_checks.check_train_config(config, num_devices=8)
+  config.train.num_epochs = 3
+  assert config_checks.total_steps(config.train, epoch_steps=5) == 15
+  config.train.num_epochs = 0
+  with pytest.raises(config_checks.ConfigError, match='num_epochs = 0'):
+    config_checks.check_train_config(config)
+  config = small_config()
+  config.train.global_batch_size = 9
+  with pytest.raises(config_checks.ConfigError, match='of the 2 processes'):
+    config_checks.check_train_config(config, num_processes=2)
+
+
+def test_train_and_evaluate_checks_before_any_work(tmp_path):
+  config = small_config()
+  config.train.checkpoint_every_steps = 0  # was ZeroDivisionError at step 1
+  with pytest.raises(config_checks.ConfigError,
+                     match='checkpoint_every_steps = 0'):
+    train_lib.train_and_evaluate(config, tmp_path / 'w')
+  assert not (tmp_path / 'w').exists()
+
+
+def _dead_pid() -> int:
+  proc = subprocess.Popen(['true'])
+  proc.wait()
+  return proc.pid
+
+
+def test_workdir_lock_refuses_second_trainer_and_takes_over_stale(
+    tmp_path, caplog):
+  with workdir_lock.WorkdirLock(tmp_path) as lock:
+    holder = json.loads(lock.path.read_text())
+    assert holder['pid'] == os.getpid()
+    assert holder['host'] == socket.gethostname()
+    # Another trainer of this process (as a second train.py would be).
+    with pytest.raises(workdir_lock.WorkdirLockedError,
+                       match=rf'in use by another trainer \(pid '
+                       rf'{os.getpid()} on host'):
+      with workdir_lock.WorkdirLock(tmp_path):
+        pass
+  assert not (tmp_path / 'train.lock').exists()  # released
+  # kill -9 leaves the file: a dead pid on this host is taken over.
+  stale = {'pid': _dead_pid(), 'host': socket.gethostname(), 'time': 't'}
+  (tmp_path / 'train.lock').write_text(json.dumps(stale))
+  caplog.set_level('WARNING')
+  with workdir_lock.WorkdirLock(tmp_path):
+    assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == (
+        os.getpid())
+  assert any('Taking over the stale lock' in r.getMessage()
+             for r in caplog.records)
+  # Another host's lock cannot be checked from here: refused.
+  (tmp_path / 'train.lock').write_text(json.dumps(
+      {'pid': 1, 'host': 'elsewhere', 'time': 't'}))
+  with pytest.raises(workdir_lock.WorkdirLockedError,
+                     match='pid 1 on host elsewhere.*delete .*train.lock'):
+    with workdir_lock.WorkdirLock(tmp_path):
+      pass
+  assert json.loads((tmp_path / 'train.lock').read_text())['host'] == (
+      'elsewhere')
+
+
+class _FakeUrlPath:
+  """A gs://-style path over a dict (epath's URL backends need a network)."""
+
+  def __init__(self, files, url):
+    self.files, self.url = files, url.rstrip('/')
+
+  def __truediv__(self, name):
+    return _FakeUrlPath(self.files, f'{self.url}/{name}')
+
+  def __str__(self):
+    return self.url
+
+  @property
+  def parent(self):
+    return _FakeUrlPath(self.files, self.url.rsplit('/', 1)[0])
+
+  def mkdir(self, parents=False, exist_ok=False):
+    del parents, exist_ok
+
+  def exists(self):
+    return self.url in self.files
+
+  def read_text(self):
+    if self.url not in self.files:
+      raise FileNotFoundError(self.url)
+    return self.files[self.url]
+
+  def write_text(self, text):
+    self.files[self.url] = text
+
+  def unlink(self, missing_ok=False):
+    del missing_ok
+    self.files.pop(self.url, None)
+
+
+def test_workdir_lock_on_url_workdir(monkeypatch):
+  """URL workdirs get the same lock file through epath (no os.open)."""
+  files = {}
+  monkeypatch.setattr(workdir_lock, 'epath', types.SimpleNamespace(
+      Path=lambda p: p if isinstance(p, _FakeUrlPath) else _FakeUrlPath(
+          files, str(p))))
+  with workdir_lock.WorkdirLock('gs://bucket/ae'):
+    assert json.loads(files['gs://bucket/ae/train.lock'])['pid'] == (
+        os.getpid())
+    with pytest.raises(workdir_lock.WorkdirLockedError, match='gs://'):
+      with workdir_lock.WorkdirLock('gs://bucket/ae'):
+        pass
+  assert not files
