@@ -326,18 +326,17 @@ def adjust_poses(poses: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
 
 def refine_poses(poses: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray,
                  blocks: _Blocks | None = None,
-                 block_max: np.ndarray | None = None) -> np.ndarray:
+                 block_max: np.ndarray | None = None,
+                 method: str = 'auto') -> np.ndarray:
   """Fills each person's missing joints (mmpose HeatmapParser.refine).
 
   See refine.py. poses [P, K, 3 + L] after adjust, heatmaps [K, H, W],
   tags [K, H, W, L]; blocks, block_max: optional precomputed tiling and
-  [K, num_blocks] tile maxima of heatmaps. Returns new poses.
+  [K, num_blocks] tile maxima of heatmaps (for the search); method:
+  refine.refine_poses'. Returns new poses.
   """
-  if blocks is None:
-    blocks = _Blocks(heatmaps.shape[1], heatmaps.shape[2])
-  if block_max is None:
-    block_max = blocks.reduce(heatmaps, np.maximum, axis=1)
-  return refine_lib.refine_poses(poses, heatmaps, tags, blocks, block_max)
+  return refine_lib.refine_poses(poses, heatmaps, tags, blocks=blocks,
+                                 block_max=block_max, method=method)
 
 
 def group_poses(heatmaps: np.ndarray, tags: np.ndarray,

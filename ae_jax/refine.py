@@ -42,8 +42,16 @@ Legend: K joints, H x W map, L tag dim, P people, m people missing a joint,
 C tag cells, B tile side.
 """
 
+import jax
 import numpy as np
 
+from ae_jax import refine_scan
+
+# Choice of method (choose_method): cost of the scan per query and map
+# pass, of the search per joint, in map passes (measured on the bench maps,
+# bench/RESULTS_eval.md).
+_SCAN_PER_QUERY = 1.0
+_SEARCH_PASSES = 8.0
 # Tiles per person above which tag ranges per tile are worth computing.
 _TAG_BOUND_TILES = 8
 # Tiles scored at once (x 256 pixels): bounds the tile path's memory.
@@ -245,62 +253,85 @@ def _search_cells(heat_k, tags_k, t, lower, pix):
   return flat, best
 
 
-def refine_poses(poses: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray,
-                 blocks, block_max: np.ndarray) -> np.ndarray:
-  """Fills missing joints (module docstring).
+def mean_tags(own_tags: np.ndarray, detected: np.ndarray) -> np.ndarray:
+  """np.mean of each person's detected joints' tags, as mmpose (float32).
 
-  Args:
-    poses: [P, K, 3 + L] after adjust.
-    heatmaps: [K, H, W] float32.
-    tags: [K, H, W, L] float32.
-    blocks: grouping._Blocks tiling of the H x W grid.
-    block_max: [K, num_blocks] tile maxima of heatmaps.
+  own_tags [P, K, L] (tags at each joint's int position), detected [P, K].
+  """
+  return np.stack([np.mean(own_tags[p][detected[p]], axis=0)
+                   for p in range(own_tags.shape[0])]).astype(np.float32)
 
-  Returns:
-    New poses [P, K, 3 + L].
+
+def fill_joints(poses: np.ndarray, persons: np.ndarray, joints: np.ndarray,
+                flat: np.ndarray, heat5: np.ndarray, width: int) -> np.ndarray:
+  """Writes refine's answers into a copy of poses [P, K, 3 + L].
+
+  persons, joints, flat [Q]: query q's argmax flat index y * W + x; heat5
+  [Q, 5] heat at (y, x), (y, x+1), (y, x-1), (y+1, x), (y-1, x), border
+  clipped. Quarter offsets toward the higher neighbour; only values > 0.
   """
   poses = poses.copy()
-  num_people = poses.shape[0]
-  if num_people == 0:
-    return poses
-  num_joints, height, width = heatmaps.shape
+  yy, xx = flat // width, flat % width
+  x = xx + 0.5 + np.where(heat5[:, 1] > heat5[:, 2], 0.25, -0.25)
+  y = yy + 0.5 + np.where(heat5[:, 3] > heat5[:, 4], 0.25, -0.25)
+  val = heat5[:, 0]
+  fill = val > 0
+  p, k = persons[fill], joints[fill]
+  poses[p, k, 0], poses[p, k, 1], poses[p, k, 2] = x[fill], y[fill], val[fill]
+  return poses
+
+
+def heat_around(heatmaps: np.ndarray, joints: np.ndarray,
+                flat: np.ndarray) -> np.ndarray:
+  """[Q, 5] heat at and around each flat index (fill_joints' heat5)."""
+  _, height, width = heatmaps.shape
+  y, x = flat // width, flat % width
+  return np.stack([
+      heatmaps[joints, y, x], heatmaps[joints, y, np.minimum(width - 1, x + 1)],
+      heatmaps[joints, y, np.maximum(0, x - 1)],
+      heatmaps[joints, np.minimum(height - 1, y + 1), x],
+      heatmaps[joints, np.maximum(0, y - 1), x]], -1)
+
+
+def search_argmax(heatmaps: np.ndarray, tags: np.ndarray, blocks,
+                  block_max: np.ndarray, own_flat: np.ndarray,
+                  detected: np.ndarray, persons: np.ndarray,
+                  joints: np.ndarray, means: np.ndarray) -> np.ndarray:
+  """Flat argmax [Q] of each query by branch and bound (module docstring).
+
+  heatmaps [K, H, W], tags [K, H, W, L] on the host (only the queries'
+  joints are read), blocks / block_max [K, num_blocks] their tiling,
+  own_flat / detected [P, K] the people's joint pixels, queries (persons,
+  joints, means [Q, L]).
+  """
+  num_joints = heatmaps.shape[0]
   tag_dim = tags.shape[-1]
   flat_heat = heatmaps.reshape(num_joints, -1)
   flat_tags = tags.reshape(num_joints, -1, tag_dim)
-
-  detected = poses[:, :, 2] > 0
-  xs = np.clip(poses[:, :, 0].astype(np.int64), 0, width - 1)
-  ys = np.clip(poses[:, :, 1].astype(np.int64), 0, height - 1)
-  own_tags = tags[np.arange(num_joints)[None], ys, xs]  # [P, K, L]
-  # np.mean over each person's list of tags, as mmpose (float32 reduction).
-  mean_tags = np.stack([
-      np.mean(own_tags[p][detected[p]], axis=0) for p in range(num_people)])
-  own_flat = ys * width + xs  # [P, K]
-  missing = ~detected
-
-  for k in np.nonzero(missing.any(0))[0]:
-    persons = np.nonzero(missing[:, k])[0]
-    m = persons.size
-    t = mean_tags[persons]  # [m, L]
+  out = np.empty(joints.size, np.int64)
+  for k in np.unique(joints):
+    sel = np.flatnonzero(joints == k)
+    m = sel.size
+    t = means[sel]  # [m, L]
     heat_k, tags_k, bmax = flat_heat[k], flat_tags[k], block_max[k]
     # Lower bound per person from a few exact scores: everyone's joint k and
     # the person's own joints (tags there are likely close to its mean).
     # (Undetected own joints sit at pixel 0: any pixel gives a valid bound.)
     shared = own_flat[detected[:, k], k]
     probe = np.concatenate(
-        [np.broadcast_to(shared, (m, shared.size)), own_flat[persons]], 1)
+        [np.broadcast_to(shared, (m, shared.size)), own_flat[persons[sel]]], 1)
     lower = _scores(heat_k[probe], tags_k[probe], t[:, None]).max(axis=1)
     # Then the hottest tiles: 8 for everyone, 64 for people still below the
     # 8th tile's max (their tag is rare among the hottest pixels).
     order = np.argsort(-bmax, kind='stable')
-    for num_tiles, sel in ((8, np.arange(m)), (_PROBE_TILES, None)):
+    for num_tiles, pick in ((8, np.arange(m)), (_PROBE_TILES, None)):
       top = order[:num_tiles]
-      if sel is None:
-        sel = np.flatnonzero(lower < bmax[order[min(7, order.size - 1)]])
-      if sel.size and num_tiles:
+      if pick is None:
+        pick = np.flatnonzero(lower < bmax[order[min(7, order.size - 1)]])
+      if pick.size and num_tiles:
         pixels = blocks.pixels[top].ravel()
-        lower[sel] = np.maximum(lower[sel], _scores(
-            heat_k[pixels], tags_k[pixels], t[sel][:, None]).max(axis=1))
+        lower[pick] = np.maximum(lower[pick], _scores(
+            heat_k[pixels], tags_k[pixels], t[pick][:, None]).max(axis=1))
     # Tiles that may hold a pixel >= lower (so every maximiser) per person.
     need = bmax[None] >= lower[:, None]  # [m, num_blocks]
     if need.sum() > _TAG_BOUND_TILES * m:
@@ -311,20 +342,84 @@ def refine_poses(poses: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray,
       need = bmax[None] - _rounded_dist(gap) >= lower[:, None]
     tile_pixels = need.sum() * blocks.block ** 2
     if tile_pixels > _TAG_SPACE_MAPS * heat_k.size:
-      flat = _argmax_tag_cells(heat_k, tags_k, t, lower)
+      out[sel] = _argmax_tag_cells(heat_k, tags_k, t, lower)
     else:
-      flat = _argmax_tiles(heat_k, tags_k, t, need, blocks)
-    yy, xx = flat // width, flat % width
-    val = heat_k[flat]
-    hm = heatmaps[k]
-    x = xx + 0.5 + np.where(
-        hm[yy, np.minimum(width - 1, xx + 1)] > hm[yy, np.maximum(0, xx - 1)],
-        0.25, -0.25)
-    y = yy + 0.5 + np.where(
-        hm[np.minimum(height - 1, yy + 1), xx] > hm[np.maximum(0, yy - 1), xx],
-        0.25, -0.25)
-    fill = val > 0
-    poses[persons[fill], k, 0] = x[fill]
-    poses[persons[fill], k, 1] = y[fill]
-    poses[persons[fill], k, 2] = val[fill]
-  return poses
+      out[sel] = _argmax_tiles(heat_k, tags_k, t, need, blocks)
+  return out
+
+
+def choose_method(heatmaps, joints: np.ndarray) -> str:
+  """'scan' or 'search' for these maps and query joints [Q] (module doc).
+
+  Maps on an accelerator: always the scan (the search needs them on the
+  host). On the host (numpy or XLA:CPU arrays), in units of one query's
+  scan of one map: the scan scores every queried joint's map for
+  max(queries per joint) rounded up to chunks (refine_scan.chunk_size);
+  the search costs about _SEARCH_PASSES per queried joint. The cheaper
+  estimate wins.
+  """
+  if isinstance(heatmaps, jax.Array) and any(
+      d.platform != 'cpu' for d in heatmaps.devices()):
+    return 'scan'
+  counts = np.bincount(joints)
+  counts = counts[counts > 0]
+  # The scan passes over every queried joint's map max(counts) / C times.
+  chunk = refine_scan.chunk_size(int(counts.max()))
+  scan = counts.size * -(-counts.max() // chunk) * chunk * _SCAN_PER_QUERY
+  search = counts.size * _SEARCH_PASSES
+  return 'scan' if scan <= search else 'search'
+
+
+def refine_poses(poses: np.ndarray, heatmaps, tags, *,
+                 own_tags: np.ndarray | None = None, blocks=None,
+                 block_max: np.ndarray | None = None,
+                 method: str = 'auto',
+                 stats: dict | None = None) -> np.ndarray:
+  """Fills missing joints (module docstring); returns new poses.
+
+  Args:
+    poses: [P, K, 3 + L] after adjust.
+    heatmaps: [K, H, W] float32, numpy or a jax array on its device.
+    tags: [K, H, W, L] float32, alike.
+    own_tags: [P, K, L] tags at the people's joints (int x, int y); read
+      from the maps when None (host maps only).
+    blocks, block_max: grouping._Blocks tiling and [K, num_blocks] tile
+      maxima of heatmaps, for the search (computed when None).
+    method: 'scan', 'search' or 'auto' (choose_method).
+    stats: if given, 'bytes_to_host' grows by the scan's results.
+  """
+  num_people = poses.shape[0]
+  if num_people == 0:
+    return poses.copy()
+  num_joints, height, width = heatmaps.shape
+  detected = poses[:, :, 2] > 0
+  persons, joints = np.nonzero(~detected)
+  if persons.size == 0:
+    return poses.copy()
+  xs = np.clip(poses[:, :, 0].astype(np.int64), 0, width - 1)
+  ys = np.clip(poses[:, :, 1].astype(np.int64), 0, height - 1)
+  if own_tags is None:
+    own_tags = np.asarray(tags)[np.arange(num_joints)[None], ys, xs]
+  means = mean_tags(own_tags, detected)[persons]  # [Q, L]
+  if method == 'auto':
+    method = choose_method(heatmaps, joints)
+  if method == 'scan':
+    out = refine_scan.argmax_queries(heatmaps, tags, joints, means,
+                                     stats=stats)
+    flat, heat5 = out['flat'], out['heat']
+  elif method == 'search':
+    heatmaps, tags = np.asarray(heatmaps), np.asarray(tags)
+    if blocks is None:
+      from ae_jax import grouping  # pylint: disable=g-import-not-at-top
+      blocks = grouping._Blocks(height, width)  # pylint: disable=protected-access
+    if block_max is None:
+      block_max = np.zeros((num_joints, blocks.num), np.float32)
+      need = np.unique(joints)
+      block_max[need] = blocks.reduce(heatmaps[need], np.maximum, axis=1)
+    flat = search_argmax(heatmaps, tags, blocks, block_max, ys * width + xs,
+                         detected, persons, joints, means)
+    heat5 = heat_around(heatmaps, joints, flat)
+  else:
+    raise ValueError(f"refine method must be 'auto', 'scan' or 'search', "
+                     f'got {method!r}')
+  return fill_joints(poses, persons, joints, flat, heat5, width)

@@ -10,6 +10,7 @@ import pytest
 
 from ae_jax import candidates
 from ae_jax import grouping
+from ae_jax import refine
 
 
 def _maps(seed, k=17, h=48, w=64, tag_dim=2, plateau=False):
@@ -27,24 +28,26 @@ def _maps(seed, k=17, h=48, w=64, tag_dim=2, plateau=False):
     (2, False, grouping.GroupingParams(refine=False, max_people=10)),
     (3, True, grouping.GroupingParams(adjust=False, tag_threshold=3.0)),
 ])
-def test_candidates_grouping_equals_full_map_grouping(seed, plateau, params):
+def test_candidates_grouping_equals_full_map_grouping(monkeypatch, seed,
+                                                     plateau, params):
   heat, tags = _maps(seed, plateau=plateau)
+  # The full-map grouping refines by the host search; the candidates path
+  # by the jitted scan on the device maps.
+  monkeypatch.setattr(refine, 'choose_method', lambda *_: 'search')
   want_poses, want_scores = grouping.group_poses(heat, tags, params)
+  monkeypatch.setattr(refine, 'choose_method', lambda *_: 'scan')
   cands = jax.device_get(jax.jit(
       candidates.top_candidates, static_argnums=(2, 3))(
           heat, tags, params.max_people, params.nms_kernel))
-  fetched = []
-
-  def fetch(joints):
-    fetched.append(list(joints))
-    return heat[joints], tags[joints]
-
-  poses, scores = candidates.group_candidates(cands, heat.shape[1:], fetch,
-                                              params)
+  stats = {}
+  poses, scores = candidates.group_candidates(
+      cands, heat.shape[1:], jax.device_put((heat, tags)), params, stats)
   assert want_poses.shape[0] > 3
   np.testing.assert_array_equal(poses, want_poses)
   np.testing.assert_array_equal(scores, want_scores)
-  assert len(fetched) == (1 if params.refine else 0)
+  # Only the scan's results came back (not the maps).
+  assert 0 < stats.get('bytes_to_host', 0) < heat.nbytes if params.refine \
+      else 'bytes_to_host' not in stats
 
 
 @pytest.mark.parametrize('by_sort', [False, True])
