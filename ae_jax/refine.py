@@ -388,6 +388,9 @@ def refine_poses(poses: np.ndarray, heatmaps, tags, *,
     method: 'scan', 'search' or 'auto' (choose_method).
     stats: if given, 'bytes_to_host' grows by the scan's results.
   """
+  if method not in ('auto', 'scan', 'search'):
+    raise ValueError(f"refine method must be 'auto', 'scan' or 'search', "
+                     f'got {method!r}')
   num_people = poses.shape[0]
   if num_people == 0:
     return poses.copy()
@@ -407,7 +410,7 @@ def refine_poses(poses: np.ndarray, heatmaps, tags, *,
     out = refine_scan.argmax_queries(heatmaps, tags, joints, means,
                                      stats=stats)
     flat, heat5 = out['flat'], out['heat']
-  elif method == 'search':
+  else:
     heatmaps, tags = np.asarray(heatmaps), np.asarray(tags)
     if blocks is None:
       from ae_jax import grouping  # pylint: disable=g-import-not-at-top
@@ -419,7 +422,4 @@ def refine_poses(poses: np.ndarray, heatmaps, tags, *,
     flat = search_argmax(heatmaps, tags, blocks, block_max, ys * width + xs,
                          detected, persons, joints, means)
     heat5 = heat_around(heatmaps, joints, flat)
-  else:
-    raise ValueError(f"refine method must be 'auto', 'scan' or 'search', "
-                     f'got {method!r}')
   return fill_joints(poses, persons, joints, flat, heat5, width)

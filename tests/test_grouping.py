@@ -3,8 +3,9 @@
 The reference (tests/references/mmpose_grouping.reference_parse) is a
 straightforward mmpose-style implementation (shifted-window NMS, full sorts,
 loops, refine over every full map); here it mostly runs with scipy's solver
-so ties break the same way on random maps. Both refine search paths (tiles,
-tag-space cells) are checked, forced in turn.
+so ties break the same way on random maps. Both paths of refine's host
+search (tiles, tag-space cells) are checked, forced in turn; the jitted
+scan is checked in test_refine_scan.py and wherever refine chooses it.
 """
 
 import numpy as np
@@ -133,6 +134,7 @@ def _random_maps(seed, h, w, tag_dim, quantise=False):
 def test_matches_reference_on_random_maps(monkeypatch, seed, h, w, tag_dim,
                                           quantise, path):
   heat, tags = _random_maps(seed, h, w, tag_dim, quantise)
+  monkeypatch.setattr(refine, 'choose_method', lambda *_: 'search')
   monkeypatch.setattr(refine, '_TAG_SPACE_MAPS',
                       np.inf if path == 'tiles' else -1.0)
   poses, scores = grouping.group_poses(heat, tags)
@@ -208,6 +210,7 @@ def test_refine_paths_in_small_chunks_match_reference(monkeypatch, path, cut):
                                                           solver='scipy')
   # Force one search path, a hot/cold cut (100: most queries search the
   # cold pixels too; 0: one pass), and chunks of one or a few queries.
+  monkeypatch.setattr(refine, 'choose_method', lambda *_: 'search')
   monkeypatch.setattr(refine, '_TAG_SPACE_MAPS',
                       np.inf if path == 'tiles' else -1.0)
   monkeypatch.setattr(refine, '_CUT_PERCENTILE', cut)
