@@ -407,8 +407,11 @@ def refine_poses(poses: np.ndarray, heatmaps, tags, *,
   if method == 'auto':
     method = choose_method(heatmaps, joints)
   if method == 'scan':
-    out = refine_scan.argmax_queries(heatmaps, tags, joints, means,
-                                     stats=stats)
+    if isinstance(heatmaps, jax.Array):
+      out = refine_scan.argmax_queries(heatmaps, tags, joints, means,
+                                       stats=stats)
+    else:  # host maps: only the pixels that can win
+      out = refine_scan.argmax_queries_host(heatmaps, tags, joints, means)
     flat, heat5 = out['flat'], out['heat']
   else:
     heatmaps, tags = np.asarray(heatmaps), np.asarray(tags)
