@@ -10,7 +10,6 @@ import pytest
 
 from ae_jax import candidates
 from ae_jax import grouping
-from ae_jax import refine
 
 
 def _maps(seed, k=17, h=48, w=64, tag_dim=2, plateau=False):
@@ -28,14 +27,11 @@ def _maps(seed, k=17, h=48, w=64, tag_dim=2, plateau=False):
     (2, False, grouping.GroupingParams(refine=False, max_people=10)),
     (3, True, grouping.GroupingParams(adjust=False, tag_threshold=3.0)),
 ])
-def test_candidates_grouping_equals_full_map_grouping(monkeypatch, seed,
-                                                     plateau, params):
+def test_candidates_grouping_equals_full_map_grouping(seed, plateau, params):
   heat, tags = _maps(seed, plateau=plateau)
-  # The full-map grouping refines by the host search; the candidates path
-  # by the jitted scan on the device maps.
-  monkeypatch.setattr(refine, 'choose_method', lambda *_: 'search')
+  # The full-map grouping refines by the host scan of the hot pixels; the
+  # candidates path by the jitted scan of the device maps.
   want_poses, want_scores = grouping.group_poses(heat, tags, params)
-  monkeypatch.setattr(refine, 'choose_method', lambda *_: 'scan')
   cands = jax.device_get(jax.jit(
       candidates.top_candidates, static_argnums=(2, 3))(
           heat, tags, params.max_people, params.nms_kernel))

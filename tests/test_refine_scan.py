@@ -60,12 +60,16 @@ def test_argmax_equals_numpy_scan(shape, tag_dim, num, quantise, chunk):
     heat, tags = np.round(heat * 4) / 4, np.round(tags * 2) / 2
     means = np.round(means * 2) / 2
   joints = rng.integers(0, k, num)
-  got = refine_scan.argmax_queries(heat, tags, joints, means, chunk=chunk)
+  got = refine_scan.argmax_queries(jax.device_put(heat), jax.device_put(tags),
+                                   joints, means, chunk=chunk)
   want = _numpy_argmax(heat, tags, joints, means)
   np.testing.assert_array_equal(got['flat'], want)
   y, x = want // w, want % w
-  np.testing.assert_array_equal(got['heat'], refine.heat_around(
+  np.testing.assert_array_equal(got['heat'], refine_scan.heat_around(
       heat, joints, want))
+  host = refine_scan.argmax_queries_host(heat, tags, joints, means)
+  np.testing.assert_array_equal(host['flat'], want)
+  np.testing.assert_array_equal(host['heat'], got['heat'])
   assert got['heat'][:, 0].tolist() == heat[joints, y, x].tolist()
   if quantise:  # the ties were real: several pixels share the max
     score = [heat[j] - np.round(np.sqrt(((tags[j] - m) ** 2).sum(-1)))
@@ -73,31 +77,36 @@ def test_argmax_equals_numpy_scan(shape, tag_dim, num, quantise, chunk):
     assert max(int((s == s.max()).sum()) for s in score) > 1
 
 
-@pytest.mark.parametrize('num_people,seed,quantise', [
-    (3, 0, False), (6, 1, True)])
+@pytest.mark.parametrize('num_people,seed,quantise,step', [
+    (3, 0, False, 7), (6, 1, True, 61)])
 def test_scan_refine_matches_reference_on_missing_joint_maps(
-    monkeypatch, num_people, seed, quantise):
+    monkeypatch, num_people, seed, quantise, step):
   # People who miss most joints, tags noisy pixel to pixel (the maps a
-  # random-weight network gives), at a small size.
+  # random-weight network gives), at a small size. Step 7: the host scan
+  # takes the hot pixels, then rescans the full maps for a few queries.
+  monkeypatch.setattr(refine_scan, '_SAMPLE_STEP', step)
+  calls = []
+  scan = refine_scan.argmax_queries
+  monkeypatch.setattr(refine_scan, 'argmax_queries', lambda *a, **k: (
+      calls.append(a[0].shape), scan(*a, **k))[1])
   heat, tags = bench_grouping.missing_joint_maps(
       num_people, height=96, width=128, seed=seed)
   if quantise:  # equal scores across pixels: first-index ties in refine
     heat = np.round(heat * 16) / 16
     tags = np.round(tags * 2) / 2
-  monkeypatch.setattr(refine, 'choose_method', lambda *_: 'scan')
   poses, scores = grouping.group_poses(heat, tags)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                           solver='scipy')
   assert (ref_poses[:, :, 2] > 0).mean() > 0.5  # refine filled joints
+  if step == 7:  # hot pixels (rows of 256), then some full maps
+    assert calls[0][2] == 256 and calls[-1] == heat.shape
   np.testing.assert_array_equal(poses, ref_poses)
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
 
 
-def test_choose_method():
-  heat = np.zeros((17, 8, 8), np.float32)
-  # Few queries per joint: the scan; many per joint: the search.
-  assert refine.choose_method(heat, np.arange(17)) == 'scan'
-  assert refine.choose_method(heat, np.repeat(np.arange(17), 40)) == 'search'
-  with pytest.raises(ValueError, match='refine method'):
-    refine.refine_poses(np.ones((1, 17, 4), np.float32), heat,
-                        np.zeros((17, 8, 8, 1), np.float32), method='bad')
+def test_device_maps_need_own_tags():
+  poses = np.ones((1, 3, 4), np.float32)
+  poses[0, 1, 2] = 0
+  heat = jax.device_put(np.zeros((3, 8, 8), np.float32))
+  with pytest.raises(ValueError, match='own_tags'):
+    refine.refine_poses(poses, heat, jax.device_put(np.zeros((3, 8, 8, 1))))
