@@ -13,16 +13,23 @@ with a runtime zero (`zero`) that no compiler can see through, so squares
 and sums round as in numpy. max is exact in any order; the first index is
 found by recomputing one row group (below), so ties follow numpy's argmax.
 
-Layout of one chunk of C queries of one joint: the map's rows in groups of
-_ROWS; a tree of elementwise maxima over each group's rows (XLA:CPU
-vectorises elementwise fusions well and reductions poorly) gives per-group
-column maxima [C, G, W]; another tree gives [C, W] and the max. The first
-group holding the max (a tree of minima over groups) is rescored in full to
-find the first pixel. Cost: one pass over the map per chunk of C queries;
-memory: O(C x H x W / _ROWS) whatever the number of people.
+Layout: the queries in slots per joint, [J, S]; one pass scores chunk C
+of every joint's slots over its whole map (a fori_loop runs over the
+max(queries per joint) / C passes: no Python loop over people or joints,
+one compile per padded shape). The map's rows in groups of _ROWS: a tree
+of elementwise maxima over each group's rows (XLA:CPU vectorises
+elementwise fusions well and fused reductions poorly) gives per-group
+column maxima [J, G, C, W], reduced to the max; the first group holding it
+is rescored in full to find the first pixel. Memory: O(J x C x H x W /
+_ROWS) whatever the number of people.
 
-Legend: K joints, H x W map, L tag dim, Q queries (sorted by joint),
-C queries per chunk, G row groups.
+Host maps (argmax_queries_host): numpy maps are scanned by XLA:CPU from a
+reused aligned buffer (no device_put copy, no fresh pages), and only over
+the pixels hot enough to win: exact sampled scores bound each query's best
+from below, and colder pixels cannot reach it (score <= heat).
+
+Legend: K joints, J joints scanned, H x W map, L tag dim, Q queries,
+S slots per joint, C queries per chunk, G row groups.
 """
 
 import functools
