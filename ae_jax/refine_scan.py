@@ -51,6 +51,8 @@ _SAMPLE_STEP = 61
 _HOT_WIDTH = 256
 _HOT_FRACTION = 0.5
 _LOW_PERCENTILE = 10
+# Query-pixels up to which argmax_queries_host scans in numpy (~20 ms).
+_NUMPY_WORK = 1 << 22
 
 
 def _tree(fn, xs):
@@ -206,6 +208,8 @@ def argmax_queries_host(heat: np.ndarray, tags: np.ndarray,
                         ) -> Dict[str, np.ndarray]:
   """argmax_queries for numpy maps, scanning only pixels that can win.
 
+  Calls of at most _NUMPY_WORK query-pixels are scanned in numpy (the
+  formula itself; a compile would cost more).
   Exact scores at every _SAMPLE_STEP-th pixel give each query an
   achievable score; a pixel colder than its query's best cannot win (its
   score <= its heat). Per joint a cut is the lowest such score of its
@@ -223,8 +227,17 @@ def argmax_queries_host(heat: np.ndarray, tags: np.ndarray,
   tag_dim = tags.shape[-1]
   flat_heat = heat.reshape(num_joints, -1)
   flat_tags = tags.reshape(num_joints, -1, tag_dim)
-  sample = np.arange(0, flat_heat.shape[1], _SAMPLE_STEP)
   active, slot_joint = np.unique(joint, return_inverse=True)
+  if joint.size * flat_heat.shape[1] <= _NUMPY_WORK:
+    # Small: mmpose's numpy scan itself, cheaper than a compile.
+    flat = np.empty(joint.size, np.int64)
+    for j, k in enumerate(active):
+      sel = slot_joint == j
+      flat[sel] = np.argmax(numpy_scores(
+          flat_heat[k][None], flat_tags[k][None], mean_tags[sel][:, None]),
+                            axis=1)
+    return {'flat': flat, 'heat': heat_around(heat, joint, flat)}
+  sample = np.arange(0, flat_heat.shape[1], _SAMPLE_STEP)
   lower = np.empty(joint.size, np.float32)
   for j, k in enumerate(active):
     sel = slot_joint == j

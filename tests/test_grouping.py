@@ -3,9 +3,10 @@
 The reference (tests/references/mmpose_grouping.reference_parse) is a
 straightforward mmpose-style implementation (shifted-window NMS, full sorts,
 loops, refine over every full map); here it mostly runs with scipy's solver
-so ties break the same way on random maps. refine's host scan runs both
-ways, over the hot pixels and (forced) over the full maps; its device
-form is checked in test_candidates.py and test_refine_scan.py.
+so ties break the same way on random maps. refine's jitted host scan runs
+both ways, over the hot pixels and (forced) over the full maps; elsewhere
+these small maps take its numpy form; the device form is checked in
+test_candidates.py and test_refine_scan.py.
 """
 
 import numpy as np
@@ -134,6 +135,7 @@ def _random_maps(seed, h, w, tag_dim, quantise=False):
 def test_matches_reference_on_random_maps(monkeypatch, seed, h, w, tag_dim,
                                           quantise, path):
   heat, tags = _random_maps(seed, h, w, tag_dim, quantise)
+  monkeypatch.setattr(refine_scan, '_NUMPY_WORK', 0)  # the jitted scan
   if path == 'full_maps':
     monkeypatch.setattr(refine_scan, '_HOT_FRACTION', -1.0)
   poses, scores = grouping.group_poses(heat, tags)
@@ -211,6 +213,7 @@ def test_refine_host_scan_variants_match_reference(monkeypatch, low, step,
   heat, tags = _random_maps(6, 40, 56, 2)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                           solver='scipy')
+  monkeypatch.setattr(refine_scan, '_NUMPY_WORK', 0)  # the jitted scan
   monkeypatch.setattr(refine_scan, '_LOW_PERCENTILE', low)
   monkeypatch.setattr(refine_scan, '_SAMPLE_STEP', step)
   monkeypatch.setattr(refine_scan, '_HOT_WIDTH', width)

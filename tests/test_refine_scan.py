@@ -67,9 +67,14 @@ def test_argmax_equals_numpy_scan(shape, tag_dim, num, quantise, chunk):
   y, x = want // w, want % w
   np.testing.assert_array_equal(got['heat'], refine_scan.heat_around(
       heat, joints, want))
-  host = refine_scan.argmax_queries_host(heat, tags, joints, means)
-  np.testing.assert_array_equal(host['flat'], want)
-  np.testing.assert_array_equal(host['heat'], got['heat'])
+  for work in (0, np.inf):  # jitted, numpy
+    refine_scan._NUMPY_WORK, old = work, refine_scan._NUMPY_WORK
+    try:
+      host = refine_scan.argmax_queries_host(heat, tags, joints, means)
+    finally:
+      refine_scan._NUMPY_WORK = old
+    np.testing.assert_array_equal(host['flat'], want)
+    np.testing.assert_array_equal(host['heat'], got['heat'])
   assert got['heat'][:, 0].tolist() == heat[joints, y, x].tolist()
   if quantise:  # the ties were real: several pixels share the max
     score = [heat[j] - np.round(np.sqrt(((tags[j] - m) ** 2).sum(-1)))
@@ -85,6 +90,7 @@ def test_scan_refine_matches_reference_on_missing_joint_maps(
   # random-weight network gives), at a small size. Step 7: the host scan
   # takes the hot pixels, then rescans the full maps for a few queries.
   monkeypatch.setattr(refine_scan, '_SAMPLE_STEP', step)
+  monkeypatch.setattr(refine_scan, '_NUMPY_WORK', 0)
   calls = []
   scan = refine_scan.argmax_queries
   monkeypatch.setattr(refine_scan, 'argmax_queries', lambda *a, **k: (
