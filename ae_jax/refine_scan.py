@@ -51,8 +51,8 @@ _SAMPLE_STEP = 61
 _HOT_WIDTH = 256
 _HOT_FRACTION = 0.5
 _LOW_PERCENTILE = 10
-# Query-pixels up to which argmax_queries_host scans in numpy (~20 ms).
-_NUMPY_WORK = 1 << 22
+# Query-pixels up to which argmax_queries_host scans in numpy (~5 ms).
+_NUMPY_WORK = 1 << 20
 
 
 def _tree(fn, xs):
@@ -228,14 +228,21 @@ def argmax_queries_host(heat: np.ndarray, tags: np.ndarray,
   flat_heat = heat.reshape(num_joints, -1)
   flat_tags = tags.reshape(num_joints, -1, tag_dim)
   active, slot_joint = np.unique(joint, return_inverse=True)
-  if joint.size * flat_heat.shape[1] <= _NUMPY_WORK:
-    # Small: mmpose's numpy scan itself, cheaper than a compile.
+
+  def scan(heat, tags, joint, mean_tags):  # small: numpy, beats a compile
+    if joint.size * heat[0].size > _NUMPY_WORK:
+      return argmax_queries(heat, tags, joint, mean_tags)['flat']
     flat = np.empty(joint.size, np.int64)
-    for j, k in enumerate(active):
-      sel = slot_joint == j
+    for k in np.unique(joint):
+      sel = joint == k
       flat[sel] = np.argmax(numpy_scores(
-          flat_heat[k][None], flat_tags[k][None], mean_tags[sel][:, None]),
-                            axis=1)
+          heat[k].reshape(1, -1), tags[k].reshape(1, -1, tag_dim),
+          mean_tags[sel][:, None]), axis=1)
+    return flat
+
+  full_scan = functools.partial(scan, heat, tags)
+  if joint.size * flat_heat.shape[1] <= _NUMPY_WORK:
+    flat = full_scan(joint, mean_tags)
     return {'flat': flat, 'heat': heat_around(heat, joint, flat)}
   sample = np.arange(0, flat_heat.shape[1], _SAMPLE_STEP)
   lower = np.empty(joint.size, np.float32)
@@ -251,7 +258,7 @@ def argmax_queries_host(heat: np.ndarray, tags: np.ndarray,
   hot = [np.flatnonzero(flat_heat[k] >= c) for k, c in zip(active, cut)]
   most = max(h.size for h in hot)
   if most > _HOT_FRACTION * flat_heat.shape[1]:
-    flat = argmax_queries(heat, tags, joint, mean_tags)['flat']
+    flat = full_scan(joint, mean_tags)
     return {'flat': flat, 'heat': heat_around(heat, joint, flat)}
   # Hot pixels as rows of _HOT_WIDTH, their count padded to a power of 2
   # (few shapes compile) with -inf heat, which never wins.
@@ -263,17 +270,15 @@ def argmax_queries_host(heat: np.ndarray, tags: np.ndarray,
     hot_heat[j, :h.size], hot_tags[j, :h.size] = flat_heat[k, h], (
         flat_tags[k, h])
     index[j, :h.size] = h
-  pos = argmax_queries(hot_heat.reshape(active.size, rows, _HOT_WIDTH),
-                       hot_tags.reshape(active.size, rows, _HOT_WIDTH,
-                                        tag_dim), slot_joint,
-                       mean_tags)['flat']
+  pos = scan(hot_heat.reshape(active.size, rows, _HOT_WIDTH),
+             hot_tags.reshape(active.size, rows, _HOT_WIDTH, tag_dim),
+             slot_joint, mean_tags)
   flat = index[slot_joint, pos]
   best = numpy_scores(flat_heat[joint, flat], flat_tags[joint, flat],
                       mean_tags)
   rest = np.flatnonzero(best < cut[slot_joint])
   if rest.size:
-    flat[rest] = argmax_queries(heat, tags, joint[rest],
-                                mean_tags[rest])['flat']
+    flat[rest] = full_scan(joint[rest], mean_tags[rest])
   return {'flat': flat, 'heat': heat_around(heat, joint, flat)}
 
 
