@@ -26,7 +26,8 @@ _ROWS) whatever the number of people.
 Host maps (argmax_queries_host): numpy maps are scanned by XLA:CPU from a
 reused aligned buffer (no device_put copy, no fresh pages), and only over
 the pixels hot enough to win: exact sampled scores bound each query's best
-from below, and colder pixels cannot reach it (score <= heat).
+from below, and colder pixels cannot reach it (score <= heat). Calls of at
+most _NUMPY_WORK query-pixels run the numpy formula instead (no compile).
 
 Legend: K joints, J joints scanned, H x W map, L tag dim, Q queries,
 S slots per joint, C queries per chunk, G row groups.
@@ -151,6 +152,17 @@ def _scan(heat, tags, means, num_chunks, zero, *, chunk):
 _BUFFERS = threading.local()
 
 
+def _buffer(name: str, shape) -> np.ndarray:
+  """A float32 view of this thread's reused 64-byte aligned buffer `name`."""
+  nbytes = int(np.prod(shape)) * 4
+  buf = getattr(_BUFFERS, name, None)
+  if buf is None or buf.nbytes < nbytes + 64:
+    buf = np.empty(nbytes + 64, np.uint8)
+    setattr(_BUFFERS, name, buf)
+  start = (-buf.ctypes.data) % 64
+  return buf[start:start + nbytes].view(np.float32).reshape(shape)
+
+
 def _to_device(x, rows: np.ndarray | None, name: str):
   """x[rows] (all of x if rows is None) as a jax array on its device.
 
@@ -163,14 +175,8 @@ def _to_device(x, rows: np.ndarray | None, name: str):
   x = np.asarray(x, np.float32)
   if rows is None and x.flags.c_contiguous and x.ctypes.data % 64 == 0:
     return jax.device_put(x)
-  shape = x.shape if rows is None else (rows.size,) + x.shape[1:]
-  nbytes = int(np.prod(shape)) * 4
-  buf = getattr(_BUFFERS, name, None)
-  if buf is None or buf.nbytes < nbytes + 64:
-    buf = np.empty(nbytes + 64, np.uint8)
-    setattr(_BUFFERS, name, buf)
-  start = (-buf.ctypes.data) % 64
-  view = buf[start:start + nbytes].view(np.float32).reshape(shape)
+  view = _buffer(name, x.shape if rows is None else
+                 (rows.size,) + x.shape[1:])
   if rows is None:
     np.copyto(view, x)
   else:
@@ -208,9 +214,8 @@ def argmax_queries_host(heat: np.ndarray, tags: np.ndarray,
                         ) -> Dict[str, np.ndarray]:
   """argmax_queries for numpy maps, scanning only pixels that can win.
 
-  Calls of at most _NUMPY_WORK query-pixels are scanned in numpy (the
-  formula itself; a compile would cost more).
-  Exact scores at every _SAMPLE_STEP-th pixel give each query an
+  Scans of at most _NUMPY_WORK query-pixels run in numpy (the formula
+  itself; a compile would cost more). Exact scores at every _SAMPLE_STEP-th pixel give each query an
   achievable score; a pixel colder than its query's best cannot win (its
   score <= its heat). Per joint a cut is the lowest such score of its
   queries (less the lowest _LOW_PERCENTILE of all, whose samples were
@@ -263,16 +268,23 @@ def argmax_queries_host(heat: np.ndarray, tags: np.ndarray,
   # Hot pixels as rows of _HOT_WIDTH, their count padded to a power of 2
   # (few shapes compile) with -inf heat, which never wins.
   rows = 1 << (-(-most // _HOT_WIDTH) - 1).bit_length()
-  hot_heat = np.full((active.size, rows * _HOT_WIDTH), -np.inf, np.float32)
-  hot_tags = np.zeros((active.size, rows * _HOT_WIDTH, tag_dim), np.float32)
-  index = np.zeros((active.size, rows * _HOT_WIDTH), np.int64)
+  size = rows * _HOT_WIDTH
+  hot_heat = _buffer('hot_heat', (active.size, size))
+  hot_tags = _buffer('hot_tags', (active.size, size, tag_dim))
+  index = np.zeros((active.size, size), np.int64)
   for j, (k, h) in enumerate(zip(active, hot)):
-    hot_heat[j, :h.size], hot_tags[j, :h.size] = flat_heat[k, h], (
-        flat_tags[k, h])
+    np.take(flat_heat[k], h, out=hot_heat[j, :h.size])
+    np.take(flat_tags[k], h, axis=0, out=hot_tags[j, :h.size])
+    hot_heat[j, h.size:], hot_tags[j, h.size:] = -np.inf, 0
     index[j, :h.size] = h
-  pos = scan(hot_heat.reshape(active.size, rows, _HOT_WIDTH),
-             hot_tags.reshape(active.size, rows, _HOT_WIDTH, tag_dim),
-             slot_joint, mean_tags)
+  shape = (active.size, rows, _HOT_WIDTH)
+  if slot_joint.size * size > _NUMPY_WORK:  # XLA:CPU reads the buffers
+    pos = argmax_queries(jax.device_put(hot_heat.reshape(shape)),
+                         jax.device_put(hot_tags.reshape(shape + (tag_dim,))),
+                         slot_joint, mean_tags)['flat']
+  else:
+    pos = scan(hot_heat.reshape(shape), hot_tags.reshape(
+        shape + (tag_dim,)), slot_joint, mean_tags)
   flat = index[slot_joint, pos]
   best = numpy_scores(flat_heat[joint, flat], flat_tags[joint, flat],
                       mean_tags)
