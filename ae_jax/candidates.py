@@ -8,8 +8,8 @@ reads crosses to the host:
   neighbour heat values that `adjust` reads.
 - `group_candidates` (numpy): threshold, tag matching
   (grouping.match_candidates), adjust from the neighbour values, score, and
-  refine with the full maps of only the joints some person misses (fetched
-  through a callback, so the maps stay on the device otherwise).
+  refine (refine.refine_poses: a jitted scan where the maps are, so only
+  its queries and results cross).
 The result equals grouping.group_poses on the full maps.
 
 Legend: K joints, H x W map, L tag dim, M = max_people.
@@ -19,7 +19,7 @@ flat index y * W + x, tag [K, M, L], neighbors [K, M, 4] float32 heat at
 """
 
 import functools
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -98,19 +98,30 @@ def _adjust(poses: np.ndarray, neigh: np.ndarray) -> np.ndarray:
   return poses
 
 
+def image_maps(heat, tags, index: int):
+  """Maps of image `index` of a batch [B, K, H, W] / [B, K, H, W, L].
+
+  On XLA:CPU a numpy view (no copy); elsewhere a slice on the device.
+  """
+  if all(d.platform == 'cpu' for d in heat.devices()):
+    return np.asarray(heat)[index], np.asarray(tags)[index]
+  return heat[index], tags[index]
+
+
 def group_candidates(
-    cands: Candidates, map_hw: Tuple[int, int],
-    fetch_maps: Callable[[Sequence[int]], Tuple[np.ndarray, np.ndarray]],
-    params: grouping_lib.GroupingParams = grouping_lib.GroupingParams()
-) -> Tuple[np.ndarray, np.ndarray]:
+    cands: Candidates, map_hw: Tuple[int, int], maps,
+    params: grouping_lib.GroupingParams = grouping_lib.GroupingParams(),
+    stats: Dict[str, int] | None = None) -> Tuple[np.ndarray, np.ndarray]:
   """Host half: candidates of one image -> (poses [P, K, 3 + L], scores [P]).
 
   Args:
     cands: numpy candidates of one image (module docstring).
     map_hw: (H, W) of the maps.
-    fetch_maps: joints -> (heat [J, H, W], tags [J, H, W, L]) float32 of
-      those joints; called once, only when refine has joints to fill.
+    maps: (heat [K, H, W], tags [K, H, W, L]) float32 of the image, jax
+      arrays on their device or numpy; only refine reads them, where they
+      are (refine.refine_poses), so only its queries and results cross.
     params: grouping options (max_people <= the candidates' M).
+    stats: if given, 'bytes_to_host' is increased by refine's results.
 
   Returns:
     As grouping.group_poses.
@@ -119,7 +130,7 @@ def group_candidates(
   val, idx = np.asarray(cands['val'], np.float32), np.asarray(cands['idx'])
   tag = np.asarray(cands['tag'], np.float32)
   neigh = np.asarray(cands['neighbors'], np.float32)
-  num_joints, tag_dim = val.shape[0], tag.shape[-1]
+  num_joints = val.shape[0]
   if params.detection_threshold < 0:
     raise ValueError('detection_threshold must be >= 0, got '
                      f'{params.detection_threshold}')
@@ -138,27 +149,17 @@ def group_candidates(
       use_detection_val=params.use_detection_val,
       ignore_too_much=params.ignore_too_much, max_people=params.max_people)
   detected = poses[:, :, 2] > 0
-  xs = poses[:, :, 0].astype(np.int64)
-  ys = poses[:, :, 1].astype(np.int64)
   if params.adjust:
+    xs = poses[:, :, 0].astype(np.int64)
+    ys = poses[:, :, 1].astype(np.int64)
     pn = np.zeros(poses.shape[:2] + (4,), np.float32)
     for p, k in zip(*np.nonzero(detected)):
       pn[p, k] = neigh_of[(int(k), int(ys[p, k] * width + xs[p, k]))]
     poses = _adjust(poses, pn)
   scores = poses[:, :, 2].mean(axis=1)
-  needed = np.nonzero((~detected).any(0))[0] if poses.shape[0] else []
-  if params.refine and len(needed):
-    heat_j, tags_j = fetch_maps([int(k) for k in needed])
-    # Full maps for the joints refine fills; the other joints only need
-    # their tags at the people's own joints (the candidates' tags).
-    heat = np.zeros((num_joints, height, width), np.float32)
-    tags = np.zeros((num_joints, height, width, tag_dim), np.float32)
-    heat[needed], tags[needed] = heat_j, tags_j
-    p_idx, k_idx = np.nonzero(detected)
-    tags[k_idx, ys[p_idx, k_idx], xs[p_idx, k_idx]] = (
-        poses[p_idx, k_idx, 3:])
-    blocks = grouping_lib._Blocks(height, width)  # pylint: disable=protected-access
-    block_max = np.zeros((num_joints, blocks.num), np.float32)
-    block_max[needed] = blocks.reduce(heat_j, np.maximum, axis=1)
-    poses = refine_lib.refine_poses(poses, heat, tags, blocks, block_max)
+  if params.refine and poses.shape[0] and not detected.all():
+    # The tags at the people's own joints are their candidates' tags.
+    heat, tags = maps
+    poses = refine_lib.refine_poses(poses, heat, tags,
+                                    own_tags=poses[:, :, 3:], stats=stats)
   return poses, scores

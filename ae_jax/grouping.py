@@ -15,7 +15,8 @@ Poses [P, K, 3 + L] float32: x, y on the map grid (mmpose's +0.5 pixel
 convention after adjust), detection value (0 = missing), tags.
 
 Everything is vectorised numpy/scipy except the inherently sequential
-matching (K joint steps, each one linear_sum_assignment). Float32/float64
+matching (K joint steps, each one linear_sum_assignment); refine's scan is
+jitted (refine.py). Float32/float64
 arithmetic follows mmpose's operation by operation so that the rounded tag
 distances, and hence the grouping, come out identical.
 """
@@ -60,8 +61,7 @@ class _Blocks:
   """B x B pixel tiles of an H x W grid, for searches that skip dull areas.
 
   Block maxima bound what a tile can contribute: NMS only needs tiles whose
-  max is above the detection threshold, and refine only tiles whose bound
-  can beat the best value found so far. Indices of pixels past the border
+  max is above the detection threshold. Indices of pixels past the border
   are clipped (duplicates of border pixels), which leaves maxima unchanged.
   """
 
@@ -324,20 +324,14 @@ def adjust_poses(poses: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
   return poses
 
 
-def refine_poses(poses: np.ndarray, heatmaps: np.ndarray, tags: np.ndarray,
-                 blocks: _Blocks | None = None,
-                 block_max: np.ndarray | None = None) -> np.ndarray:
+def refine_poses(poses: np.ndarray, heatmaps: np.ndarray,
+                 tags: np.ndarray) -> np.ndarray:
   """Fills each person's missing joints (mmpose HeatmapParser.refine).
 
   See refine.py. poses [P, K, 3 + L] after adjust, heatmaps [K, H, W],
-  tags [K, H, W, L]; blocks, block_max: optional precomputed tiling and
-  [K, num_blocks] tile maxima of heatmaps. Returns new poses.
+  tags [K, H, W, L]. Returns new poses.
   """
-  if blocks is None:
-    blocks = _Blocks(heatmaps.shape[1], heatmaps.shape[2])
-  if block_max is None:
-    block_max = blocks.reduce(heatmaps, np.maximum, axis=1)
-  return refine_lib.refine_poses(poses, heatmaps, tags, blocks, block_max)
+  return refine_lib.refine_poses(poses, heatmaps, tags)
 
 
 def group_poses(heatmaps: np.ndarray, tags: np.ndarray,
@@ -375,7 +369,7 @@ def group_poses(heatmaps: np.ndarray, tags: np.ndarray,
     poses = adjust_poses(poses, heatmaps)
   scores = poses[:, :, 2].mean(axis=1)
   if params.refine:
-    poses = refine_poses(poses, heatmaps, tags, blocks, block_max)
+    poses = refine_poses(poses, heatmaps, tags)
   return poses, scores
 
 

@@ -12,8 +12,8 @@ BottomUpResizeAlign, AssociativeEmbedding.forward_test):
    and mirror are averaged; their tags are kept side by side (L=2).
 4. Heatmaps are averaged over scales; tags come from scale 1 only.
 5. Grouping, then back to image coordinates: NMS / top-k and the adjust
-   neighbours on the device, matching and refine on the host
-   (candidates.py); refine fetches the maps of only the joints it fills.
+   neighbours on the device, matching on the host (candidates.py), refine's
+   scan on the device (refine_scan.py; XLA:CPU reads the host maps).
 
 Device work (normalise, forward, flip, resize, averaging, layout, NMS,
 top-k) is one jit per set of input shapes; shapes are multiples of 64, so
@@ -332,24 +332,18 @@ class Predictor:
     moved = sum(v[0].nbytes for v in cands.values())
     results = []
     for i, (key, (_, center, scale, _)) in enumerate(batch):
-      fetched = [moved]
-
-      def fetch(joints, i=i, fetched=fetched):
-        joints = np.asarray(joints)
-        maps = jax.device_get((heat[i][joints], tags[i][joints]))
-        fetched[0] += maps[0].nbytes + maps[1].nbytes
-        return maps
-
+      fetched = {'bytes_to_host': moved}
       poses, scores = candidates_lib.group_candidates(
-          {n: v[i] for n, v in cands.items()}, (height, width), fetch,
-          self.grouping)
+          {n: v[i] for n, v in cands.items()}, (height, width),
+          candidates_lib.image_maps(heat, tags, i), self.grouping, fetched)
       poses = grouping_lib.transform_to_image(poses, center, scale,
                                               (width, height))
       results.append((key, poses[..., :3], scores))
       with self._lock:
         self.stats['images'] += 1
-        self.stats['bytes_to_host'] += fetched[0]
-        self.stats['full_map_bytes'] += (heat[i].nbytes + tags[i].nbytes)
+        self.stats['bytes_to_host'] += fetched['bytes_to_host']
+        self.stats['full_map_bytes'] += (heat.nbytes +
+                                         tags.nbytes) // heat.shape[0]
     return results
 
   def predict_stream(self, items: Iterable[Tuple[Hashable, np.ndarray]],

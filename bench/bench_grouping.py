@@ -9,6 +9,13 @@ full sort per joint, a dict of people keyed by their first tag value, the
 `munkres` package (as mmpose), per-pixel-loop adjust, and a refine that
 scans all K full maps once per person. Poses must come out identical.
 
+ours = grouping.group_poses on the numpy maps (host NMS, matching, refine's
+jitted scan of the hot pixels). The eval path (candidates.top_candidates
+jitted on the maps, group_candidates with refine's jitted scan of the
+device maps) runs once per row, untimed, to check its poses and count its
+device->host bytes: now the candidates and refine's results, before this
+change the candidates plus the full maps of every joint refine filled.
+
 Two kinds of maps, built at output resolution (128 x 170) and upsampled x4
 to image size (512 x 680) like project2image, tag dim 2 (flip test):
 - sparse: people as Gaussian blobs (sigma 2 at the output grid) with
@@ -24,10 +31,14 @@ Legend: K=17 joints, H x W map size, L tag dim, P people.
 """
 
 import argparse
+import dataclasses
+import os
+import subprocess
 import time
 
 import numpy as np
 
+from ae_jax import candidates
 from ae_jax import grouping
 from bench import common
 from tests.references import mmpose_grouping
@@ -123,8 +134,28 @@ def _best_time(fn, repeats):
   return best, out
 
 
+def _eval_path(heat, tags, params=grouping.GroupingParams()):
+  """Poses of the eval path and its device->host bytes (after, before)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  maps = jax.device_put((heat, tags))
+  cands = jax.device_get(jax.jit(
+      candidates.top_candidates, static_argnums=(2, 3))(
+          *maps, params.max_people, params.nms_kernel))
+  moved = sum(v.nbytes for v in cands.values())
+  stats = {'bytes_to_host': moved}
+  out = candidates.group_candidates(cands, heat.shape[1:], maps, params,
+                                    stats)
+  # Before: the full maps of every joint some person missed came over.
+  unrefined, _ = candidates.group_candidates(
+      cands, heat.shape[1:], maps, dataclasses.replace(params, refine=False))
+  missing = (unrefined[:, :, 2] == 0).any(0)
+  joint_bytes = (heat[0].nbytes + tags[0].nbytes)
+  return out, stats['bytes_to_host'], moved + joint_bytes * int(
+      np.sum(missing))
+
+
 def bench_grouping(people_counts=(3, 10, 50, 150), repeats=3):
-  """Rows (kind, people, found, ref s, ours s, ratio, identical)."""
+  """Rows (kind, people, found, ref s, ours s, ratio, identical, bytes)."""
   rows = []
   for kind, make in (('sparse', synthetic_maps),
                      ('missing', missing_joint_maps)):
@@ -142,11 +173,17 @@ def bench_grouping(people_counts=(3, 10, 50, 150), repeats=3):
         same = 'yes (scipy solver; munkres tie-break differs)' if same else 'NO'
       else:
         same = 'yes'
+      evald, after, before = _eval_path(heat, tags)
+      if not _same(evald, ours):
+        same += '; eval path: NO'
       found = ours[0].shape[0]
-      rows.append((kind, n, found, t_ref, t_ours, t_ref / t_ours, same))
+      rows.append((kind, n, found, t_ref, t_ours, t_ref / t_ours, same,
+                   (before, after)))
       print(f'{kind:7s} {n:3d} people: found {found:3d}  reference '
             f'{t_ref * 1e3:9.1f} ms  ae_jax {t_ours * 1e3:7.1f} ms  '
-            f'ratio {t_ref / t_ours:6.1f}x  identical: {same}', flush=True)
+            f'ratio {t_ref / t_ours:6.1f}x  identical: {same}  '
+            f'device->host {before / 1e6:.2f} -> {after / 1e6:.3f} MB',
+            flush=True)
   return rows
 
 
@@ -184,20 +221,31 @@ def main():
   args = parser.parse_args()
   machine = f'{common.machine()}, numpy {np.__version__}'
   print(machine)
+  load = os.getloadavg()
   rows = bench_grouping(tuple(int(n) for n in args.people.split(',')))
+  uptime = subprocess.run(['uptime'], capture_output=True, text=True,
+                          check=False).stdout.strip()
   lines = ['## Evaluation: grouping and eval speed', '',
-           f'Machine: {machine}.', '',
+           f'Machine: {machine}; load before the run {load[0]:.1f} / '
+           f'{load[1]:.1f} / {load[2]:.1f}, after: `{uptime}` (shared: '
+           'both columns slowed alike, same process).', '',
            'Grouping per image on synthetic maps at image size 512x680, '
            'tag dim 2 (flip), `python -m bench.bench_grouping` (maps: see '
            'its docstring; "missing" = people who miss most joints, noisy '
            'tags). Reference = mmpose-style parser with `munkres` '
            '(tests/references/mmpose_grouping.py), refine over all 17 full '
-           'maps per person; best of 3 (ae_jax) / 1 run (reference).', '',
+           'maps per person; best of 3 (ae_jax: grouping.group_poses, '
+           'refine by the jitted scan) / 1 run (reference). Device->host '
+           'bytes: the eval path (candidates.py) on the same maps, before '
+           '(full maps of the joints refine fills) -> now (candidates + '
+           "refine's results); its poses are identical too.", '',
            '| maps | people | found | reference (ms) | ae_jax (ms) | '
-           'speed-up | identical |', '|---|---|---|---|---|---|---|']
-  for kind, n, found, t_ref, t_ours, ratio, same in rows:
+           'speed-up | identical | device->host MB before -> now |',
+           '|---|---|---|---|---|---|---|---|']
+  for kind, n, found, t_ref, t_ours, ratio, same, (before, after) in rows:
     lines.append(f'| {kind} | {n} | {found} | {t_ref * 1e3:.0f} | '
-                 f'{t_ours * 1e3:.1f} | {ratio:.0f}x | {same} |')
+                 f'{t_ours * 1e3:.1f} | {ratio:.0f}x | {same} | '
+                 f'{before / 1e6:.1f} -> {after / 1e6:.3f} |')
   if args.eval:
     lines += ['', 'Full eval pipeline on the mini COCO (4 images; 512 model, '
               'random init, flip; JPEG decode + resize + jitted forward + '

@@ -29,22 +29,21 @@ def _maps(seed, k=17, h=48, w=64, tag_dim=2, plateau=False):
 ])
 def test_candidates_grouping_equals_full_map_grouping(seed, plateau, params):
   heat, tags = _maps(seed, plateau=plateau)
+  # The full-map grouping refines by the host scan of the hot pixels; the
+  # candidates path by the jitted scan of the device maps.
   want_poses, want_scores = grouping.group_poses(heat, tags, params)
   cands = jax.device_get(jax.jit(
       candidates.top_candidates, static_argnums=(2, 3))(
           heat, tags, params.max_people, params.nms_kernel))
-  fetched = []
-
-  def fetch(joints):
-    fetched.append(list(joints))
-    return heat[joints], tags[joints]
-
-  poses, scores = candidates.group_candidates(cands, heat.shape[1:], fetch,
-                                              params)
+  stats = {}
+  poses, scores = candidates.group_candidates(
+      cands, heat.shape[1:], jax.device_put((heat, tags)), params, stats)
   assert want_poses.shape[0] > 3
   np.testing.assert_array_equal(poses, want_poses)
   np.testing.assert_array_equal(scores, want_scores)
-  assert len(fetched) == (1 if params.refine else 0)
+  # Only the scan's results came back (not the maps).
+  assert 0 < stats.get('bytes_to_host', 0) < heat.nbytes if params.refine \
+      else 'bytes_to_host' not in stats
 
 
 @pytest.mark.parametrize('by_sort', [False, True])

@@ -3,15 +3,17 @@
 The reference (tests/references/mmpose_grouping.reference_parse) is a
 straightforward mmpose-style implementation (shifted-window NMS, full sorts,
 loops, refine over every full map); here it mostly runs with scipy's solver
-so ties break the same way on random maps. Both refine search paths (tiles,
-tag-space cells) are checked, forced in turn.
+so ties break the same way on random maps. refine's jitted host scan runs
+both ways, over the hot pixels and (forced) over the full maps; elsewhere
+these small maps take its numpy form; the device form is checked in
+test_candidates.py and test_refine_scan.py.
 """
 
 import numpy as np
 import pytest
 
 from ae_jax import grouping
-from ae_jax import refine
+from ae_jax import refine_scan
 from ae_jax.data import affine
 from bench import bench_grouping
 from tests.references import mmpose_grouping
@@ -129,12 +131,13 @@ def _random_maps(seed, h, w, tag_dim, quantise=False):
     (3, 33, 70, 1, True),  # ties everywhere
     (4, 48, 48, 2, True),
 ])
-@pytest.mark.parametrize('path', ['tiles', 'tag_cells'])
+@pytest.mark.parametrize('path', ['hot_pixels', 'full_maps'])
 def test_matches_reference_on_random_maps(monkeypatch, seed, h, w, tag_dim,
                                           quantise, path):
   heat, tags = _random_maps(seed, h, w, tag_dim, quantise)
-  monkeypatch.setattr(refine, '_TAG_SPACE_MAPS',
-                      np.inf if path == 'tiles' else -1.0)
+  monkeypatch.setattr(refine_scan, '_NUMPY_WORK', 0)  # the jitted scan
+  if path == 'full_maps':
+    monkeypatch.setattr(refine_scan, '_HOT_FRACTION', -1.0)
   poses, scores = grouping.group_poses(heat, tags)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(
       heat, tags, solver='scipy')
@@ -200,19 +203,21 @@ def test_transform_to_image_inverts_resize_warp():
   np.testing.assert_allclose(back, image_pts, atol=1e-3)
 
 
-@pytest.mark.parametrize('path,cut', [('tiles', 50), ('tag_cells', 50),
-                                      ('tag_cells', 100), ('tag_cells', 0)])
-def test_refine_paths_in_small_chunks_match_reference(monkeypatch, path, cut):
+@pytest.mark.parametrize('low,step,width,chunk', [
+    (10, 61, 256, 4),  # the defaults
+    (0, 7, 8, 1),  # dense samples, rows of 8 hot pixels, 1 query a pass
+    (100, 997, 16, 4),  # one sample in 997: most queries rescan the maps
+])
+def test_refine_host_scan_variants_match_reference(monkeypatch, low, step,
+                                                   width, chunk):
   heat, tags = _random_maps(6, 40, 56, 2)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                           solver='scipy')
-  # Force one search path, a hot/cold cut (100: most queries search the
-  # cold pixels too; 0: one pass), and chunks of one or a few queries.
-  monkeypatch.setattr(refine, '_TAG_SPACE_MAPS',
-                      np.inf if path == 'tiles' else -1.0)
-  monkeypatch.setattr(refine, '_CUT_PERCENTILE', cut)
-  monkeypatch.setattr(refine, '_CHUNK_TILES', 3)
-  monkeypatch.setattr(refine, '_CHUNK_PIXELS', 50)
+  monkeypatch.setattr(refine_scan, '_NUMPY_WORK', 0)  # the jitted scan
+  monkeypatch.setattr(refine_scan, '_LOW_PERCENTILE', low)
+  monkeypatch.setattr(refine_scan, '_SAMPLE_STEP', step)
+  monkeypatch.setattr(refine_scan, '_HOT_WIDTH', width)
+  monkeypatch.setattr(refine_scan, 'CHUNK', chunk)
   poses, scores = grouping.group_poses(heat, tags)
   np.testing.assert_array_equal(poses, ref_poses)
   np.testing.assert_array_equal(scores, ref_scores)
