@@ -341,13 +341,12 @@ def test_kernels_agree_on_train_mode_loss_gradients_and_stats():
       and a.ndim == 4 else a, variables['params'])
   results = {}
   for k, model in models.items():
-    # Jitted: eager, the cpu kernels' custom VJPs dispatch op by op (~30 s).
-    grad_fn = jax.jit(jax.value_and_grad(
+    grad_fn = jax.value_and_grad(
         lambda p, m=model: _loss_fn(m, p, variables['batch_stats'], batch),
-        has_aux=True))
+        has_aux=True)
     (loss, stats), grads = grad_fn(params)
-    evals = jax.jit(model.apply)({'params': params, 'batch_stats': stats},
-                                 batch['image'])
+    evals = model.apply({'params': params, 'batch_stats': stats},
+                        batch['image'])
     results[k] = (loss, stats, grads, evals)
   (loss, stats, _, evals), grads = results['cpu'], results['cpu'][2]
   want = results['flax']
