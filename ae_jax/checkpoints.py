@@ -37,6 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ae_jax import model_fit
 from ae_jax import orbax_items
 
 Variables = Dict[str, Any]
@@ -212,36 +213,11 @@ def check_fits(variables: Variables, model_kwargs: Dict[str, Any],
   """Raises CheckpointError unless `variables` are AEModel(**model_kwargs)'s.
 
   The message names the first differing array and the config.model values
-  the checkpoint implies (width: the last block's 320 x widen_factor
-  channels; head: the deconv kernels' widths).
+  the checkpoint implies (`model_fit.mismatch`).
   """
-  from ae_jax import convert  # pylint: disable=g-import-not-at-top
-  want = convert.expected_shapes(model_kwargs)
-  have = {tuple(k.key for k in path): tuple(np.shape(leaf)) for path, leaf
-          in jax.tree_util.tree_leaves_with_path(variables)}
-  diff = [p for p in sorted(set(want) | set(have))
-          if want.get(p) != have.get(p)]
-  if not diff:
-    return
-  implied = {}
-  last = have.get(('params', 'backbone', 'layer7_0', 'conv_2', 'conv',
-                   'kernel'))
-  if last:
-    implied['widen_factor'] = round(last[-1] / 320, 4)
-  deconvs = sorted((int(p[2].rsplit('_', 1)[1]), shape[-1])
-                   for p, shape in have.items()
-                   if p[1:2] == ('keypoint_head',) and p[-1] == 'kernel'
-                   and p[2].startswith('deconv_layers_'))
-  if deconvs:
-    implied['num_deconv_filters'] = tuple(w for _, w in deconvs)
-  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # pylint: disable=unnecessary-lambda-assignment
-  hint = ', '.join(f'config.model.{k}={v!r}' for k, v in implied.items()
-                   if norm(model_kwargs.get(k)) != v)
-  raise CheckpointError(
-      f'{source} does not fit config.model: {"/".join(diff[0])} is '
-      f'{have.get(diff[0], "missing")} there, {want.get(diff[0], "missing")}'
-      f' here ({len(diff)} arrays differ)'
-      + (f'; the checkpoint implies {hint}' if hint else ''))
+  problem = model_fit.mismatch(variables, model_kwargs)
+  if problem:
+    raise CheckpointError(f'{source} does not fit config.model: {problem}')
 
 
 def _restore_newest_complete(ckpt_root: epath.Path, steps) -> Variables:
@@ -400,7 +376,8 @@ def check_train_step(manager: ocp.CheckpointManager, step: int,
       raise CheckpointError(
           f'training checkpoint {step_dir} does not match this model/'
           f'optimizer config: {jax.tree_util.keystr(path)} is '
-          f'{_shape(have)} there, {_shape(want)} here')
+          f'{_shape(have)} there, {_shape(want)} here' +
+          model_fit.implied_hint(flat_saved, flat_target))
   try:
     manager.restore(step, args=ocp.args.Composite(**{
         META_ITEM: ocp.args.JsonRestore()}))

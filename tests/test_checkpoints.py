@@ -243,6 +243,16 @@ def test_readers_take_the_newest_complete_step(tmp_path, caplog, full_run):
                   jax.tree_util.tree_leaves(variables['params'])):
     np.testing.assert_array_equal(b, a)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3', '4']
+  # What eval/demo/export check next: the variables fit config.model.
+  model = dict(small_config().model, num_joints=17)
+  checkpoints.check_fits(variables, model, 'ckpt')
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'^ckpt does not fit config.model: .* arrays '
+                     r'differ\); the checkpoint implies config.model.'
+                     r'widen_factor=0.25, config.model.num_deconv_filters='
+                     r'\(16, 16, 16\)$'):
+    checkpoints.check_fits(variables, dict(
+        model, widen_factor=0.5, num_deconv_filters=(32, 32, 32)), 'ckpt')
   for step in ('2', '3'):
     _truncate_biggest_file(workdir / 'checkpoints' / step / 'state')
   with pytest.raises(checkpoints.CheckpointError,
@@ -269,6 +279,7 @@ def test_checkpoint_of_another_model_is_not_skipped(tmp_path, monkeypatch,
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'checkpoints/4 does not match this model/'
                      r'optimizer config: \[.*\] is \(8,\) there, \(16,\) '
-                     r'here'):
+                     r'here; the checkpoint implies '
+                     r'config.model.widen_factor=0.25$'):
     train_lib.train_and_evaluate(other, str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3', '4']
