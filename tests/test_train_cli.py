@@ -158,6 +158,16 @@ def test_user_errors_are_one_line(tmp_path):
   assert _error_lines(typo.stderr) == [
       'error: --config.optim.lrr: no such config key or bad value (\'lrr\' '
       'Did you mean "lr" instead of "lrr"?)'], typo.stderr
+  for script in ('eval.py', 'demo.py', 'export.py'):  # the same parser
+    other = subprocess.run(
+        [sys.executable, script, '--config', 'configs/tiny.py', '--ckpt',
+         str(tmp_path), '--out', str(tmp_path / 'o'),
+         '--config.test.flip_tset=1'], cwd=REPO_ROOT, env=_env(),
+        capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and 'Traceback' not in other.stderr
+    [line] = _error_lines(other.stderr)
+    assert line.startswith('error: --config.test.flip_tset: no such config '
+                           'key'), (script, line)
   zero = run_train(SMALL + ['--config.train.num_steps=0'], tmp_path / 'z')
   assert zero.returncode == 1 and 'Traceback' not in zero.stderr
   assert _error_lines(zero.stderr) == [
