@@ -22,6 +22,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ae_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Config file (model and test groups).',
     lock_config=True)
@@ -59,6 +61,8 @@ def main(argv):
         ae_model.default_kernels(jax.default_backend()))
     variables = checkpoints.restore_variables(_CKPT.value)
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
+    checkpoints.check_fits(variables, {**config.model, 'num_joints':
+                                       spec.num_joints}, _CKPT.value)
     predictor = inference.Predictor(model, variables, **config.test,
                                     flip_index=spec.flip_index)
     os.makedirs(out_dir, exist_ok=True)
@@ -98,4 +102,4 @@ def main(argv):
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

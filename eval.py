@@ -27,6 +27,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ae_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Config file (configs/*.py); the model '
     'and test groups are used.', lock_config=True)
@@ -86,6 +88,8 @@ def main(argv):
   try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
     variables = checkpoints.restore_variables(_CKPT.value)
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
+    checkpoints.check_fits(variables, {**config.model, 'num_joints':
+                                       spec.num_joints}, _CKPT.value)
     predictor = inference.Predictor(model, variables, **config.test,
                                     flip_index=spec.flip_index,
                                     batch_size=_BATCH_SIZE.value)
@@ -111,4 +115,4 @@ def main(argv):
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

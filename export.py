@@ -19,6 +19,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ae_jax import checkpoints
+from ae_jax import cli
 from ae_jax import export as export_lib
 from ae_jax import keypoints
 
@@ -46,6 +47,8 @@ def main(argv):
   try:  # the joint count comes from the config's keypoint spec
     num_joints = keypoints.resolve_spec(config.data).num_joints
     keypoints.check_head(variables, num_joints, _CKPT.value)
+    checkpoints.check_fits(variables, {**config.model, 'num_joints':
+                                       num_joints}, _CKPT.value)
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   grouping = config.test.grouping
@@ -66,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -34,6 +34,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ae_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -76,28 +78,6 @@ def _end_multiprocess(code: int) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)
-
-
-def _parse_flags(argv):
-  """absl's flag parsing, with config override errors as one line.
-
-  A misspelt key (--config.optim.lrr=1) raises AttributeError inside
-  ml_collections (the config is locked): one line, no traceback.
-  """
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e} (see --helpfull)', file=sys.stderr)
-    sys.exit(1)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    text = ' '.join(str(e.args[0] if e.args else e).strip("'").split())
-    text = text.replace("\\'", "'").replace('\\n', ' ')
-    bad = [a.split('=')[0] for a in argv[1:]
-           if a.startswith('--config.') and text.split("'")[0] in a]
-    where = f'{bad[0]}: ' if bad else ''
-    print(f'error: {where}no such config key or bad value ({text})',
-          file=sys.stderr)
-    sys.exit(1)
 
 
 def main(argv):
@@ -161,4 +141,4 @@ def main(argv):
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -15,17 +15,18 @@ A *training checkpoint* is one step of an orbax CheckpointManager under
           position equals the step; it is recorded explicitly anyway.
 
 A step folder that cannot be read (empty, half-copied, a truncated data
-file) is *incomplete*: `newest_complete_step` skips it with one warning
-naming it and the reason, and moves it aside to `{step}.incomplete` so that
-the resumed run can write that step again.
+file) is *incomplete*: `newest_complete_step` (resume) skips it with one
+warning naming it and the reason, and moves it aside to `{step}.incomplete`
+so that the resumed run can write that step again; `restore_variables`
+(eval, demo, export) skips it with the same warning and moves nothing.
+Items are read in full by `orbax_items.read_item` before orbax restores
+them.
 
 Paths are `etils.epath` paths (`as_path`), so a workdir may be a local
 directory or a URL orbax writes to (gs://, s3://); nothing here applies
 os.path to it.
 """
 
-import gc
-import sys
 from typing import Any, Dict, Optional, Tuple, Union
 import uuid
 
@@ -35,6 +36,9 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ae_jax import model_fit
+from ae_jax import orbax_items
 
 Variables = Dict[str, Any]
 PathLike = Union[str, epath.PathLike]
@@ -172,57 +176,90 @@ def _make_tmp_sibling(directory: epath.Path) -> epath.Path:
 def restore_variables(directory: PathLike) -> Variables:
   """Reads model variables from a variables checkpoint or a train workdir.
 
-  Returns host numpy arrays {'params': ..., 'batch_stats': ...}.
-  Raises CheckpointError naming the path when nothing usable is there.
+  Returns host numpy arrays {'params': ..., 'batch_stats': ...}. Of a
+  workdir, the newest *complete* step is read (each newer, incomplete one
+  gets one warning naming it; nothing is moved: readers leave the workdir
+  as it is).
+
+  Raises:
+    CheckpointError: naming the path, when nothing usable is there (also a
+      truncated variables checkpoint, or a workdir without a complete step).
   """
   directory = as_path(directory)
   if not directory.is_dir():
     raise CheckpointError(f'checkpoint directory not found: {directory}')
-  latest = _latest_train_step_dir(directory)
-  if latest is not None:
-    return _restore_from_train_step(latest)
-  try:
-    tree = _restore_on_this_host(directory)
-  except Exception as e:  # orbax raises several types for a bad directory.
+  ckpt_root = directory / 'checkpoints'
+  steps = sorted((int(d.name) for d in ckpt_root.iterdir()
+                  if d.name.isdigit()), reverse=True) if ckpt_root.is_dir(
+                      ) else []
+  if steps:
+    return _restore_newest_complete(ckpt_root, steps)
+  if not (directory / '_METADATA').exists():
     raise CheckpointError(
         f'{directory} is not an ae_jax checkpoint (neither converted '
-        f'variables nor a training workdir): {e}') from None
-  if 'params' not in tree:
+        'variables nor a training workdir)')
+  try:
+    saved = orbax_items.read_item(directory)
+  except orbax_items.UnreadableItemError as e:
+    raise CheckpointError(f'{e} (a truncated or corrupt copy?)') from None
+  if 'params' not in saved:
     raise CheckpointError(f'{directory} holds no "params"')
-  return jax.tree_util.tree_map(np.asarray, dict(tree))
+  return jax.tree_util.tree_map(np.asarray,
+                                dict(_restore_on_this_host(directory, saved)))
 
 
-def _restore_on_this_host(directory: epath.Path) -> Dict[str, Any]:
+def check_fits(variables: Variables, model_kwargs: Dict[str, Any],
+               source: str) -> None:
+  """Raises CheckpointError unless `variables` are AEModel(**model_kwargs)'s.
+
+  The message names the first differing array and the config.model values
+  the checkpoint implies (`model_fit.mismatch`).
+  """
+  problem = model_fit.mismatch(variables, model_kwargs)
+  if problem:
+    raise CheckpointError(f'{source} does not fit config.model: {problem}')
+
+
+def _restore_newest_complete(ckpt_root: epath.Path, steps) -> Variables:
+  """The variables of the newest of `steps` whose state reads fully."""
+  bad = []
+  for step in steps:
+    step_dir = ckpt_root / str(step)
+    try:
+      saved = _read_state_item(step_dir)
+    except IncompleteCheckpointError as e:
+      bad.append((step, e))
+      continue
+    for bad_step, e in bad:
+      logging.warning('Skipping incomplete checkpoint step %d: %s (using '
+                      'step %d).', bad_step, e, step)
+    tree = _restore_on_this_host(step_dir / STATE_ITEM, saved)
+    return jax.tree_util.tree_map(
+        np.asarray, {'params': tree['params'],
+                     'batch_stats': tree['batch_stats']})
+  raise CheckpointError(
+      f'no complete training checkpoint in {ckpt_root} ('
+      + '; '.join(f'step {s}: {e}' for s, e in bad) + ')')
+
+
+def _restore_on_this_host(directory: epath.Path,
+                          saved: Optional[Dict[str, Any]] = None
+                          ) -> Dict[str, Any]:
   """A StandardCheckpointer item, read onto this process's first device.
 
   Whatever topology wrote it: a checkpoint saved by 2 processes x 4 devices
   (or a pod) names devices this process does not have, so the saved
-  shardings are replaced by one local device.
+  shardings are replaced by one local device. `saved`: its metadata tree,
+  if already read.
   """
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if saved is None:
+    saved = orbax_items.item_metadata(directory)
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      saved)
   with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(directory).item_metadata
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        getattr(meta, 'tree', meta))
     return ckptr.restore(directory, target)
-
-
-def _latest_train_step_dir(directory: epath.Path) -> Optional[epath.Path]:
-  """Path of the newest step of a train workdir's CheckpointManager, if any."""
-  ckpt_root = directory / 'checkpoints'
-  if not ckpt_root.is_dir():
-    return None
-  steps = [int(d.name) for d in ckpt_root.iterdir() if d.name.isdigit()]
-  return ckpt_root / str(max(steps)) if steps else None
-
-
-def _restore_from_train_step(step_dir: epath.Path) -> Variables:
-  """Loads params/batch_stats from one step of a training checkpoint."""
-  tree = _restore_on_this_host(step_dir / 'state')
-  return jax.tree_util.tree_map(
-      np.asarray, {'params': tree['params'],
-                   'batch_stats': tree['batch_stats']})
 
 
 def make_train_manager(workdir: PathLike, max_to_keep: int = 3,
@@ -283,19 +320,6 @@ def restore_train_state(manager: ocp.CheckpointManager, state: Any,
           dict(restored[META_ITEM]))
 
 
-def _reason(error: BaseException) -> str:
-  """The innermost cause's first line, short enough for a one-line warning.
-
-  (orbax wraps TensorStore's message, e.g. a truncated zstd stream, in a
-  generic 'error while reading array index' with a spec dump.)
-  """
-  while error.__cause__ is not None or error.__context__ is not None:
-    error = error.__cause__ or error.__context__
-  text = str(error).strip().splitlines()
-  text = text[0] if text else type(error).__name__
-  return text if len(text) <= 240 else text[:237] + '...'
-
-
 def _abstract(state: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a TrainState's state dict."""
   return jax.tree_util.tree_map(
@@ -304,9 +328,35 @@ def _abstract(state: Any) -> Any:
       flax.serialization.to_state_dict(state))
 
 
+def _shape(leaf: Any):
+  """A metadata/abstract leaf's shape, or 'missing' for None."""
+  return 'missing' if leaf is None else tuple(leaf.shape)
+
+
+def _read_state_item(step_dir: epath.Path) -> Dict[str, Any]:
+  """Reads a train step's state item in full; its metadata tree.
+
+  Raises:
+    IncompleteCheckpointError: not a finished save, or a file of it cannot
+      be read (`orbax_items.read_item`).
+  """
+  for name in ('_CHECKPOINT_METADATA', STATE_ITEM, META_ITEM):
+    if not (step_dir / name).exists():
+      raise IncompleteCheckpointError(f'{step_dir}: no {name} (not a '
+                                      'finished orbax save)')
+  try:
+    return orbax_items.read_item(step_dir / STATE_ITEM)
+  except orbax_items.UnreadableItemError as e:
+    raise IncompleteCheckpointError(str(e)) from None
+
+
 def check_train_step(manager: ocp.CheckpointManager, step: int,
                      state: Any) -> None:
-  """Reads step `step` fully into the structure of `state`; returns nothing.
+  """Checks that step `step` reads fully into the structure of `state`.
+
+  Every array is read (`orbax_items.read_item`: no orbax restore, which
+  prints tracebacks long after a failed read) and the meta item parsed; the
+  caller then restores a step known to be complete.
 
   Raises:
     IncompleteCheckpointError: the step cannot be read (not finalised,
@@ -315,41 +365,25 @@ def check_train_step(manager: ocp.CheckpointManager, step: int,
       optimizer (names the first differing array).
   """
   step_dir = epath.Path(manager.directory) / str(step)
-  for name in ('_CHECKPOINT_METADATA', STATE_ITEM, META_ITEM):
-    if not (step_dir / name).exists():
-      raise IncompleteCheckpointError(f'{step_dir}: no {name} (not a '
-                                      'finished orbax save)')
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      saved = ckptr.metadata(step_dir / STATE_ITEM).item_metadata
-  except Exception as e:  # pylint: disable=broad-except
-    raise IncompleteCheckpointError(
-        f'{step_dir}: unreadable metadata ({_reason(e)})') from None
-  saved = getattr(saved, 'tree', saved) or {}
-  target = _abstract(state)
+  saved = _read_state_item(step_dir)
   flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
-  for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
-    have = flat_saved.get(path)
-    if have is None or tuple(have.shape) != tuple(want.shape):
+  flat_target = dict(
+      jax.tree_util.tree_flatten_with_path(_abstract(state))[0])
+  for path in list(flat_target) + [p for p in flat_saved
+                                   if p not in flat_target]:
+    have, want = flat_saved.get(path), flat_target.get(path)
+    if have is None or want is None or _shape(have) != _shape(want):
       raise CheckpointError(
           f'training checkpoint {step_dir} does not match this model/'
           f'optimizer config: {jax.tree_util.keystr(path)} is '
-          f'{"missing" if have is None else tuple(have.shape)} there, '
-          f'{tuple(want.shape)} here')
-  # A failed read leaves orbax's other read coroutines to be collected,
-  # each printing a traceback: they are dropped here (the step is reported
-  # once, by the caller).
-  previous_hook = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None
+          f'{_shape(have)} there, {_shape(want)} here' +
+          model_fit.implied_hint(flat_saved, flat_target))
   try:
     manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(target),
         META_ITEM: ocp.args.JsonRestore()}))
   except Exception as e:  # pylint: disable=broad-except
-    raise IncompleteCheckpointError(f'{step_dir}: {_reason(e)}') from None
-  finally:
-    gc.collect()
-    sys.unraisablehook = previous_hook
+    raise IncompleteCheckpointError(f'{step_dir}: unreadable {META_ITEM} '
+                                    f'({orbax_items.reason(e)})') from None
 
 
 def newest_complete_step(manager: ocp.CheckpointManager,

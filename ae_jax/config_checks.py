@@ -10,6 +10,10 @@ from typing import Optional
 
 import ml_collections
 
+# AEModel: 5 stride-2 stages (MobileNetV2), then 3 x2 deconvolutions; the
+# targets are made at input / HEATMAP_STRIDE (ae_jax.data.transforms).
+BACKBONE_STRIDE, HEATMAP_STRIDE = 32, 4
+
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
@@ -54,10 +58,44 @@ def check_train_config(config: ml_collections.ConfigDict,
   for key in ('train.global_batch_size', 'train.log_every_steps',
               'train.checkpoint_every_steps', 'train.keep_checkpoints'):
     _positive_int(config, key)
+  _check_sizes(config.data)
   batch = t.global_batch_size
   for count, what in ((num_devices, 'devices'), (num_processes, 'processes')):
     if count and batch % count:
+      fits = [n for n in (count * (batch // count), count * (batch // count
+                                                              + 1)) if n]
       raise ConfigError(
           f'config.train.global_batch_size = {batch} is not a multiple of '
-          f'the {count} {what} (choose e.g. {count * max(1, batch // count)}'
-          f' or {count * (batch // count + 1)})')
+          f'the {count} {what} (choose e.g. '
+          f'{" or ".join(map(str, fits))})')
+
+
+def _check_sizes(data: ml_collections.ConfigDict) -> None:
+  """input_size a multiple of the backbone stride, heatmap_size = input/4.
+
+  The model predicts ceil(input / 32) * 8 per side and the targets are
+  input / 4: they agree only for multiples of 32 (100 px: 32 vs 25).
+  """
+  def wh(key):
+    size = data[key]
+    if isinstance(size, int) and not isinstance(size, bool):
+      return size, size
+    if (isinstance(size, (tuple, list)) and len(size) == 2 and
+        all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+      return tuple(size)
+    raise ConfigError(f'config.data.{key} = {size!r}: must be an int or a '
+                      '(w, h) pair of ints')
+
+  in_wh, hm_wh = wh('input_size'), wh('heatmap_size')
+  if any(s < 1 or s % BACKBONE_STRIDE for s in in_wh):
+    raise ConfigError(
+        f'config.data.input_size = {data.input_size!r}: must be a positive '
+        f'multiple of {BACKBONE_STRIDE} (the backbone stride), e.g. '
+        f'{max(1, round(in_wh[0] / BACKBONE_STRIDE)) * BACKBONE_STRIDE}')
+  want = tuple(s // HEATMAP_STRIDE for s in in_wh)
+  if hm_wh != want:
+    raise ConfigError(
+        f'config.data.heatmap_size = {data.heatmap_size!r}: must be '
+        f'config.data.input_size / {HEATMAP_STRIDE} = '
+        f'{want[0] if want[0] == want[1] else want} (the size of the '
+        'heatmaps the model predicts)')

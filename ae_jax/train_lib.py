@@ -314,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                                  t.keep_checkpoints)
         resume_step = complete
         start_step = step = resume_step or 0
-        dataset = make_dataset(config, start_step)
+        dataset = make_dataset(config, start_step, spec)
     state = _resume_or_init(state, manager, resume_step, t.init_checkpoint)
     last_good = resume_step
     step_fn = train_step.make_train_step(

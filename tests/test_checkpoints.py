@@ -1,7 +1,10 @@
 """Train checkpoints: round trip, exact resume after SIGTERM, NaN stop,
-workdir paths (local, URLs)."""
+incomplete steps, workdir paths (local, URLs)."""
 
+import asyncio
+import gc
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -20,6 +23,32 @@ from tests.conftest import small_config
 from tests.conftest import use_synthetic
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory, compile_cache):  # pylint: disable=redefined-outer-name,unused-argument
+  """An uninterrupted small_config run of 4 steps, saved at steps 2, 3, 4
+  (every step, the last 3 kept): the reference of the resume tests and the
+  workdir they damage (in copies)."""
+  workdir = tmp_path_factory.mktemp('full') / 'w'
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    use_synthetic(monkeypatch)
+    train_lib.train_and_evaluate(small_config(4, 1), str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3', '4']
+  return workdir
+
+
+def _copy(workdir, tmp_path):
+  target = tmp_path / 'copy'
+  shutil.copytree(workdir, target)
+  return target
+
+
+def _truncate_biggest_file(folder):
+  files = [p for p in folder.rglob('*') if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  data = biggest.read_bytes()
+  biggest.write_bytes(data[:len(data) // 2])  # a truncated copy/upload
 
 
 def test_save_restore_round_trip(tmp_path):
@@ -60,10 +89,8 @@ def test_save_restore_round_trip(tmp_path):
   manager.close()
 
 
-def test_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
-  use_synthetic(monkeypatch)
-  train_lib.train_and_evaluate(small_config(4, 100), str(tmp_path / 'full'))
-
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch,
+                                                   full_run):
   def preempt(step):
     if step == 2:  # read 2 ahead (prefetch): while step 2 is prepared
       os.kill(os.getpid(), signal.SIGTERM)
@@ -77,7 +104,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
   second = train_lib.train_and_evaluate(small_config(4, 100), workdir)
   assert second['start_step'] == 2 and second['final_step'] == 4
   # Params, BN statistics, Adam moments and step of the final checkpoints.
-  want = read_train_checkpoint(tmp_path / 'full', 4)
+  want = read_train_checkpoint(full_run, 4)
   got = read_train_checkpoint(workdir, 4)
   assert (jax.tree_util.tree_structure(got) ==
           jax.tree_util.tree_structure(want))
@@ -146,52 +173,113 @@ def test_variables_round_trip_through_epath_and_relative_paths(
     checkpoints.restore_variables('rel/missing')
 
 
+def _delay_good_reads(monkeypatch, seconds=1.0):
+  """orbax reads that succeed return `seconds` late: a failing read ends
+  orbax's gather first, with the others still running (the race a loaded
+  machine or remote storage gives)."""
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
+  read = serialization._read_shard  # pylint: disable=protected-access
+
+  async def late(*args, **kwargs):
+    out = await read(*args, **kwargs)
+    await asyncio.sleep(seconds)
+    return out
+  monkeypatch.setattr(serialization, '_read_shard', late)
+
+
 def test_incomplete_newest_steps_are_skipped_and_moved_aside(
-    tmp_path, monkeypatch, caplog):
-  """An empty newest folder and a truncated data file in the next one:
-  resume from the newest intact step, one warning per bad step."""
-  use_synthetic(monkeypatch)
-  workdir = tmp_path / 'w'
-  train_lib.train_and_evaluate(small_config(3, 1), str(workdir))
+    tmp_path, monkeypatch, caplog, capfd, full_run):
+  """A truncated data file in the newest step and an empty (half-copied)
+  newer folder: one warning per bad step, nothing else printed (no orbax
+  or asyncio traceback, even with slow reads), resume from the newest
+  intact step, which then matches the uninterrupted run."""
+  workdir = _copy(full_run, tmp_path)
   ckpt = workdir / 'checkpoints'
-  assert sorted(os.listdir(ckpt)) == ['1', '2', '3']
-  files = [p for p in (ckpt / '3' / 'state').rglob('*') if p.is_file()]
-  biggest = max(files, key=lambda p: p.stat().st_size)
-  data = biggest.read_bytes()
-  biggest.write_bytes(data[:len(data) // 2])  # a truncated copy/upload
-  (ckpt / '4').mkdir()  # an empty (half-copied) newest step
+  _truncate_biggest_file(ckpt / '4' / 'state')
+  (ckpt / '5').mkdir()
+  _delay_good_reads(monkeypatch)
+  use_synthetic(monkeypatch)
   caplog.set_level('WARNING')
+  capfd.readouterr()
   summary = train_lib.train_and_evaluate(small_config(4, 1), str(workdir))
-  assert summary['start_step'] == 2 and summary['final_step'] == 4
+  gc.collect()  # where orbax's abandoned reads would report themselves
+  assert summary['start_step'] == 3 and summary['final_step'] == 4
   warnings = [r.getMessage() for r in caplog.records
               if 'incomplete checkpoint' in r.getMessage()]
   assert len(warnings) == 2, warnings
-  assert warnings[0].startswith('Skipping incomplete checkpoint step 4: ')
-  assert warnings[1].startswith('Skipping incomplete checkpoint step 3: ')
+  assert warnings[0].startswith('Skipping incomplete checkpoint step 5: ')
+  assert warnings[1].startswith('Skipping incomplete checkpoint step 4: ')
+  assert 'OUT_OF_RANGE' in warnings[1]  # TensorStore's cause, not orbax's
   assert all(len(w.splitlines()) == 1 for w in warnings)
-  assert {'3.incomplete', '4.incomplete'} <= set(os.listdir(ckpt))
-  assert {'3', '4'} <= set(os.listdir(ckpt))  # written again on resume
-  # The resumed steps 3 and 4 are the uninterrupted run's.
-  want = read_train_checkpoint(tmp_path / 'w', 4)
-  use_synthetic(monkeypatch)
-  train_lib.train_and_evaluate(small_config(4, 100), str(tmp_path / 'full'))
-  got = read_train_checkpoint(tmp_path / 'full', 4)
+  assert not [r for r in caplog.records if r.name == 'asyncio'], [
+      r.getMessage()[:200] for r in caplog.records if r.name == 'asyncio']
+  out, err = capfd.readouterr()
+  for text in ('Traceback', 'Task exception', 'Event loop is closed',
+               'was never retrieved', 'destroyed but it is pending'):
+    assert text not in out + err, (out + err)[-3000:]
+  assert {'4.incomplete', '5.incomplete'} <= set(os.listdir(ckpt))
+  assert '4' in os.listdir(ckpt)  # written again on resume
+  want = read_train_checkpoint(full_run, 4)
+  got = read_train_checkpoint(workdir, 4)
   for a, b in zip(jax.tree_util.tree_leaves(want),
                   jax.tree_util.tree_leaves(got)):
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
 
 
-def test_checkpoint_of_another_model_is_not_skipped(tmp_path, monkeypatch):
+def test_readers_take_the_newest_complete_step(tmp_path, caplog, full_run):
+  """restore_variables (eval, demo, export) skips a truncated newest step
+  with one warning and moves nothing; a truncated variables checkpoint or
+  a workdir without a complete step is one CheckpointError."""
+  workdir = _copy(full_run, tmp_path)
+  _truncate_biggest_file(workdir / 'checkpoints' / '4' / 'state')
+  caplog.set_level('WARNING')
+  variables = checkpoints.restore_variables(workdir)
+  [warning] = [r.getMessage() for r in caplog.records
+               if 'incomplete checkpoint' in r.getMessage()]
+  assert warning.startswith('Skipping incomplete checkpoint step 4: ')
+  assert warning.endswith('(using step 3).')
+  want = read_train_checkpoint(full_run, 3)
+  for a, b in zip(jax.tree_util.tree_leaves(want['params']),
+                  jax.tree_util.tree_leaves(variables['params'])):
+    np.testing.assert_array_equal(b, a)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3', '4']
+  # What eval/demo/export check next: the variables fit config.model.
+  model = dict(small_config().model, num_joints=17)
+  checkpoints.check_fits(variables, model, 'ckpt')
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'^ckpt does not fit config.model: .* arrays '
+                     r'differ\); the checkpoint implies config.model.'
+                     r'widen_factor=0.25, config.model.num_deconv_filters='
+                     r'\(16, 16, 16\)$'):
+    checkpoints.check_fits(variables, dict(
+        model, widen_factor=0.5, num_deconv_filters=(32, 32, 32)), 'ckpt')
+  for step in ('2', '3'):
+    _truncate_biggest_file(workdir / 'checkpoints' / step / 'state')
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'no complete training checkpoint in .*step 4: '
+                     r'.*OUT_OF_RANGE'):
+    checkpoints.restore_variables(workdir)
+  saved = tmp_path / 'vars'
+  checkpoints.save_variables(saved, variables)
+  _truncate_biggest_file(saved)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'vars: OUT_OF_RANGE: .*\(a truncated or '
+                     r'corrupt copy\?\)$'):
+    checkpoints.restore_variables(saved)
+
+
+def test_checkpoint_of_another_model_is_not_skipped(tmp_path, monkeypatch,
+                                                    full_run):
   """A readable step of another width is a config error, not 'incomplete'
   (no silent fall back to older steps)."""
   use_synthetic(monkeypatch)
-  workdir = str(tmp_path / 'w')
-  train_lib.train_and_evaluate(small_config(1, 1), workdir)
-  other = small_config(2, 1)
+  workdir = _copy(full_run, tmp_path)
+  other = small_config(5, 1)
   other.model.widen_factor = 0.5
   with pytest.raises(checkpoints.CheckpointError,
-                     match=r'checkpoints/1 does not match this model/'
+                     match=r'checkpoints/4 does not match this model/'
                      r'optimizer config: \[.*\] is \(8,\) there, \(16,\) '
-                     r'here'):
-    train_lib.train_and_evaluate(other, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1']
+                     r'here; the checkpoint implies '
+                     r'config.model.widen_factor=0.25$'):
+    train_lib.train_and_evaluate(other, str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3', '4']

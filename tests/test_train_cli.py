@@ -1,5 +1,6 @@
 """train.py end to end on the mini COCO (subprocess): resume, preemption
-exit code, skipped-image totals; one-line user errors."""
+exit code, skipped-image totals, a truncated newest checkpoint (train.py
+and eval.py); one-line user errors."""
 
 import glob
 import json
@@ -45,20 +46,33 @@ def _error_lines(stderr):
   return [line for line in stderr.splitlines() if line.startswith('error:')]
 
 
-def test_train_preempt_resume_on_mini_coco(tmp_path):
-  """2 steps; then a SIGTERM'd resume (exit 143, saved); skipped totals."""
-  coco = tmp_path / 'coco'
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """train.py for 2 steps (saved at 1 and 2) on the mini COCO with one
+  unreadable image: (workdir, args, the CompletedProcess). Tests that go
+  on from it work on copies."""
+  root = tmp_path_factory.mktemp('trained')
+  coco = root / 'coco'
   shutil.copytree(REPO_ROOT / 'data' / 'coco_mini', coco)
   (coco / 'val2017' / '000000040083.jpg').write_bytes(b'')  # unreadable
-  workdir = tmp_path / 'w'
   args = SMALL + [f'--config.data.coco_root={coco}']
-  first = run_train(args + ['--config.train.num_steps=2'], workdir)
+  first = run_train(args + ['--config.train.num_steps=2',
+                            '--config.train.checkpoint_every_steps=1'],
+                    root / 'w')
+  return root / 'w', args, first
+
+
+def test_train_preempt_resume_on_mini_coco(trained, tmp_path):
+  """2 steps; then a SIGTERM'd resume (exit 143, saved); skipped totals."""
+  trained_dir, args, first = trained
   assert first.returncode == 0, first.stderr[-3000:]
+  workdir = tmp_path / 'w'
+  shutil.copytree(trained_dir, workdir)
   assert 'step 2/2' in first.stderr and 'img/s' in first.stderr
   assert '8 global devices' in first.stderr  # conftest's fake devices
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['final_step'] == 2 and summary['last_loss'] > 0
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2']
   assert glob.glob(str(workdir / 'tensorboard' / 'events.out.tfevents.*'))
   corrupt = summary['skipped_images']['corrupt_image']
   assert corrupt >= 1 and f'Skipped images: {corrupt}' in first.stderr
@@ -90,6 +104,53 @@ def test_train_preempt_resume_on_mini_coco(tmp_path):
   assert '3' in os.listdir(workdir / 'checkpoints')
 
 
+def _truncate_biggest_file(folder):
+  files = [p for p in folder.rglob('*') if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  data = biggest.read_bytes()
+  biggest.write_bytes(data[:len(data) // 2])
+
+
+def _orbax_noise(text):
+  return [t for t in ('Traceback', 'Task exception', 'Event loop is closed',
+                      'never retrieved', 'destroyed but it is pending')
+          if t in text]
+
+
+def test_truncated_newest_checkpoint_is_one_warning(trained, tmp_path):
+  """Step 2's largest data file cut in half: train.py resumes from step 1
+  and eval.py evaluates step 1, each with one warning naming step 2 and
+  the cause, and nothing else from orbax or asyncio."""
+  trained_dir, args, _ = trained
+  workdir = tmp_path / 'w'
+  shutil.copytree(trained_dir, workdir)
+  _truncate_biggest_file(workdir / 'checkpoints' / '2' / 'state')
+  result = subprocess.run(
+      [sys.executable, 'eval.py', '--config', 'configs/tiny.py',
+       '--config.model.num_deconv_filters=(16,16,16)', '--ckpt',
+       str(workdir), '--max_images=1', '--config.test.input_size=64',
+       '--config.test.flip=False'] + args[-1:],
+      cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  text = result.stderr + result.stdout
+  assert result.returncode == 0, text[-3000:]
+  assert not _orbax_noise(text), text[-3000:]
+  [line] = [l for l in text.splitlines() if 'incomplete checkpoint' in l]
+  assert 'Skipping incomplete checkpoint step 2: ' in line
+  assert 'OUT_OF_RANGE' in line and line.endswith('(using step 1).')
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2']
+  result = run_train(args + ['--config.train.num_steps=2'], workdir)
+  text = result.stderr + result.stdout
+  assert result.returncode == 0, text[-3000:]
+  assert not _orbax_noise(text), text[-3000:]
+  [line] = [l for l in text.splitlines() if 'incomplete checkpoint' in l]
+  assert 'Skipping incomplete checkpoint step 2: ' in line
+  assert 'OUT_OF_RANGE' in line
+  assert 'resuming from step 1' in line
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['start_step'] == 1 and summary['final_step'] == 2
+  assert {'2', '2.incomplete'} <= set(os.listdir(workdir / 'checkpoints'))
+
+
 def test_user_errors_are_one_line(tmp_path):
   typo = run_train(['--config', 'configs/tiny.py', '--config.optim.lrr=1'],
                    tmp_path)
@@ -97,6 +158,16 @@ def test_user_errors_are_one_line(tmp_path):
   assert _error_lines(typo.stderr) == [
       'error: --config.optim.lrr: no such config key or bad value (\'lrr\' '
       'Did you mean "lr" instead of "lrr"?)'], typo.stderr
+  for script in ('eval.py', 'demo.py', 'export.py'):  # the same parser
+    other = subprocess.run(
+        [sys.executable, script, '--config', 'configs/tiny.py', '--ckpt',
+         str(tmp_path), '--out', str(tmp_path / 'o'),
+         '--config.test.flip_tset=1'], cwd=REPO_ROOT, env=_env(),
+        capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and 'Traceback' not in other.stderr
+    [line] = _error_lines(other.stderr)
+    assert line.startswith('error: --config.test.flip_tset: no such config '
+                           'key'), (script, line)
   zero = run_train(SMALL + ['--config.train.num_steps=0'], tmp_path / 'z')
   assert zero.returncode == 1 and 'Traceback' not in zero.stderr
   assert _error_lines(zero.stderr) == [

@@ -105,6 +105,13 @@ def test_mini_coco_loss_decreases(coco_mini_root, tmp_path):
     ('train.global_batch_size', 12, r'global_batch_size = 12 is not a '
      r'multiple of the 8 devices \(choose e.g. 8 or 16\)'),
     ('train.global_batch_size', 0, r'global_batch_size = 0: must be'),
+    ('train.global_batch_size', 6, r'global_batch_size = 6 is not a '
+     r'multiple of the 8 devices \(choose e.g. 8\)$'),
+    # The model predicts ceil(100 / 32) * 8 = 32 px, the targets are 25.
+    ('data.input_size', 100, r'config.data.input_size = 100: must be a '
+     r'positive multiple of 32 \(the backbone stride\), e.g. 96'),
+    ('data.heatmap_size', 17, r'config.data.heatmap_size = 17: must be '
+     r'config.data.input_size / 4 = 16 \(the size'),
 ])
 def test_bad_train_config_names_the_key(key, value, match):
   config = small_config()
