@@ -306,6 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state, state_shardings = train_state.create_train_state(
         init_rng, model, optax.adam(lr_fn), config.data.input_size, mesh,
         config.optim.shard_opt_state)
+    # A strong int32 step (flax's is weak-typed), as a restored one: fresh
+    # and resumed runs then compile the same step (one persistent-cache
+    # entry, which the reruns of a preempted job load).
+    state = state.replace(step=sharding.put_replicated(np.int32(0), mesh))
     if resume_step is not None:
       complete = checkpoints.newest_complete_step(manager, state)
       if complete != resume_step:  # incomplete steps were moved aside
@@ -314,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                                  t.keep_checkpoints)
         resume_step = complete
         start_step = step = resume_step or 0
-        dataset = make_dataset(config, start_step)
+        dataset = make_dataset(config, start_step, spec)
     state = _resume_or_init(state, manager, resume_step, t.init_checkpoint)
     last_good = resume_step
     step_fn = train_step.make_train_step(
