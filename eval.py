@@ -16,7 +16,8 @@ checked (its folder created) before the evaluation and written atomically.
 Images are batched per shape bucket over the local devices (--batch_size,
 a multiple of their count); host grouping overlaps the device work.
 Multi-process (--coordinator_address/--num_processes/--process_id, or
-JAX_COORDINATOR_ADDRESS / AE_JAX_DISTRIBUTED=1, see ae_jax/sharding.py):
+JAX_COORDINATOR_ADDRESS / AE_JAX_DISTRIBUTED=1; the flags of
+ae_jax/launch_flags.py, as train.py):
 each process evaluates every n-th image on its own devices, results are
 gathered, process 0 prints the table and writes the json.
 """
@@ -28,6 +29,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ae_jax import cli
+from ae_jax import launch_flags  # defines the multi-process flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Config file (configs/*.py); the model '
@@ -43,12 +45,6 @@ _MAX_IMAGES = flags.DEFINE_integer(
 _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', None, 'Images per device batch (default: one per local '
     'device).')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, "Process 0's host:port (multi-process).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Number of processes (multi-process).')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(['ckpt'])
 
 
@@ -63,11 +59,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from ae_jax import checkpoints, coco_eval, inference, keypoints, sharding
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
-  try:
-    sharding.maybe_initialize_distributed(
-        None, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except (ValueError, TypeError, RuntimeError) as e:
-    raise SystemExit(f'error: jax.distributed.initialize: {e}') from None
+  launch_flags.initialize()
   import jax  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if _OUTPUT.value and jax.process_index() == 0:

@@ -35,26 +35,12 @@ from absl import logging
 from ml_collections import config_flags
 
 from ae_jax import cli
+from ae_jax import launch_flags  # defines the multi-process flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Checkpoints, TensorBoard and summary go here.')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', None, 'Call jax.distributed.initialize() (default: when '
-    'a flag below, JAX_COORDINATOR_ADDRESS or AE_JAX_DISTRIBUTED=1 is set).')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, "Process 0's host:port (multi-process).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Number of processes (multi-process).')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, "This process's index in [0, num_processes).")
-_HEARTBEAT = flags.DEFINE_integer(
-    'heartbeat_timeout_s', None, 'Multi-process: a process silent this long '
-    'counts as dead and the others stop (default: jax, 100 s).')
-_LOCAL_DEVICE_IDS = flags.DEFINE_list(
-    'local_device_ids', None, 'Local device ids this process uses, e.g. '
-    '$LOCAL_RANK for one process per GPU (default: all).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -84,21 +70,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  distributed = launch_flags.initialize()
   # Imported here so --help and flag errors stay fast.
   from ae_jax import sharding  # pylint: disable=g-import-not-at-top
-  ids = _LOCAL_DEVICE_IDS.value
-  if ids is not None and not all(i.isdigit() for i in ids):
-    raise app.UsageError(f'--local_device_ids: not integers: {ids}')
-  try:
-    distributed = sharding.maybe_initialize_distributed(
-        _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-        _PROCESS_ID.value, None if ids is None else [int(i) for i in ids],
-        heartbeat_timeout_s=_HEARTBEAT.value)
-  except (ValueError, TypeError, RuntimeError) as e:
-    raise SystemExit(
-        f'error: jax.distributed.initialize: {e} (pass --coordinator_address'
-        ', --num_processes and --process_id, or run where JAX detects the '
-        'cluster: TPU pod, SLURM)') from None
   try:  # tf.data must not grab accelerator memory.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')

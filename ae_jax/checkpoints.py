@@ -271,11 +271,32 @@ def make_train_manager(workdir: PathLike, max_to_keep: int = 3,
   before relying on the files (done on exit, NaN stop and SIGTERM).
   """
   directory = as_path(workdir) / 'checkpoints'
+  _save_replicated_arrays_once()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
       create=True)
   return ocp.CheckpointManager(directory, options=options,
                                item_names=(STATE_ITEM, META_ITEM))
+
+
+def _save_replicated_arrays_once() -> None:
+  """orbax writes each replicated array from one replica (no slicing).
+
+  orbax's default on CPU/TPU ("replica-parallel") has every replica write
+  a slice of each replicated array, cut on its device: one small XLA
+  compile per array shape and device at the first save of each run (264
+  compiles, ~16 s of a 2-core CPU for configs/tiny.py; the end of a
+  2-process test launch waited 20-40 s on them). The train state is
+  replicated and small: replica 0 writes it whole, sharded arrays are
+  written shard by shard as before. Sets orbax's global jax.Array handler.
+  """
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(current, '_use_replica_parallel', True):
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False,
+        array_metadata_store=getattr(current, '_array_metadata_store', None))
+    ocp.type_handlers.register_type_handler(jax.Array, handler,
+                                            override=True)
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any,

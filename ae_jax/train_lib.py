@@ -223,6 +223,29 @@ def _resume_or_init(state, manager, resume_step, init_checkpoint: str):
   return state
 
 
+_MEETINGS = [0]  # barriers so far in this process (their ids must differ)
+
+
+def _compiled_on_every_process(step_fn, state, batch, rng):
+  """The step, compiled; multi-process: run by none before all compiled.
+
+  gloo (the CPU collectives) gives a new communicator 30 s for every
+  process to join it; a process still compiling (or loading) the step
+  then was seen to fail the others ('Gloo context initialization failed:
+  ... GetKeyValue() timed out'). The processes meet at a barrier of the
+  coordination service (not a collective) after compiling.
+  """
+  if jax.process_count() == 1:
+    return step_fn
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  compiled = step_fn.lower(state, batch, rng).compile()
+  _MEETINGS[0] += 1
+  multihost.sync_global_processes(
+      f'ae_jax_step_compiled_{_MEETINGS[0]}', timeout=3600,
+      processes=set(range(jax.process_count())))
+  return compiled
+
+
 def _log_step(pending: List[Dict[str, jax.Array]], step: int,
               total_steps: int, t_window: float, global_batch: int,
               is_main: bool):
@@ -306,6 +329,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state, state_shardings = train_state.create_train_state(
         init_rng, model, optax.adam(lr_fn), config.data.input_size, mesh,
         config.optim.shard_opt_state)
+    # A strong int32 step (flax's is weak-typed), as a restored one: fresh
+    # and resumed runs then compile the same step (one persistent-cache
+    # entry, which the reruns of a preempted job load).
+    state = state.replace(step=sharding.put_replicated(np.int32(0), mesh))
     if resume_step is not None:
       complete = checkpoints.newest_complete_step(manager, state)
       if complete != resume_step:  # incomplete steps were moved aside
@@ -339,10 +366,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     first_loss = last_loss = None
     preempted = False
     t_start = t_window = time.time()
+    run_step = None
     try:
       while step < total_steps and not preempted:
         batch = next(data_iter)  # on the devices, 2 batches ahead
-        state, metrics = step_fn(state, batch, step_rng)
+        run_step = run_step or _compiled_on_every_process(
+            step_fn, state, batch, step_rng)
+        state, metrics = run_step(state, batch, step_rng)
         pending.append(metrics)  # device arrays until the next log step
         step += 1
         preempted = stop.reached(step)
