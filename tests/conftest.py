@@ -22,9 +22,9 @@ COCO_MINI = REPO_ROOT / 'data' / 'coco_mini'
 
 
 # The longest module (~4 min of 2-process train.py launches) is collected
-# first, so that under pytest-xdist's `--dist loadfile` (pyproject.toml) one
-# worker runs it while the other takes the rest, instead of it running alone
-# at the end. Order within a module is kept.
+# first, so that under pytest-xdist's `--dist loadfile --no-loadscope-reorder`
+# (pyproject.toml) one worker starts on it while the other takes the rest,
+# instead of it running alone at the end. Order within a module is kept.
 FIRST = ('test_multihost.py',)
 
 
