@@ -27,6 +27,7 @@ directory or a URL orbax writes to (gs://, s3://); nothing here applies
 os.path to it.
 """
 
+import logging as std_logging
 from typing import Any, Dict, Optional, Tuple, Union
 import uuid
 
@@ -295,8 +296,16 @@ def _save_replicated_arrays_once() -> None:
     handler = ocp.type_handlers.ArrayHandler(
         use_replica_parallel=False,
         array_metadata_store=getattr(current, '_array_metadata_store', None))
-    ocp.type_handlers.register_type_handler(jax.Array, handler,
-                                            override=True)
+    # orbax warns on every override ('Type handler registry type ...
+    # overriding jax.Array'); this one is ours and deliberate.
+    absl_logger = std_logging.getLogger('absl')
+    ours = lambda record: 'overriding' not in str(record.msg)
+    absl_logger.addFilter(ours)
+    try:
+      ocp.type_handlers.register_type_handler(jax.Array, handler,
+                                              override=True)
+    finally:
+      absl_logger.removeFilter(ours)
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any,
