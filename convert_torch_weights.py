@@ -7,7 +7,7 @@ INPUT.pth is either the mmpose AE model (`state_dict` with `backbone.*` and
 ImageNet MobileNetV2 classifier (mmcls layout, e.g.
 mobilenet_v2_batch256_imagenet_20200708-3b2dc3af.pth; backbone only, for
 `--config.train.init_checkpoint`). OUTPUT_DIR receives an orbax variables
-checkpoint that eval.py / train.py read (ae_jax.checkpoints). The model
+checkpoint that eval.py / train.py read (ae_jax.train.checkpoints). The model
 shape comes from `--config`'s `model` group (the paper model by default);
 `--infer_arch` takes widen_factor and head widths from the checkpoint.
 
@@ -60,7 +60,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every write at INFO
   # Imported here so --help and flag errors stay fast; torch is lazy inside.
-  from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   from ae_jax import convert  # pylint: disable=g-import-not-at-top
 
   from ae_jax import keypoints  # pylint: disable=g-import-not-at-top

@@ -42,7 +42,10 @@ def main(argv):
   if not inputs:
     raise app.UsageError('give image files, folders or video files')
   # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, draw, inference, keypoints
+  from ae_jax import keypoints
+  from ae_jax.train import checkpoints
+  from ae_jax.infer import draw
+  from ae_jax.infer import predict
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   out_dir = _OUT.value
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -63,7 +66,7 @@ def main(argv):
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
     checkpoints.check_fits(variables, {**config.model, 'num_joints':
                                        spec.num_joints}, _CKPT.value)
-    predictor = inference.Predictor(model, variables, **config.test,
+    predictor = predict.Predictor(model, variables, **config.test,
                                     flip_index=spec.flip_index)
     os.makedirs(out_dir, exist_ok=True)
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:

@@ -57,7 +57,10 @@ def main(argv):
   except ImportError:
     pass
   # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, coco_eval, inference, keypoints, sharding
+  from ae_jax import keypoints, sharding
+  from ae_jax.train import checkpoints
+  from ae_jax.infer import coco_eval
+  from ae_jax.infer import predict
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   launch_flags.initialize()
   import jax  # pylint: disable=g-import-not-at-top
@@ -82,7 +85,7 @@ def main(argv):
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
     checkpoints.check_fits(variables, {**config.model, 'num_joints':
                                        spec.num_joints}, _CKPT.value)
-    predictor = inference.Predictor(model, variables, **config.test,
+    predictor = predict.Predictor(model, variables, **config.test,
                                     flip_index=spec.flip_index,
                                     batch_size=_BATCH_SIZE.value)
   except (checkpoints.CheckpointError, ValueError) as e:

@@ -18,9 +18,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ae_jax import checkpoints
+from ae_jax.train import checkpoints
 from ae_jax import cli
-from ae_jax import export as export_lib
+from ae_jax.deploy import saved_model as export_lib
 from ae_jax import keypoints
 
 _CONFIG = config_flags.DEFINE_config_file(

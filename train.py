@@ -82,25 +82,25 @@ def main(argv):
   sharding.log_backend(config.data.input_size,
                        config.train.global_batch_size)
   import jax  # pylint: disable=g-import-not-at-top
-  from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import loop  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   # The one place the layer kernels are chosen: the backend this runs on.
   kernels = ae_model.default_kernels(jax.default_backend())
-  from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   from ae_jax import config_checks  # pylint: disable=g-import-not-at-top
   from ae_jax import keypoints  # pylint: disable=g-import-not-at-top
-  from ae_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
   from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
   code = 0
   try:
-    summary = train_lib.train_and_evaluate(config, _WORKDIR.value,
+    summary = loop.train_and_evaluate(config, _WORKDIR.value,
                                            kernels=kernels)
     if summary['preempted']:
-      code = train_lib.PREEMPTED_EXIT_CODE
+      code = loop.PREEMPTED_EXIT_CODE
       logging.warning('Preempted at step %d (saved): exit code %d; rerun '
                       'the same command to resume.', summary['final_step'],
                       code)
-  except (train_lib.NonFiniteLossError, config_checks.ConfigError,
+  except (loop.NonFiniteLossError, config_checks.ConfigError,
           workdir_lock.WorkdirLockedError, checkpoints.CheckpointError,
           FileNotFoundError, coco.AnnotationError,
           keypoints.KeypointSpecError) as e:  # user errors, data included

@@ -16,7 +16,7 @@ it measures on all local devices, in this order:
           compile time, compiled memory (XLA memory_analysis: arguments +
           temporaries) and the device's peak bytes in use so far
           (device.memory_stats(); cumulative);
-  eval    inference.Predictor on the mini COCO images (flip test), single
+  eval    predict.Predictor on the mini COCO images (flip test), single
           scale and [2, 1, 0.5]: device maps img/s and end to end with the
           host grouping (random weights unless --ckpt: grouping time
           depends on what the maps detect);
@@ -151,7 +151,9 @@ def train_row(kind, model_config, num_devices, size, per_device, steps,
   """Compiles and times one train-step variant; returns the row cells."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ae_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
+  from ae_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import state as train_state  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import step as train_step  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   kernels, dtype, bn_stats = kind
   mesh = sharding.make_mesh(num_devices)
@@ -202,7 +204,8 @@ def train_row(kind, model_config, num_devices, size, per_device, steps,
 def eval_rows(report, model_config, args, deadline):
   """Predictor img/s on the mini COCO, single and multi-scale."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ae_jax import checkpoints, inference  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  from ae_jax.infer import predict  # pylint: disable=g-import-not-at-top
   from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -218,7 +221,7 @@ def eval_rows(report, model_config, args, deadline):
       report.add(part='eval', setting=f'scales {list(scales)}, flip',
                  note='skipped: time budget')
       continue
-    pred = inference.Predictor(
+    pred = predict.Predictor(
         model, variables, **{**test, 'input_size': args.eval_size,
                              'scales': scales})
     t0 = time.perf_counter()

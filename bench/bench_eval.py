@@ -5,7 +5,7 @@ r"""End-to-end eval img/s: ae_jax's batched stream vs an mmpose-style loop.
 
 Both sides run in this process on the same decoded mini-COCO images and
 cores, one after the other, per scale setting:
-- ours: inference.Predictor.predict_stream (batches per shape bucket over
+- ours: predict.Predictor.predict_stream (batches per shape bucket over
   the local devices, NMS/top-k on device, host grouping in threads
   overlapped with the device, only candidates + refine's joints to host);
 - mmpose-style: per image and scale a jitted forward of the image and one
@@ -28,8 +28,8 @@ import jax
 import numpy as np
 import torch
 
-from ae_jax import grouping
-from ae_jax import inference
+from ae_jax.infer import grouping
+from ae_jax.infer import predict
 from ae_jax import keypoints
 from ae_jax.data import eval_input
 from ae_jax.models import ae_model
@@ -44,7 +44,7 @@ def reference_predict(apply, variables, image, test, num_joints=17):
   """mmpose-style per-image eval; returns poses [P, K, 3], scores, bytes."""
   scales = sorted(test['scales'], reverse=True)
   min_scale = min(scales)
-  (bw, bh), center, scale = inference.get_multi_scale_size(
+  (bw, bh), center, scale = predict.get_multi_scale_size(
       image.shape[0], image.shape[1], test['input_size'], 1.0, min_scale)
   moved = 0
 
@@ -56,7 +56,7 @@ def reference_predict(apply, variables, image, test, num_joints=17):
 
   heats, tags = [], None
   for s in scales:
-    x = inference.resize_align(image, test['input_size'], s, min_scale)
+    x = predict.resize_align(image, test['input_size'], s, min_scale)
     x = ((x.astype(np.float32) / 255 - keypoints.IMAGENET_MEAN) /
          keypoints.IMAGENET_STD)[None]
     out = np.asarray(apply(variables, x))[0]
@@ -95,14 +95,14 @@ class _TimedApply:
 def _forward_seconds(model, variables, images, test):
   """Warm seconds per image of ours' forward alone: image + mirror batch.
 
-  The same normalise + model.apply as inference._scale_maps, per scale, on
+  The same normalise + model.apply as predict._scale_maps, per scale, on
   the same resized inputs; the stream's total minus this is the rest.
   """
   fwd = jax.jit(lambda v, x: model.apply(v, jax.numpy.stack(
       [ae_model.normalize_images(x), ae_model.normalize_images(x)[:, ::-1]]),
                                          train=False))
   scales = sorted(test['scales'], reverse=True)
-  inputs = [inference.resize_align(im, test['input_size'], s, min(scales))
+  inputs = [predict.resize_align(im, test['input_size'], s, min(scales))
             for _, im in images for s in scales]
   for x in inputs:  # compile every shape
     jax.block_until_ready(fwd(variables, x))
@@ -141,7 +141,7 @@ def main():
   for scales in settings:
     test = dict(config.test)
     test.update(scales=scales)
-    predictor = inference.Predictor(model, variables, **test)
+    predictor = predict.Predictor(model, variables, **test)
     ref_test = {'scales': scales, 'input_size': test['input_size'],
                 'flip': test['flip']}
     row = {'scales': list(scales)}

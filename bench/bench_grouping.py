@@ -1,4 +1,4 @@
-"""Grouping speed: ae_jax.grouping vs an mmpose-style reference parser.
+"""Grouping speed: ae_jax.infer.grouping vs an mmpose-style reference parser.
 
 Run:
   python -m bench.bench_grouping [--eval] [--people 3,10,50,150]
@@ -38,8 +38,8 @@ import time
 
 import numpy as np
 
-from ae_jax import candidates
-from ae_jax import grouping
+from ae_jax.infer import candidates
+from ae_jax.infer import grouping
 from bench import common
 from tests.references import mmpose_grouping
 
@@ -191,14 +191,15 @@ def bench_eval(coco_root='data/coco_mini', repeats=2):
   """Full pipeline img/s on the mini COCO: 512 model (random init), flip."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ae_jax import coco_eval, inference  # pylint: disable=g-import-not-at-top
+  from ae_jax.infer import coco_eval  # pylint: disable=g-import-not-at-top
+  from ae_jax.infer import predict  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   model = ae_model.AEModel()
   variables = jax.jit(model.init)(jax.random.key(0),
                                   jnp.zeros((1, 64, 64, 3)))
   out = []
   for scales in ((1.0,), (2.0, 1.0, 0.5)):
-    predictor = inference.Predictor(model, variables, input_size=512,
+    predictor = predict.Predictor(model, variables, input_size=512,
                                     scales=scales, flip=True)
     coco_eval.evaluate(predictor, coco_root)  # compiles every shape once
     rates = []

@@ -4,7 +4,7 @@ Run:  python -m bench.bench_pipeline --cores N [--examples 384] [--profile]
       python -m bench.bench_pipeline --reference [--out report.md]
 
 `--cores N` times the training input exactly as train.py builds it
-(train_lib.make_dataset on configs/default.py, 512/128, full augmentation)
+(loop.make_dataset on configs/default.py, 512/128, full augmentation)
 on the mini COCO (val2017, repeated), limited to N cores: the process is
 pinned to the first N CPUs (os.sched_setaffinity, like `taskset -c
 0-(N-1)`), cv2 runs one thread per call, TF's inter/intra-op pools and
@@ -67,9 +67,9 @@ def limit_cores(cores: int) -> list[int]:
 
 
 def train_input(cores: int, batch: int, seed: int = 0):
-  """The train.py input (train_lib.make_dataset) with N-way parallelism."""
+  """The train.py input (loop.make_dataset) with N-way parallelism."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import loop  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.data.coco_root = ROOT
@@ -77,7 +77,7 @@ def train_input(cores: int, batch: int, seed: int = 0):
   config.data.num_parallel_calls = cores
   config.train.global_batch_size = batch
   config.seed = seed
-  ds = train_lib.make_dataset(config, 0)
+  ds = loop.make_dataset(config, 0)
   options = tf.data.Options()
   options.threading.private_threadpool_size = cores
   options.autotune.enabled = False
@@ -227,7 +227,7 @@ def main():
       '(shared).', '',
       '| pipeline | cpu-ms/img | img/s per core-second | MB/img to device |',
       '|---|---|---|---|',
-      f'| ours (train_lib.make_dataset) | {ours[1]:.2f} | '
+      f'| ours (loop.make_dataset) | {ours[1]:.2f} | '
       f'{1e3 / ours[1]:.0f} | {ours[2] / 1e6:.3f} |',
       f'| reference numpy+cv2 (mmpose 0.x style) | {ref[1]:.2f} | '
       f'{1e3 / ref[1]:.0f} | {ref[2] / 1e6:.3f} |', '',

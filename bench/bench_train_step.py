@@ -70,12 +70,14 @@ def interleaved(runners, repeats):
 def bench_jax(batch_np, fwd_batches, kernels):
   """JAX train step + forward-only runners, compiled FLOPs per image.
 
-  The step is train_lib's (with its CPU compiler options); `kernels` is
+  The step is train.loop's (with its CPU compiler options); `kernels` is
   'flax' or 'cpu'.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ae_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
+  from ae_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import state as train_state  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import step as train_step  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   from ae_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
   size = batch_np['image'].shape[1]
@@ -160,7 +162,7 @@ def _flops(compiled):
 
 
 def torch_losses(out, heatmaps, mask, joints):
-  """The spec's losses in torch, vectorised like ae_jax.losses."""
+  """The spec's losses in torch, vectorised like ae_jax.train.losses."""
   import torch  # pylint: disable=g-import-not-at-top
   hm = (((out[:, :K] - heatmaps) ** 2) * mask[:, None]).mean(dim=(1, 2, 3))
   tags = out[:, K:].reshape(out.shape[0], -1)

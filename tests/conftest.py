@@ -106,7 +106,7 @@ def small_model_and_lr():
   """small_config's model and schedule (4 mini COCO / synthetic examples
   at batch 8: 1 step per epoch), so that the single-step tests compile the
   same programs as train_and_evaluate on small_config."""
-  from ae_jax import train_state  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import state as train_state  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = small_config()
   o = config.optim
@@ -174,13 +174,13 @@ class SyntheticDataset:
 
 
 def use_synthetic(monkeypatch, hook=None, nan_steps=()):
-  """Makes train_lib.train_and_evaluate read SyntheticDataset."""
-  from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
+  """Makes loop.train_and_evaluate read SyntheticDataset."""
+  from ae_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   def make(config, start_step, spec=None):  # pylint: disable=unused-argument
     return SyntheticDataset(config, start_step, hook=hook,
                             nan_steps=nan_steps)
-  monkeypatch.setattr(train_lib, 'make_dataset', make)
+  monkeypatch.setattr(loop, 'make_dataset', make)
 
 
 def read_train_checkpoint(workdir, step):

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from ae_jax import candidates
-from ae_jax import grouping
+from ae_jax.infer import candidates
+from ae_jax.infer import grouping
 
 
 def _maps(seed, k=17, h=48, w=64, tag_dim=2, plateau=False):

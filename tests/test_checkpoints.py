@@ -13,10 +13,10 @@ import pytest
 import jax
 import optax
 
-from ae_jax import checkpoints
+from ae_jax.train import checkpoints
 from ae_jax import sharding
-from ae_jax import train_lib
-from ae_jax import train_state
+from ae_jax.train import loop
+from ae_jax.train import state as train_state
 from ae_jax.models.ae_model import AEModel
 from tests.conftest import read_train_checkpoint
 from tests.conftest import small_config
@@ -33,7 +33,7 @@ def full_run(tmp_path_factory, compile_cache):  # pylint: disable=redefined-oute
   workdir = tmp_path_factory.mktemp('full') / 'w'
   with pytest.MonkeyPatch.context() as monkeypatch:
     use_synthetic(monkeypatch)
-    train_lib.train_and_evaluate(small_config(4, 1), str(workdir))
+    loop.train_and_evaluate(small_config(4, 1), str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3', '4']
   return workdir
 
@@ -97,11 +97,11 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch,
 
   use_synthetic(monkeypatch, hook=preempt)
   workdir = str(tmp_path / 'resumed')
-  first = train_lib.train_and_evaluate(small_config(4, 100), workdir)
+  first = loop.train_and_evaluate(small_config(4, 100), workdir)
   assert first['preempted'] and first['final_step'] == 2
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']
   use_synthetic(monkeypatch)
-  second = train_lib.train_and_evaluate(small_config(4, 100), workdir)
+  second = loop.train_and_evaluate(small_config(4, 100), workdir)
   assert second['start_step'] == 2 and second['final_step'] == 4
   # Params, BN statistics, Adam moments and step of the final checkpoints.
   want = read_train_checkpoint(full_run, 4)
@@ -118,10 +118,10 @@ def test_nan_stops_training_and_keeps_last_good(tmp_path, monkeypatch):
   # steps (2, 4) only, so the error must name step 3 inside window 3..4.
   use_synthetic(monkeypatch, nan_steps=(2,))
   workdir = str(tmp_path / 'nan')
-  with pytest.raises(train_lib.NonFiniteLossError,
+  with pytest.raises(loop.NonFiniteLossError,
                      match=r'non-finite total_loss = nan at step 3 \(window '
                      r'checked: steps 3..4\).*last good checkpoint: step 2'):
-    train_lib.train_and_evaluate(small_config(6, 2, log_every=100), workdir)
+    loop.train_and_evaluate(small_config(6, 2, log_every=100), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']
   variables = checkpoints.restore_variables(workdir)
   assert all(np.all(np.isfinite(x))
@@ -201,7 +201,7 @@ def test_incomplete_newest_steps_are_skipped_and_moved_aside(
   use_synthetic(monkeypatch)
   caplog.set_level('WARNING')
   capfd.readouterr()
-  summary = train_lib.train_and_evaluate(small_config(4, 1), str(workdir))
+  summary = loop.train_and_evaluate(small_config(4, 1), str(workdir))
   gc.collect()  # where orbax's abandoned reads would report themselves
   assert summary['start_step'] == 3 and summary['final_step'] == 4
   warnings = [r.getMessage() for r in caplog.records
@@ -281,5 +281,5 @@ def test_checkpoint_of_another_model_is_not_skipped(tmp_path, monkeypatch,
                      r'optimizer config: \[.*\] is \(8,\) there, \(16,\) '
                      r'here; the checkpoint implies '
                      r'config.model.widen_factor=0.25$'):
-    train_lib.train_and_evaluate(other, str(workdir))
+    loop.train_and_evaluate(other, str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3', '4']

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ae_jax import coco_eval
+from ae_jax.infer import coco_eval
 from ae_jax.data import coco as coco_data
 
 

@@ -24,10 +24,10 @@ import numpy as np
 import optax
 import pytest
 
-from ae_jax import checkpoints
+from ae_jax.train import checkpoints
 from ae_jax import convert
 from ae_jax import keypoints
-from ae_jax import train_state
+from ae_jax.train import state as train_state
 from ae_jax.models import ae_model
 
 torch = pytest.importorskip('torch')

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from ae_jax import checkpoints
+from ae_jax.train import checkpoints
 
 torch = pytest.importorskip('torch')
 from tests.references import torch_model  # pylint: disable=g-import-not-at-top

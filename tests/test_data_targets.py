@@ -108,7 +108,7 @@ def test_rect_encoding_indexes_the_loss_tag_maps():
   """losses.gather_joint_tags reads [B, h, w, K] maps at the encoded index:
   for a wide map it must return the tag at (y, x, k) of each kept joint."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ae_jax import losses  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import losses  # pylint: disable=g-import-not-at-top
   w, h = 28, 16
   joints = _random_joints(np.random.default_rng(7), 5, (w, h))
   enc = _render(joints, (w, h))[1]

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from ae_jax import checkpoints
-from ae_jax import draw
+from ae_jax.train import checkpoints
+from ae_jax.infer import draw
 from ae_jax.models import ae_model
 from configs import tiny as tiny_config
 from tests.conftest import random_variables

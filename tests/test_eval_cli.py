@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ae_jax import checkpoints
+from ae_jax.train import checkpoints
 from ae_jax.models import ae_model
 from configs import tiny as tiny_config
 from tests.conftest import random_variables

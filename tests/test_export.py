@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ae_jax import checkpoints
-from ae_jax import export
+from ae_jax.train import checkpoints
+from ae_jax.deploy import saved_model
 from ae_jax.models import ae_model
 from tests.conftest import REPO_ROOT
 
@@ -43,7 +43,7 @@ def test_serving_graph_uses_plain_flax_layers_on_any_backend():
   assert jax.default_backend() == 'cpu'
   _, variables = _tiny_model_and_variables()
   x = jnp.zeros((1, 64, 64, 3))
-  assert _conv_counts(export.make_serving_fn(TINY, variables), x) == (17, 3)
+  assert _conv_counts(saved_model.make_serving_fn(TINY, variables), x) == (17, 3)
   cpu_model = ae_model.create_model(TINY, 'cpu')  # the check can tell
   assert _conv_counts(lambda x: cpu_model.apply(variables, x), x) == (0, 0)
 
@@ -51,7 +51,7 @@ def test_serving_graph_uses_plain_flax_layers_on_any_backend():
 def _check_candidates(model, variables, x, got):
   """candidate_* outputs == host NMS/top-k of the torch-resized maps."""
   torch = pytest.importorskip('torch')
-  from ae_jax import grouping  # pylint: disable=g-import-not-at-top
+  from ae_jax.infer import grouping  # pylint: disable=g-import-not-at-top
   got = {k: v.numpy() for k, v in got.items()}
   _, h, w, _ = x.shape
   raw = torch.from_numpy(np.array(model.apply(variables, jnp.asarray(x))))
@@ -89,7 +89,7 @@ def test_saved_model_matches_jax(tmp_path, fixed_shape):
   out_dir = str(tmp_path / 'sm')
   # The polymorphic export also decodes: candidates for every shape.
   decode = 6 if fixed_shape is None else 0
-  export.export_saved_model(TINY, variables, out_dir, fixed_shape,
+  saved_model.export_saved_model(TINY, variables, out_dir, fixed_shape,
                             max_people=decode)
   serve = tf.saved_model.load(out_dir).signatures['serving_default']
   rng = np.random.default_rng(0)
@@ -109,7 +109,7 @@ def test_saved_model_matches_jax(tmp_path, fixed_shape):
 
 def test_export_cli_reports_bad_checkpoint(tmp_path):
   proc = subprocess.run(
-      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
+      [sys.executable, 'saved_model.py', '--config', 'configs/tiny.py',
        '--ckpt', str(tmp_path / 'missing'), '--out', str(tmp_path / 'sm')],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
@@ -121,7 +121,7 @@ def test_export_cli_writes_saved_model(tmp_path):
   del model
   checkpoints.save_variables(str(tmp_path / 'ckpt'), variables)
   proc = subprocess.run(
-      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
+      [sys.executable, 'saved_model.py', '--config', 'configs/tiny.py',
        '--config.model.num_deconv_filters=(16,16,16)',
        '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'sm'),
        '--nodecode'],  # decoding: test_saved_model_matches_jax
@@ -142,7 +142,7 @@ def test_export_cli_refuses_unwritable_out_in_one_line(tmp_path, case):
   out = {'under_a_file': tmp_path / 'a_file' / 'sm',
          'foreign_folder': tmp_path / 'mine'}[case]
   proc = subprocess.run(
-      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
+      [sys.executable, 'saved_model.py', '--config', 'configs/tiny.py',
        '--config.model.num_deconv_filters=(16,16,16)',
        '--ckpt', str(tmp_path / 'ckpt'), '--out', str(out)],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -12,8 +12,8 @@ test_candidates.py and test_refine_scan.py.
 import numpy as np
 import pytest
 
-from ae_jax import grouping
-from ae_jax import refine_scan
+from ae_jax.infer import grouping
+from ae_jax.infer import refine_scan
 from ae_jax.data import affine
 from bench import bench_grouping
 from tests.references import mmpose_grouping

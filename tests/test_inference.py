@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ae_jax import grouping
-from ae_jax import inference
+from ae_jax.infer import grouping
+from ae_jax.infer import predict
 from ae_jax import keypoints
 from ae_jax.data import affine
 from ae_jax.models import ae_model
@@ -41,7 +41,7 @@ def tiny():
     ((128, 128), 128, 1, 1, (128, 128)),
 ])
 def test_multi_scale_size(hw, size, scale, min_scale, want):
-  got, center, s = inference.get_multi_scale_size(*hw, size, scale,
+  got, center, s = predict.get_multi_scale_size(*hw, size, scale,
                                                   min_scale)
   assert got == want
   h, w = hw
@@ -57,8 +57,8 @@ def test_multi_scale_size(hw, size, scale, min_scale, want):
 def test_resize_align_is_mmpose_warp():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 255, (90, 130, 3), np.uint8)
-  out = inference.resize_align(image, 128, 1.0, 1.0)
-  (w, h), center, scale = inference.get_multi_scale_size(90, 130, 128, 1, 1)
+  out = predict.resize_align(image, 128, 1.0, 1.0)
+  (w, h), center, scale = predict.get_multi_scale_size(90, 130, 128, 1, 1)
   ref = cv2.warpAffine(image, affine.get_affine_transform(
       center, scale, 0, (w, h)), (w, h), flags=cv2.INTER_LINEAR)
   assert out.shape == (128, 192, 3)
@@ -74,7 +74,7 @@ def test_resize_align_is_mmpose_warp():
 def test_resize_matches_torch_bilinear(src, dst):
   rng = np.random.default_rng(1)
   maps = rng.normal(size=src + (5,)).astype(np.float32)
-  ours = np.asarray(inference.resize_bilinear(jnp.asarray(maps), *dst))
+  ours = np.asarray(predict.resize_bilinear(jnp.asarray(maps), *dst))
   ref = torch.nn.functional.interpolate(
       torch.from_numpy(maps).permute(2, 0, 1)[None], size=dst,
       mode='bilinear', align_corners=False)[0].permute(1, 2, 0).numpy()
@@ -121,12 +121,12 @@ def test_maps_match_reference(tiny, scales, flip):
   model, variables = tiny
   rng = np.random.default_rng(2)
   image = rng.integers(0, 255, (70, 100, 3), np.uint8)
-  predictor = inference.Predictor(model, variables, input_size=64,
+  predictor = predict.Predictor(model, variables, input_size=64,
                                   scales=scales, flip=flip)
   (heat, tags), center, scale = predictor.maps(image)
   min_scale = min(scales)
-  (bw, bh), _, _ = inference.get_multi_scale_size(70, 100, 64, 1, min_scale)
-  images = [inference.resize_align(image, 64, s, min_scale)
+  (bw, bh), _, _ = predict.get_multi_scale_size(70, 100, 64, 1, min_scale)
+  images = [predict.resize_align(image, 64, s, min_scale)
             for s in predictor.scales]
   ref_heat, ref_tags = _reference_maps(model, variables, images,
                                        predictor.scales, flip, (bh, bw))
@@ -144,7 +144,7 @@ def test_predictor_returns_people_in_image_coordinates(tiny):
   image = rng.integers(0, 255, (60, 90, 3), np.uint8)
   # A zero threshold makes the random model produce people.
   params = grouping.GroupingParams(detection_threshold=0.0)
-  predictor = inference.Predictor(model, variables, input_size=64,
+  predictor = predict.Predictor(model, variables, input_size=64,
                                   grouping=params)
   poses, scores = predictor(image)
   assert poses.shape[1:] == (K, 3) and poses.shape[0] == scores.shape[0] > 0
@@ -162,7 +162,7 @@ def test_predictor_returns_people_in_image_coordinates(tiny):
 def test_multi_scale_needs_scale_one(tiny):
   model, variables = tiny
   with pytest.raises(ValueError, match='scale 1'):
-    inference.Predictor(model, variables, scales=(2.0, 0.5))
+    predict.Predictor(model, variables, scales=(2.0, 0.5))
 
 
 def test_config_test_group_unpacks_into_predictor(tiny):
@@ -173,7 +173,7 @@ def test_config_test_group_unpacks_into_predictor(tiny):
   test.scales = [0.5, 2, 1]  # a list of ints, as a flag may give
   test.grouping.detection_threshold = 0.3
   test.grouping.refine = False
-  predictor = inference.Predictor(model, variables, **test)
+  predictor = predict.Predictor(model, variables, **test)
   assert predictor.scales == (2.0, 1.0, 0.5)
   assert all(isinstance(s, float) for s in predictor.scales)
   assert predictor.input_size == 512 and predictor.flip is True
@@ -190,7 +190,7 @@ def test_config_test_group_unpacks_into_predictor(tiny):
 def test_bad_test_settings_are_named(tiny, kwargs, match):
   model, variables = tiny
   with pytest.raises(ValueError, match=match):
-    inference.Predictor(model, variables, **kwargs)
+    predict.Predictor(model, variables, **kwargs)
 
 
 def test_predict_stream_batches_equal_per_image_full_maps(tiny):
@@ -200,7 +200,7 @@ def test_predict_stream_batches_equal_per_image_full_maps(tiny):
   shapes = [(60, 90), (90, 60), (60, 90)]
   images = [rng.integers(0, 255, s + (3,), np.uint8) for s in shapes]
   params = grouping.GroupingParams(detection_threshold=0.0)
-  predictor = inference.Predictor(model, variables, input_size=64,
+  predictor = predict.Predictor(model, variables, input_size=64,
                                   scales=(1.0, 0.5), grouping=params)
   assert predictor.batch_size == jax.local_device_count()
   got = {k: (p, s) for k, p, s in predictor.predict_stream(enumerate(images))}
@@ -222,5 +222,5 @@ def test_predict_stream_batches_equal_per_image_full_maps(tiny):
 def test_batch_size_must_divide_over_devices(tiny):
   model, variables = tiny
   with pytest.raises(ValueError, match='local devices'):
-    inference.Predictor(model, variables,
+    predict.Predictor(model, variables,
                         batch_size=jax.local_device_count() + 1)

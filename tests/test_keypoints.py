@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from pycocotools import cocoeval
 
-from ae_jax import coco_eval
-from ae_jax import draw
+from ae_jax.infer import coco_eval
+from ae_jax.infer import draw
 from ae_jax import keypoints
 from ae_jax.data import coco
 from tests.conftest import REPO_ROOT
@@ -135,9 +135,9 @@ def test_bad_specs_fail_in_one_line():
 @pytest.fixture(scope='module')
 def own_run(own_root, tmp_path_factory):
   """2 training steps on the own set: (workdir, summary)."""
-  from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import loop  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp('own_run')
-  summary = train_lib.train_and_evaluate(_own_config(own_root), str(workdir))
+  summary = loop.train_and_evaluate(_own_config(own_root), str(workdir))
   return workdir, summary
 
 
@@ -149,7 +149,7 @@ def test_own_keypoints_train_two_steps(own_run):
                         h['pull_loss'], h['lr']]).all()
   assert json.loads((workdir / 'summary.json').read_text())['history'] == (
       summary['history'])
-  from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   variables = checkpoints.restore_variables(str(workdir))
   assert keypoints.head_num_joints(variables) == 5
   keypoints.check_head(variables, 5, str(workdir))
@@ -160,14 +160,14 @@ def test_own_keypoints_train_two_steps(own_run):
 
 def test_own_checkpoint_evaluates_and_draws(own_root, own_run, tmp_path):
   """The trained 5-joint model through eval and drawing (flip test on)."""
-  from ae_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from ae_jax import inference  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  from ae_jax.infer import predict  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _own_config(own_root)
   spec = keypoints.resolve_spec(config.data, 'val')
   model = ae_model.create_model(
       {**config.model, 'num_joints': spec.num_joints}, 'cpu')
-  predictor = inference.Predictor(
+  predictor = predict.Predictor(
       model, checkpoints.restore_variables(str(own_run[0])), **config.test,
       flip_index=spec.flip_index)
   metrics, info = coco_eval.evaluate(predictor, str(own_root), 'val2017',
@@ -179,7 +179,7 @@ def test_own_checkpoint_evaluates_and_draws(own_root, own_run, tmp_path):
                                    skeleton=spec.skeleton)
   assert not failed
   with pytest.raises(ValueError, match='flip_index has 17 joints'):
-    inference.Predictor(model, predictor.variables, **config.test)
+    predict.Predictor(model, predictor.variables, **config.test)
 
 
 def test_eval_cli_refuses_other_joint_count(own_run):
@@ -270,7 +270,7 @@ def _crowdpose_dataset(coco_mini_root):
 
 
 def test_crowdpose_format_loads_with_14_joints(coco_mini_root, tmp_path):
-  from ae_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from ae_jax.train import loop  # pylint: disable=g-import-not-at-top
   from configs import crowdpose512  # pylint: disable=g-import-not-at-top
   root = _write_root(tmp_path, coco_mini_root,
                      _crowdpose_dataset(coco_mini_root),
@@ -282,7 +282,7 @@ def test_crowdpose_format_loads_with_14_joints(coco_mini_root, tmp_path):
   config.train.global_batch_size = 2
   spec = keypoints.resolve_spec(config.data)
   assert spec is keypoints.CROWDPOSE
-  ds = train_lib.make_dataset(config, 0, spec)
+  ds = loop.make_dataset(config, 0, spec)
   batch = next(iter(ds))
   assert batch['keypoints'].shape == (2, 30, 14, 3)
   assert (batch['keypoints'][..., 2] > 0).any()

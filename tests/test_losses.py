@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from ae_jax import losses
+from ae_jax.train import losses
 
 K, H, W, M = 17, 8, 10, 30
 

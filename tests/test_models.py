@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from ae_jax import losses
+from ae_jax.train import losses
 from ae_jax.models import ae_head
 from ae_jax.models import ae_model
 from ae_jax.models import cpu_kernels

@@ -35,7 +35,7 @@ import pytest
 
 import jax
 
-from ae_jax import checkpoints
+from ae_jax.train import checkpoints
 from ae_jax import sharding
 from tests.test_train_cli import SMALL
 
@@ -47,7 +47,7 @@ ARGS = [a for a in SMALL if 'augment' not in a] + [
     '--config.data.augment=True', f'--config.train.num_steps={STEPS}',
     '--heartbeat_timeout_s=10']
 TIMEOUT_S = 420  # per launch (~4 min on 2 busy cores); a hang fails, killed
-PREEMPTED = 143  # train_lib.PREEMPTED_EXIT_CODE (not imported: no jax init)
+PREEMPTED = 143  # loop.PREEMPTED_EXIT_CODE (not imported: no jax init)
 
 
 def _free_port() -> int:

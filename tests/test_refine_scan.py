@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ae_jax import grouping
-from ae_jax import refine
-from ae_jax import refine_scan
+from ae_jax.infer import grouping
+from ae_jax.infer import refine
+from ae_jax.infer import refine_scan
 from bench import bench_grouping
 from tests.references import mmpose_grouping
 

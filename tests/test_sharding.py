@@ -8,8 +8,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from ae_jax import sharding
-from ae_jax import train_state
-from ae_jax import train_step
+from ae_jax.train import state as train_state
+from ae_jax.train import step as train_step
 from tests.conftest import small_model_and_lr
 from tests.conftest import synthetic_batch
 

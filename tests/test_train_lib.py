@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from ae_jax import config_checks
-from ae_jax import train_lib
-from ae_jax import workdir_lock
+from ae_jax.train import loop
+from ae_jax.train import workdir_lock
 from tests.conftest import small_config
 from tests.conftest import use_synthetic
 
@@ -38,22 +38,22 @@ def read_scalars(logdir):
 
 def test_check_finite_names_metric_and_step():
   ok = {'total_loss': 1.0, 'push_loss': 0.1, 'lr': 1e-3}
-  train_lib.check_finite([ok, ok], 5)
+  loop.check_finite([ok, ok], 5)
   bad = {'total_loss': np.nan, 'push_loss': np.nan, 'lr': np.inf}
-  with pytest.raises(train_lib.NonFiniteLossError,
+  with pytest.raises(loop.NonFiniteLossError,
                      match=r'total_loss = nan at step 6 \(window checked: '
                      r'steps 5..7\)'):
-    train_lib.check_finite([ok, bad, ok], 5)
-  with pytest.raises(train_lib.NonFiniteLossError, match='lr = inf at step 3'):
-    train_lib.check_finite([dict(ok, lr=np.inf)], 3)
+    loop.check_finite([ok, bad, ok], 5)
+  with pytest.raises(loop.NonFiniteLossError, match='lr = inf at step 3'):
+    loop.check_finite([dict(ok, lr=np.inf)], 3)
 
 
 def test_metric_writer_process_zero_only(tmp_path):
-  writer = train_lib.make_metric_writer(tmp_path / 'off', enabled=False)
+  writer = loop.make_metric_writer(tmp_path / 'off', enabled=False)
   writer.write_scalars(1, {'total_loss': 1.0})
   writer.close()
   assert not (tmp_path / 'off').exists()
-  writer = train_lib.make_metric_writer(tmp_path / 'on')
+  writer = loop.make_metric_writer(tmp_path / 'on')
   writer.write_scalars(3, {'total_loss': 0.25, 'lr': 1e-3})
   writer.close()
   assert read_scalars(tmp_path / 'on') == {
@@ -63,7 +63,7 @@ def test_metric_writer_process_zero_only(tmp_path):
 def test_loop_writes_tensorboard_and_summary_history(tmp_path, monkeypatch):
   use_synthetic(monkeypatch)
   config = small_config(num_steps=4, ckpt_every=100, log_every=2)
-  returned = train_lib.train_and_evaluate(config, tmp_path)
+  returned = loop.train_and_evaluate(config, tmp_path)
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert summary == returned  # host values only, as written
   assert (summary['start_step'], summary['final_step'],
@@ -86,7 +86,7 @@ def test_loop_writes_tensorboard_and_summary_history(tmp_path, monkeypatch):
 def test_mini_coco_loss_decreases(coco_mini_root, tmp_path):
   config = small_config(num_steps=6)
   config.data.coco_root = str(coco_mini_root)
-  summary = train_lib.train_and_evaluate(config, str(tmp_path))
+  summary = loop.train_and_evaluate(config, str(tmp_path))
   losses = [h['total_loss'] for h in summary['history']]
   assert [h['step'] for h in summary['history']] == [1, 2, 3, 4, 5, 6]
   assert losses[-1] < losses[0]
@@ -141,7 +141,7 @@ def test_train_and_evaluate_checks_before_any_work(tmp_path):
   config.train.checkpoint_every_steps = 0  # was ZeroDivisionError at step 1
   with pytest.raises(config_checks.ConfigError,
                      match='checkpoint_every_steps = 0'):
-    train_lib.train_and_evaluate(config, tmp_path / 'w')
+    loop.train_and_evaluate(config, tmp_path / 'w')
   assert not (tmp_path / 'w').exists()
 
 

@@ -9,9 +9,9 @@ import pytest
 import jax
 import optax
 
-from ae_jax import checkpoints
+from ae_jax.train import checkpoints
 from ae_jax import sharding
-from ae_jax import train_state
+from ae_jax.train import state as train_state
 from ae_jax.keypoints import NUM_JOINTS
 from tests.conftest import random_variables
 from tests.conftest import small_model_and_lr
@@ -210,7 +210,7 @@ def test_finetune_first_step_loss_equals_torch_reference(tmp_path,
   torch = pytest.importorskip('torch')
   # pylint: disable=g-import-not-at-top
   from ae_jax import convert
-  from ae_jax import train_lib
+  from ae_jax.train import loop
   from tests.conftest import small_config
   from tests.conftest import synthetic_batch
   from tests.conftest import use_synthetic
@@ -232,7 +232,7 @@ def test_finetune_first_step_loss_equals_torch_reference(tmp_path,
 
   use_synthetic(monkeypatch)
   config.train.init_checkpoint = str(tmp_path / 'converted')
-  summary = train_lib.train_and_evaluate(config, tmp_path / 'workdir')
+  summary = loop.train_and_evaluate(config, tmp_path / 'workdir')
   assert summary['start_step'] == 0
   got = summary['history'][0]  # step 1 alone (log_every_steps 1)
 

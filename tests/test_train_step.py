@@ -13,8 +13,8 @@ import jax
 import optax
 
 from ae_jax import sharding
-from ae_jax import train_state
-from ae_jax import train_step
+from ae_jax.train import state as train_state
+from ae_jax.train import step as train_step
 from ae_jax.models.ae_model import normalize_images
 from tests.conftest import K
 from tests.conftest import small_model_and_lr

@@ -224,7 +224,7 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
 
   Keyword names follow config.data (configs/default.py); `split` is
   config.data.train_split, the batch size and seed come from config.train /
-  config.seed (train_lib.make_dataset passes them).
+  config.seed (loop.make_dataset passes them).
 
   Args:
     coco_root: COCO root folder.

@@ -38,8 +38,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ae_jax import model_fit
-from ae_jax import orbax_items
+from ae_jax.models import model_fit
+from ae_jax.train import orbax_items
 
 Variables = Dict[str, Any]
 PathLike = Union[str, epath.PathLike]

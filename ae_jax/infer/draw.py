@@ -152,7 +152,7 @@ def annotate_images(
 
   Args:
     predict_fn: [H, W, 3] uint8 RGB -> (poses [P, K, 3], scores [P]), e.g.
-      an inference.Predictor (batched through its predict_stream).
+      a predict.Predictor (batched through its predict_stream).
     paths: image files.
     out_dir: created if missing.
     person_threshold: people scoring at or below this are not drawn.

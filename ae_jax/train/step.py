@@ -38,13 +38,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import optax
 
-from ae_jax import losses
+from ae_jax.train import losses
 from ae_jax import sharding
 from ae_jax.data import device_targets
 from ae_jax.models import cpu_kernels
 from ae_jax.models.ae_model import AEModel
 from ae_jax.models.ae_model import normalize_images
-from ae_jax.train_state import TrainState
+from ae_jax.train.state import TrainState
 
 BN_STATS = ('global', 'per_device')
 

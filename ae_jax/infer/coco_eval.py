@@ -195,7 +195,7 @@ def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
 
   Args:
     predict_fn: [H, W, 3] uint8 RGB -> (poses [P, K, 3], scores [P]), e.g.
-      an inference.Predictor (then its batched `predict_stream` is used).
+      a predict.Predictor (then its batched `predict_stream` is used).
     coco_root: COCO root with annotations/ and <split>/.
     split: e.g. 'val2017'.
     output_path: where to write the results json (optional); checked (and

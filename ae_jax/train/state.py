@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ae_jax import checkpoints
+from ae_jax.train import checkpoints
 from ae_jax import convert
 from ae_jax import sharding
 from ae_jax.data import transforms

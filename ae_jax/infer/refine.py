@@ -23,7 +23,7 @@ joint) queries.
 import jax
 import numpy as np
 
-from ae_jax import refine_scan
+from ae_jax.infer import refine_scan
 
 
 def mean_tags(own_tags: np.ndarray, detected: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
 Stages: data (`make_dataset` -> ae_jax.data.pipeline) -> TrainState
-(ae_jax.train_state) -> jitted step on a ('data',) mesh
-(ae_jax.train_step) -> orbax checkpoints (ae_jax.checkpoints) -> COCO eval
-at the end (ae_jax.inference, ae_jax.coco_eval).
+(ae_jax.train.state) -> jitted step on a ('data',) mesh
+(ae_jax.train.step) -> orbax checkpoints (ae_jax.train.checkpoints) -> COCO eval
+at the end (ae_jax.infer.predict, ae_jax.infer.coco_eval).
 
 Outputs under `workdir` (a local path or a URL such as gs://; paths go
 through etils.epath):
@@ -11,10 +11,10 @@ through etils.epath):
   tensorboard/          scalars of every log step (clu metric_writers)
   summary.json          the run summary with a per-log-step `history`
   results_{split}.json  predictions of the end-of-training eval
-  train.lock            pid/host of the running trainer (ae_jax.workdir_lock)
+  train.lock            pid/host of the running trainer (ae_jax.train.workdir_lock)
 TensorBoard scalars and summary.json are written by process 0 only.
 
-Resume takes the newest *complete* checkpoint (ae_jax.checkpoints
+Resume takes the newest *complete* checkpoint (ae_jax.train.checkpoints
 .newest_complete_step: an empty, half-written or truncated newest step is
 skipped with a warning and moved aside). Preemption (SIGTERM to any one
 process) stops every process after the same step, saves it and returns
@@ -35,13 +35,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from ae_jax import checkpoints
+from ae_jax.train import checkpoints
 from ae_jax import config_checks
 from ae_jax import keypoints
 from ae_jax import sharding
-from ae_jax import train_state
-from ae_jax import train_step
-from ae_jax import workdir_lock
+from ae_jax.train import state as train_state
+from ae_jax.train import step as train_step
+from ae_jax.train import workdir_lock
 from ae_jax.models import ae_model
 from ae_jax.models.ae_model import AEModel
 
@@ -150,7 +150,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: epath.Path,
                    ) -> Dict[str, float]:
   """COCO keypoint AP of the trained variables on config.data.val_split.
 
-  Host-side grouping and scoring (ae_jax.inference / ae_jax.coco_eval);
+  Host-side grouping and scoring (ae_jax.infer.predict / ae_jax.infer.coco_eval);
   run on single-process jobs only (multi-host: run eval.py on the workdir).
   Writes {workdir}/results_{split}.json.
   """
@@ -158,11 +158,11 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: epath.Path,
     logging.info('eval_at_end: multi-process run; use eval.py --ckpt %s.',
                  workdir)
     return {}
-  from ae_jax import coco_eval  # pylint: disable=g-import-not-at-top
-  from ae_jax import inference  # pylint: disable=g-import-not-at-top
+  from ae_jax.infer import coco_eval  # pylint: disable=g-import-not-at-top
+  from ae_jax.infer import predict  # pylint: disable=g-import-not-at-top
   variables = jax.device_get({'params': state.params,
                               'batch_stats': state.batch_stats})
-  predictor = inference.Predictor(model, variables, **config.test,
+  predictor = predict.Predictor(model, variables, **config.test,
                                   flip_index=spec.flip_index)
   split = config.data.val_split
   metrics, _ = coco_eval.evaluate(

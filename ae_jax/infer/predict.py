@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ae_jax import candidates as candidates_lib
-from ae_jax import checkpoints
-from ae_jax import grouping as grouping_lib
+from ae_jax.infer import candidates as candidates_lib
+from ae_jax.train import checkpoints
+from ae_jax.infer import grouping as grouping_lib
 from ae_jax import keypoints
 from ae_jax import sharding
 from ae_jax.data import affine

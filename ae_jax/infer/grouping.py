@@ -8,7 +8,7 @@ matching on tag distance -> quarter-pixel adjust -> person score -> refine
 Legend: K joints (17 for COCO), H x W map size (the resized input size with
 project2image), L tag dim (2 with flip test: original and flipped tags,
 else 1), N candidates of one joint (<= max_people), P people found.
-Maps are one image's, joint-major (inference.py transposes on device so that
+Maps are one image's, joint-major (predict.py transposes on device so that
 each joint's map is contiguous here): heatmaps [K, H, W] float32,
 tags [K, H, W, L] float32.
 Poses [P, K, 3 + L] float32: x, y on the map grid (mmpose's +0.5 pixel
@@ -27,7 +27,7 @@ from typing import List, NamedTuple, Tuple
 import numpy as np
 import scipy.optimize
 
-from ae_jax import refine as refine_lib
+from ae_jax.infer import refine as refine_lib
 
 # mmpose's joint_order for COCO: head, shoulders, hips, then limbs. As in
 # mmpose, it is used whenever K == 17; other K match in index order.
@@ -379,7 +379,7 @@ def transform_to_image(poses: np.ndarray, center, scale,
 
   Args:
     poses: [P, K, C] with x, y in the first two channels.
-    center: [2] (x, y) image px, as from inference.get_multi_scale_size.
+    center: [2] (x, y) image px, as from predict.get_multi_scale_size.
     scale: [2] (w, h) in units of 200 px.
     map_size: (w, h) of the maps the poses live on.
 

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ae_jax import grouping as grouping_lib
-from ae_jax import refine as refine_lib
+from ae_jax.infer import grouping as grouping_lib
+from ae_jax.infer import refine as refine_lib
 
 Candidates = Dict[str, np.ndarray]
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ae_jax import candidates
+from ae_jax.infer import candidates
 from ae_jax.models import ae_model
 
 
