@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import torch
 
-from ae_jax.infer import grouping
+from ae_jax.infer import decode
 from ae_jax.infer import predict
 from ae_jax import keypoints
 from ae_jax.data import eval_input
@@ -75,7 +75,7 @@ def reference_predict(apply, variables, image, test, num_joints=17):
   heat = (sum(heats) / len(heats)).transpose(2, 0, 1)
   poses, scores = mmpose_grouping.reference_parse(
       heat, tags.transpose(2, 0, 1, 3), solver='munkres')
-  poses = grouping.transform_to_image(poses, center, scale, (bw, bh))
+  poses = decode.transform_to_image(poses, center, scale, (bw, bh))
   return poses[..., :3], scores, moved
 
 

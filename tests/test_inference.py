@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ae_jax.infer import grouping
+from ae_jax.infer import decode
 from ae_jax.infer import predict
 from ae_jax import keypoints
 from ae_jax.data import affine
 from ae_jax.models import ae_model
 from tests.conftest import random_variables
+from tests.references import host_grouping
 
 torch = pytest.importorskip('torch')
 
@@ -143,18 +144,18 @@ def test_predictor_returns_people_in_image_coordinates(tiny):
   rng = np.random.default_rng(3)
   image = rng.integers(0, 255, (60, 90, 3), np.uint8)
   # A zero threshold makes the random model produce people.
-  params = grouping.GroupingParams(detection_threshold=0.0)
+  params = decode.GroupingParams(detection_threshold=0.0)
   predictor = predict.Predictor(model, variables, input_size=64,
                                   grouping=params)
   poses, scores = predictor(image)
   assert poses.shape[1:] == (K, 3) and poses.shape[0] == scores.shape[0] > 0
   (heat, tags), center, scale = predictor.maps(image)
-  grid, grid_scores = grouping.group_poses(np.asarray(heat),
-                                           np.asarray(tags), params)
-  np.testing.assert_array_equal(scores, grid_scores)
+  grid = host_grouping.group_poses(np.asarray(heat), np.asarray(tags),
+                                  params)
+  np.testing.assert_array_equal(scores, grid.scores)
   # x in image px = x_grid * (image region width / map width) + offset.
   region_w = scale[0] * 200
-  expected_x = grid[..., 0] * region_w / heat.shape[2] + center[0] - (
+  expected_x = grid.coords[..., 0] * region_w / heat.shape[2] + center[0] - (
       region_w / 2)
   np.testing.assert_allclose(poses[..., 0], expected_x, rtol=1e-5)
 
@@ -177,7 +178,7 @@ def test_config_test_group_unpacks_into_predictor(tiny):
   assert predictor.scales == (2.0, 1.0, 0.5)
   assert all(isinstance(s, float) for s in predictor.scales)
   assert predictor.input_size == 512 and predictor.flip is True
-  assert predictor.grouping == grouping.GroupingParams(
+  assert predictor.grouping == decode.GroupingParams(
       detection_threshold=0.3, refine=False)
 
 
@@ -199,7 +200,7 @@ def test_predict_stream_batches_equal_per_image_full_maps(tiny):
   rng = np.random.default_rng(5)
   shapes = [(60, 90), (90, 60), (60, 90)]
   images = [rng.integers(0, 255, s + (3,), np.uint8) for s in shapes]
-  params = grouping.GroupingParams(detection_threshold=0.0)
+  params = decode.GroupingParams(detection_threshold=0.0)
   predictor = predict.Predictor(model, variables, input_size=64,
                                   scales=(1.0, 0.5), grouping=params)
   assert predictor.batch_size == jax.local_device_count()
@@ -207,13 +208,13 @@ def test_predict_stream_batches_equal_per_image_full_maps(tiny):
   assert sorted(got) == list(range(len(images)))
   for i, image in enumerate(images):
     (heat, tags), center, scale = predictor.maps(image)
-    grid, want_scores = grouping.group_poses(np.asarray(heat),
-                                             np.asarray(tags), params)
-    want = grouping.transform_to_image(grid, center, scale,
-                                       (heat.shape[2], heat.shape[1]))
-    assert want.shape[0] > 0
-    np.testing.assert_allclose(got[i][0], want[..., :3], rtol=1e-6)
-    np.testing.assert_array_equal(got[i][1], want_scores)
+    want = host_grouping.group_poses(np.asarray(heat), np.asarray(tags),
+                                     params).to_image(
+                                         center, scale,
+                                         (heat.shape[2], heat.shape[1]))
+    assert len(want) > 0
+    np.testing.assert_allclose(got[i][0], want.keypoints, rtol=1e-6)
+    np.testing.assert_array_equal(got[i][1], want.scores)
   stats = predictor.stats
   assert stats['images'] == len(images)
   assert 0 < stats['bytes_to_host'] <= stats['full_map_bytes']

@@ -42,8 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ae_jax.infer import candidates as candidates_lib
+from ae_jax.infer import decode
+from ae_jax.infer import refine
+from ae_jax.infer import refine_scan
 from ae_jax.train import checkpoints
-from ae_jax.infer import grouping as grouping_lib
 from ae_jax import keypoints
 from ae_jax import sharding
 from ae_jax.data import affine
@@ -195,19 +197,17 @@ def compute_batch(variables, images: Tuple[jnp.ndarray, ...], *,
   return {'heat': heat, 'tags': tags, 'cands': cands}
 
 
-def grouping_params(grouping: Any) -> grouping_lib.GroupingParams:
-  """GroupingParams from itself or a mapping of its fields.
+def _argmax(heat, tags, index: int, stats: dict) -> refine.ArgmaxFn:
+  """Refine's argmax over the maps of image `index` of a batch.
 
-  Raises:
-    ValueError: naming a key that is not a GroupingParams field.
+  On XLA:CPU the maps are read as numpy views (no copy) by the host scan,
+  whose large scans run jitted; elsewhere the jitted scan runs on the
+  device that holds them.
   """
-  if isinstance(grouping, grouping_lib.GroupingParams):
-    return grouping
-  fields = [f.name for f in dataclasses.fields(grouping_lib.GroupingParams)]
-  unknown = sorted(set(grouping.keys()) - set(fields))
-  if unknown:
-    raise ValueError(f'unknown grouping key(s) {unknown}; known: {fields}')
-  return grouping_lib.GroupingParams(**grouping)
+  if all(d.platform == 'cpu' for d in heat.devices()):
+    return refine.host_argmax(np.asarray(heat)[index],
+                              np.asarray(tags)[index], refine_scan.scan_flat)
+  return refine_scan.device_argmax(heat[index], tags[index], stats)
 
 
 class Predictor:
@@ -233,7 +233,7 @@ class Predictor:
     flip: flip test.
     project2image: resize maps to the scale-1 input size (mmpose's
       project2image).
-    grouping: grouping.GroupingParams, or a mapping of its fields
+    grouping: decode.GroupingParams, or a mapping of its fields
       (config.test.grouping).
     flip_index: [K] mirrored joint of each joint (KeypointSpec.flip_index);
       default COCO's, which fits a 17-joint model only.
@@ -245,7 +245,7 @@ class Predictor:
   def __init__(self, model: nn.Module, variables: Any, *,
                input_size: int = 512, scales: Sequence[float] = (1.0,),
                flip: bool = True, project2image: bool = True,
-               grouping: Any = grouping_lib.GroupingParams(),
+               grouping: Any = decode.GroupingParams(),
                flip_index: Sequence[int] | None = None,
                batch_size: int | None = None, num_threads: int = 2):
     self.scales = tuple(sorted((float(s) for s in scales), reverse=True))
@@ -266,7 +266,7 @@ class Predictor:
     self.input_size = int(input_size)
     self.flip = bool(flip)
     self.project2image = bool(project2image)
-    self.grouping = grouping_params(grouping)
+    self.grouping = decode.grouping_params(grouping)
     if flip_index is None:
       flip_index = keypoints.COCO.flip_index
     self.flip_index = tuple(int(j) for j in flip_index)
@@ -329,16 +329,15 @@ class Predictor:
     cands = jax.device_get(outs['cands'])  # waits for the device
     heat, tags = outs['heat'], outs['tags']
     num_joints, height, width = heat.shape[1:]
-    moved = sum(v[0].nbytes for v in cands.values())
+    moved = sum(v[0].nbytes for v in cands)
     results = []
     for i, (key, (_, center, scale, _)) in enumerate(batch):
       fetched = {'bytes_to_host': moved}
-      poses, scores = candidates_lib.group_candidates(
-          {n: v[i] for n, v in cands.items()}, (height, width),
-          candidates_lib.image_maps(heat, tags, i), self.grouping, fetched)
-      poses = grouping_lib.transform_to_image(poses, center, scale,
-                                              (width, height))
-      results.append((key, poses[..., :3], scores))
+      poses = decode.decode_candidates(
+          decode.Candidates(*(v[i] for v in cands)), width, self.grouping,
+          _argmax(heat, tags, i, fetched))
+      poses = poses.to_image(center, scale, (width, height))
+      results.append((key, poses.keypoints, poses.scores))
       with self._lock:
         self.stats['images'] += 1
         self.stats['bytes_to_host'] += fetched['bytes_to_host']
