@@ -203,12 +203,12 @@ def bench_eval(coco_root='data/coco_mini', repeats=2):
                                   jnp.zeros((1, 64, 64, 3)))
   out = []
   for scales in ((1.0,), (2.0, 1.0, 0.5)):
-    predictor = predict.Predictor(model, variables, input_size=512,
-                                    scales=scales, flip=True)
-    coco_eval.evaluate(predictor, coco_root)  # compiles every shape once
+    predictor = predict.Predictor(model, variables, predict.PredictOptions(
+        input_size=512, scales=scales, flip=True))
+    coco_eval.evaluate(predictor.stream, coco_root)  # compiles every shape
     rates = []
     for _ in range(repeats):
-      _, info = coco_eval.evaluate(predictor, coco_root)
+      _, info = coco_eval.evaluate(predictor.stream, coco_root)
       rates.append(info['images_per_second'])
     out.append((scales, max(rates)))
     print(f'eval scales {scales}: {max(rates):.2f} img/s (after compile)',

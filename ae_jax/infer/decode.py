@@ -20,7 +20,8 @@ refine queries.
 """
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Hashable, Iterable, Mapping, NamedTuple
+from typing import Tuple
 
 import numpy as np
 
@@ -118,6 +119,28 @@ class Poses:
     """These poses with coords mapped from the map grid to image pixels."""
     return dataclasses.replace(self, coords=transform_to_image(
         self.coords, center, scale, map_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """One image's people, as a predictor's stream yields them.
+
+  key: the caller's key of the image.
+  poses: Poses in image pixels.
+  bytes_to_host: device->host bytes its decode fetched (the candidates and
+    refine's answers).
+  full_map_bytes: bytes of its full maps (what moving them would cost).
+  """
+  key: Hashable
+  poses: Poses
+  bytes_to_host: int = 0
+  full_map_bytes: int = 0
+
+
+# (key, [H, W, 3] uint8 RGB image) pairs -> their Predictions (in any
+# order), e.g. predict.Predictor(...).stream.
+StreamFn = Callable[[Iterable[Tuple[Hashable, np.ndarray]]],
+                    Iterable[Prediction]]
 
 
 def _poses(rows: np.ndarray, scores: np.ndarray) -> Poses:

@@ -1,21 +1,20 @@
-"""Inference: resize-align sizes, torch-equal bilinear, flip/multi-scale maps.
+"""predict: torch-equal bilinear, flip/multi-scale maps, the driver's
+batches against per-image full-map grouping, the options' checks.
 
-References are built in the test: sizes from mmpose's rule
-(BottomUpGetImgSize: short side to size, long side rounded up to 64) worked
-out by hand, maps from the raw model outputs with numpy flips and torch's
-interpolate.
+References are built in the test: maps from the raw model outputs with
+numpy flips and torch's interpolate, people from the host full-map grouping
+(tests/references/host_grouping.py).
 """
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ae_jax import keypoints
+from ae_jax.data import eval_input
 from ae_jax.infer import decode
 from ae_jax.infer import predict
-from ae_jax import keypoints
-from ae_jax.data import affine
 from ae_jax.models import ae_model
 from tests.conftest import random_variables
 from tests.references import host_grouping
@@ -27,43 +26,6 @@ torch = pytest.importorskip('torch')
 def tiny():
   model = ae_model.AEModel(widen_factor=0.25, num_deconv_filters=(16, 16, 16))
   return model, random_variables(model)
-
-
-@pytest.mark.parametrize('hw,size,scale,min_scale,want', [
-    # landscape 480x640, 512: short 512, long ceil64(682.7) = 704
-    ((480, 640), 512, 1, 1, (704, 512)),
-    # portrait 640x427: short 512, long ceil64(767.4) = 768
-    ((640, 427), 512, 1, 1, (512, 768)),
-    # multi-scale min 0.5: aligned at 256 (long ceil64(341.3)=384), x2
-    ((480, 640), 512, 1, 0.5, (768, 512)),
-    ((480, 640), 512, 2, 0.5, (1536, 1024)),
-    ((480, 640), 512, 0.5, 0.5, (384, 256)),
-    # square stays square
-    ((128, 128), 128, 1, 1, (128, 128)),
-])
-def test_multi_scale_size(hw, size, scale, min_scale, want):
-  got, center, s = predict.get_multi_scale_size(*hw, size, scale,
-                                                  min_scale)
-  assert got == want
-  h, w = hw
-  np.testing.assert_array_equal(center, [round(w / 2), round(h / 2)])
-  # scale covers the short side and keeps the output aspect ratio.
-  if w >= h:
-    assert s[1] == h / 200.0
-  else:
-    assert s[0] == w / 200.0
-  np.testing.assert_allclose(s[0] / s[1], want[0] / want[1])
-
-
-def test_resize_align_is_mmpose_warp():
-  rng = np.random.default_rng(0)
-  image = rng.integers(0, 255, (90, 130, 3), np.uint8)
-  out = predict.resize_align(image, 128, 1.0, 1.0)
-  (w, h), center, scale = predict.get_multi_scale_size(90, 130, 128, 1, 1)
-  ref = cv2.warpAffine(image, affine.get_affine_transform(
-      center, scale, 0, (w, h)), (w, h), flags=cv2.INTER_LINEAR)
-  assert out.shape == (128, 192, 3)
-  np.testing.assert_array_equal(out, ref)
 
 
 @pytest.mark.parametrize('src,dst', [
@@ -111,6 +73,15 @@ def _reference_maps(model, variables, images, scales, flip, base_hw):
   return heat.transpose(2, 0, 1), tags.transpose(2, 0, 1, 3)
 
 
+def _maps(model, variables, options, image):
+  """predict_batch's maps of one image: heat, tags, its ScaledInputs."""
+  x = eval_input.resize_inputs(image, options.input_size, options.scales)
+  out = predict.predict_batch(variables, tuple(i[None] for i in x.images),
+                              model=model, options=options,
+                              base_hw=x.base_hw)
+  return out.heat[0], out.tags[0], x
+
+
 K = keypoints.NUM_JOINTS
 
 
@@ -122,15 +93,16 @@ def test_maps_match_reference(tiny, scales, flip):
   model, variables = tiny
   rng = np.random.default_rng(2)
   image = rng.integers(0, 255, (70, 100, 3), np.uint8)
-  predictor = predict.Predictor(model, variables, input_size=64,
-                                  scales=scales, flip=flip)
-  (heat, tags), center, scale = predictor.maps(image)
+  options = predict.PredictOptions(input_size=64, scales=scales, flip=flip)
+  heat, tags, x = _maps(model, variables, options, image)
+  center, scale = x.center, x.scale
   min_scale = min(scales)
-  (bw, bh), _, _ = predict.get_multi_scale_size(70, 100, 64, 1, min_scale)
-  images = [predict.resize_align(image, 64, s, min_scale)
-            for s in predictor.scales]
+  (bw, bh), _, _ = eval_input.get_multi_scale_size(70, 100, 64, 1, min_scale)
+  images = [eval_input.resize_align(image, 64, s, min_scale)
+            for s in options.scales]
+  assert all(np.array_equal(a, b) for a, b in zip(images, x.images))
   ref_heat, ref_tags = _reference_maps(model, variables, images,
-                                       predictor.scales, flip, (bh, bw))
+                                       options.scales, flip, (bh, bw))
   assert heat.shape == (K, bh, bw)
   assert tags.shape == (K, bh, bw, 2 if flip else 1)
   np.testing.assert_allclose(np.asarray(heat), ref_heat, atol=2e-5)
@@ -145,53 +117,64 @@ def test_predictor_returns_people_in_image_coordinates(tiny):
   image = rng.integers(0, 255, (60, 90, 3), np.uint8)
   # A zero threshold makes the random model produce people.
   params = decode.GroupingParams(detection_threshold=0.0)
-  predictor = predict.Predictor(model, variables, input_size=64,
-                                  grouping=params)
-  poses, scores = predictor(image)
-  assert poses.shape[1:] == (K, 3) and poses.shape[0] == scores.shape[0] > 0
-  (heat, tags), center, scale = predictor.maps(image)
+  options = predict.PredictOptions(input_size=64, grouping=params)
+  predictor = predict.Predictor(model, variables, options)
+  poses = predictor(image)
+  assert isinstance(poses, decode.Poses)
+  assert poses.keypoints.shape[1:] == (K, 3) and len(poses) > 0
+  assert poses.scores.shape == (len(poses),)
+  heat, tags, x = _maps(model, variables, options, image)
   grid = host_grouping.group_poses(np.asarray(heat), np.asarray(tags),
-                                  params)
-  np.testing.assert_array_equal(scores, grid.scores)
+                                   params)
+  np.testing.assert_array_equal(poses.scores, grid.scores)
   # x in image px = x_grid * (image region width / map width) + offset.
-  region_w = scale[0] * 200
-  expected_x = grid.coords[..., 0] * region_w / heat.shape[2] + center[0] - (
-      region_w / 2)
-  np.testing.assert_allclose(poses[..., 0], expected_x, rtol=1e-5)
+  region_w = x.scale[0] * 200
+  expected_x = grid.coords[..., 0] * region_w / heat.shape[2] + (
+      x.center[0] - region_w / 2)
+  np.testing.assert_allclose(poses.coords[..., 0], expected_x, rtol=1e-5)
 
 
-def test_multi_scale_needs_scale_one(tiny):
-  model, variables = tiny
+def test_multi_scale_needs_scale_one():
   with pytest.raises(ValueError, match='scale 1'):
-    predict.Predictor(model, variables, scales=(2.0, 0.5))
+    predict.PredictOptions(scales=(2.0, 0.5))
 
 
-def test_config_test_group_unpacks_into_predictor(tiny):
-  """Predictor(**config.test): every key lands, normalised, grouping nested."""
+def test_config_test_group_unpacks_into_options():
+  """PredictOptions(**config.test): every key lands, normalised, grouping
+  nested."""
   from configs import default  # pylint: disable=g-import-not-at-top
-  model, variables = tiny
   test = default.get_config().test
   test.scales = [0.5, 2, 1]  # a list of ints, as a flag may give
   test.grouping.detection_threshold = 0.3
   test.grouping.refine = False
-  predictor = predict.Predictor(model, variables, **test)
-  assert predictor.scales == (2.0, 1.0, 0.5)
-  assert all(isinstance(s, float) for s in predictor.scales)
-  assert predictor.input_size == 512 and predictor.flip is True
-  assert predictor.grouping == decode.GroupingParams(
+  options = predict.PredictOptions(**test)
+  assert options.scales == (2.0, 1.0, 0.5)
+  assert all(isinstance(s, float) for s in options.scales)
+  assert options.input_size == 512 and options.flip is True
+  assert options.grouping == decode.GroupingParams(
       detection_threshold=0.3, refine=False)
+  assert options.flip_index == keypoints.COCO.flip_index
+  hash(options)  # a static argument of the jitted predict_batch
 
 
 @pytest.mark.parametrize('kwargs,match', [
     (dict(grouping={'detection_treshold': 0.1}), 'detection_treshold'),
+    (dict(grouping={'detection_threshold': -0.1}), 'detection_threshold'),
+    (dict(grouping={'nms_kernel': 4}), 'nms_kernel must be odd'),
     (dict(scales=(1.0, 0.0)), 'positive'),
     (dict(scales=()), 'positive'),
     (dict(input_size=0), 'input_size'),
 ])
-def test_bad_test_settings_are_named(tiny, kwargs, match):
-  model, variables = tiny
+def test_bad_test_settings_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    predict.Predictor(model, variables, **kwargs)
+    predict.PredictOptions(**kwargs)
+
+
+def test_flip_index_must_fit_the_model(tiny):
+  model, variables = tiny
+  with pytest.raises(ValueError, match='flip_index has 5 joints'):
+    predict.Predictor(model, variables, predict.PredictOptions(
+        flip_index=(0, 2, 1, 4, 3)))
 
 
 def test_predict_stream_batches_equal_per_image_full_maps(tiny):
@@ -201,27 +184,29 @@ def test_predict_stream_batches_equal_per_image_full_maps(tiny):
   shapes = [(60, 90), (90, 60), (60, 90)]
   images = [rng.integers(0, 255, s + (3,), np.uint8) for s in shapes]
   params = decode.GroupingParams(detection_threshold=0.0)
-  predictor = predict.Predictor(model, variables, input_size=64,
-                                  scales=(1.0, 0.5), grouping=params)
+  options = predict.PredictOptions(input_size=64, scales=(1.0, 0.5),
+                                   grouping=params)
+  predictor = predict.Predictor(model, variables, options)
   assert predictor.batch_size == jax.local_device_count()
-  got = {k: (p, s) for k, p, s in predictor.predict_stream(enumerate(images))}
+  got = {p.key: p for p in predictor.stream(enumerate(images))}
   assert sorted(got) == list(range(len(images)))
   for i, image in enumerate(images):
-    (heat, tags), center, scale = predictor.maps(image)
+    heat, tags, x = _maps(model, variables, options, image)
     want = host_grouping.group_poses(np.asarray(heat), np.asarray(tags),
                                      params).to_image(
-                                         center, scale,
+                                         x.center, x.scale,
                                          (heat.shape[2], heat.shape[1]))
     assert len(want) > 0
-    np.testing.assert_allclose(got[i][0], want.keypoints, rtol=1e-6)
-    np.testing.assert_array_equal(got[i][1], want.scores)
-  stats = predictor.stats
-  assert stats['images'] == len(images)
-  assert 0 < stats['bytes_to_host'] <= stats['full_map_bytes']
+    np.testing.assert_allclose(got[i].poses.keypoints, want.keypoints,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(got[i].poses.scores, want.scores)
+    # Device->host: the candidates (and refine's answers), not the maps.
+    assert 0 < got[i].bytes_to_host <= got[i].full_map_bytes
+    assert got[i].full_map_bytes == heat.nbytes + tags.nbytes
 
 
 def test_batch_size_must_divide_over_devices(tiny):
   model, variables = tiny
   with pytest.raises(ValueError, match='local devices'):
     predict.Predictor(model, variables,
-                        batch_size=jax.local_device_count() + 1)
+                      batch_size=jax.local_device_count() + 1)
