@@ -106,15 +106,6 @@ class Poses:
     """[P, K, 3] float32 (x, y, joint score): COCO json and drawing."""
     return np.concatenate([self.coords, self.joint_scores[..., None]], -1)
 
-  @classmethod
-  def from_keypoints(cls, keypoints: np.ndarray, scores: np.ndarray
-                     ) -> 'Poses':
-    """Poses without tags from [P, K, 3] (x, y, joint score), scores [P]."""
-    keypoints = np.asarray(keypoints, np.float32)
-    return cls(keypoints[..., :2], keypoints[..., 2],
-               np.asarray(scores, np.float32),
-               np.zeros(keypoints.shape[:2] + (0,), np.float32))
-
   def to_image(self, center, scale, map_size) -> 'Poses':
     """These poses with coords mapped from the map grid to image pixels."""
     return dataclasses.replace(self, coords=transform_to_image(
