@@ -111,3 +111,17 @@ def test_top_k_equals_lax_top_k(n, k, chunk):
     got = candidates.top_k(jax.numpy.asarray(x), k, chunk)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+@pytest.mark.parametrize('by_sort', [False, True])
+def test_top_candidates_exports_with_symbolic_map_sizes(by_sort):
+  # SavedModel / ONNX exports trace the map sizes as symbols.
+  tags_shape = jax.export.symbolic_shape('k, 32*h, 32*w, 1')
+  exported = jax.export.export(jax.jit(
+      lambda h, t: candidates.top_candidates(h, t, 6, 5, by_sort)))(
+          jax.ShapeDtypeStruct(tags_shape[:3], np.float32),
+          jax.ShapeDtypeStruct(tags_shape, np.float32))
+  heat, tags = _maps(5, k=3, h=64, w=96, tag_dim=1)
+  want = candidates.top_candidates(heat, tags, 6, 5)
+  for got, ref in zip(exported.call(heat, tags), want):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

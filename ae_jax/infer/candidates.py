@@ -36,13 +36,20 @@ def _window_max(x: jnp.ndarray, axis: int, kernel: int):
   """
   pad, size = (kernel - 1) // 2, x.shape[axis]
   part = functools.partial(jax.lax.slice_in_dim, x, axis=axis)
-  border = [i for i in range(size) if i < pad or i >= size - pad]
-  pieces = [(i, i + 1, part(max(0, i - pad), min(size, i + pad + 1)).max(
-      axis=axis, keepdims=True)) for i in border]
-  if size > 2 * pad:
-    pieces.append((pad, size - pad, functools.reduce(jnp.maximum, [
-        part(d, size - 2 * pad + d) for d in range(kernel)])))
-  return sorted(pieces, key=lambda piece: piece[0])
+
+  def line(i, start, stop):  # output line i: the max of lines start:stop
+    return i, i + 1, part(start, stop).max(axis=axis, keepdims=True)
+
+  if isinstance(size, int) and size <= 2 * pad:  # no interior line
+    return [line(i, max(0, i - pad), min(size, i + pad + 1))
+            for i in range(size)]
+  # (size may be symbolic, as in a shape-polymorphic export: > 2 * pad.)
+  inner = functools.reduce(jnp.maximum, [
+      part(d, size - 2 * pad + d) for d in range(kernel)])
+  return ([line(i, 0, i + pad + 1) for i in range(pad)] +
+          [(pad, size - pad, inner)] +
+          [line(size - pad + j, size - 2 * pad + j, size)
+           for j in range(pad)])
 
 
 def nms(heat: jnp.ndarray, kernel: int) -> jnp.ndarray:
@@ -76,9 +83,9 @@ def top_k(x: jnp.ndarray, k: int, chunk: int = _CHUNK):
     values [R, k] descending, indices [R, k] int32.
   """
   rows, n = x.shape
+  if not isinstance(n, int) or -(-n // chunk) <= 2 * k:
+    return jax.lax.top_k(x, k)  # a symbolic size, or little to skip
   groups = -(-n // chunk)
-  if groups <= 2 * k:  # little to skip
-    return jax.lax.top_k(x, k)
   if groups * chunk != n:
     x = jnp.pad(x, ((0, 0), (0, groups * chunk - n)),
                 constant_values=-jnp.inf)
