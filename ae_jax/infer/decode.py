@@ -159,7 +159,7 @@ def adjust(rows: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
   return rows
 
 
-def threshold(cands: Candidates, width: int, params: GroupingParams):
+def _threshold(cands: Candidates, width: int, params: GroupingParams):
   """Per joint, the candidates above the threshold (at most max_people).
 
   Returns:
@@ -197,7 +197,7 @@ def decode_candidates(cands: Candidates, width: int,
   Returns:
     Poses on the map grid, in mmpose's order (creation order).
   """
-  joint_cands, neigh_of = threshold(cands, width, params)
+  joint_cands, neigh_of = _threshold(cands, width, params)
   rows = matching.match_candidates(
       joint_cands, tag_threshold=params.tag_threshold,
       use_detection_val=params.use_detection_val,
