@@ -51,7 +51,7 @@ def test_serving_graph_uses_plain_flax_layers_on_any_backend():
 def _check_candidates(model, variables, x, got):
   """candidate_* outputs == host NMS/top-k of the torch-resized maps."""
   torch = pytest.importorskip('torch')
-  from ae_jax.infer import grouping  # pylint: disable=g-import-not-at-top
+  from tests.references import host_grouping  # pylint: disable=g-import-not-at-top
   got = {k: v.numpy() for k, v in got.items()}
   _, h, w, _ = x.shape
   raw = torch.from_numpy(np.array(model.apply(variables, jnp.asarray(x))))
@@ -61,7 +61,7 @@ def _check_candidates(model, variables, x, got):
   found = 0
   for b in range(x.shape[0]):
     heat, tags = maps[b, :17], maps[b, 17:, ..., None]
-    want = grouping.find_candidates(heat, tags, 6, 0.0)
+    want = host_grouping.find_candidates(heat, tags, 6, 0.0)
     for k, joint in enumerate(want):
       n = joint.val.size
       found += n

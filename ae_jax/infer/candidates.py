@@ -1,74 +1,121 @@
-"""NMS'd top-k candidates on the device; the rest of grouping on the host.
+"""Grouping's device half: NMS'd top-k candidates (mmpose HeatmapParser).
 
-mmpose's HeatmapParser.parse in two halves, so that only what grouping
-reads crosses to the host:
-- `top_candidates` (jnp, jit/vmap/jax2tf friendly): kernel x kernel max-pool
-  NMS, the top `max_people` peaks per joint (ties: lower flat index first,
-  as lax.top_k and grouping.find_candidates), their tags and the 4
-  neighbour heat values that `adjust` reads.
-- `group_candidates` (numpy): threshold, tag matching
-  (grouping.match_candidates), adjust from the neighbour values, score, and
-  refine (refine.refine_poses: a jitted scan where the maps are, so only
-  its queries and results cross).
-The result equals grouping.group_poses on the full maps.
+`top_candidates` (jnp; jit, vmap and jax2tf friendly) does mmpose's
+kernel x kernel max-pool NMS and keeps the top `max_people` peaks per joint
+(ties: lower flat index first, as lax.top_k), their tags and the 4
+neighbour heat values that adjust reads: only these cross to the host,
+where decode.decode_candidates groups them. The NMS is written as shifted
+maxima, not lax.reduce_window, so that an ONNX export of it runs
+(onnxruntime rejects the MaxPool that reduce_window converts to); top_k
+first picks the best chunks of each row, so that the final top_k sorts a
+few thousand values instead of H x W (bench/RESULTS_eval.md).
 
 Legend: K joints, H x W map, L tag dim, M = max_people.
-Candidates (one image): val [K, M] float32 descending, idx [K, M] int32
-flat index y * W + x, tag [K, M, L], neighbors [K, M, 4] float32 heat at
-(y+1, x), (y-1, x), (y, x+1), (y, x-1), clipped at the border.
 """
 
 import functools
-from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ae_jax.infer import grouping as grouping_lib
-from ae_jax.infer import refine as refine_lib
+from ae_jax.infer import decode
 
-Candidates = Dict[str, np.ndarray]
+_CHUNK = 128  # values per chunk of top_k's first pass
 
 
-def _max_pool(heat: jnp.ndarray, kernel: int) -> jnp.ndarray:
-  """kernel x kernel max over [K, H, W], -inf padded: torch MaxPool2d(k, 1).
+def _window_max(x: jnp.ndarray, axis: int, kernel: int):
+  """Max over a centred window of `kernel` lines along `axis`, clipped at
+  the border (= -inf padding), as pieces.
 
-  Separable (rows, then columns): equal to lax.reduce_window, about 4x
-  faster on XLA:CPU.
+  Shifted maxima: the interior is an elementwise max of slices of the
+  unpadded array (it vectorises; a -inf pad inside the fusion does not),
+  each of the (kernel - 1) / 2 border lines per side its own short max.
+
+  Returns:
+    [(start, stop, max of lines start:stop)] in order, covering the axis.
   """
-  pad = (kernel - 1) // 2
-  out = heat
-  for axis in (1, 2):
-    widths = [(0, 0)] * 3
-    widths[axis] = (pad, pad)
-    padded = jnp.pad(out, widths, constant_values=-jnp.inf)
-    size = heat.shape[axis]
-    out = functools.reduce(jnp.maximum, [
-        jax.lax.slice_in_dim(padded, d, d + size, axis=axis)
-        for d in range(kernel)])
-  return out
+  pad, size = (kernel - 1) // 2, x.shape[axis]
+  part = functools.partial(jax.lax.slice_in_dim, x, axis=axis)
+
+  def line(i, start, stop):  # output line i: the max of lines start:stop
+    return i, i + 1, part(start, stop).max(axis=axis, keepdims=True)
+
+  if isinstance(size, int) and size <= 2 * pad:  # no interior line
+    return [line(i, max(0, i - pad), min(size, i + pad + 1))
+            for i in range(size)]
+  # (size may be symbolic, as in a shape-polymorphic export: > 2 * pad.)
+  inner = functools.reduce(jnp.maximum, [
+      part(d, size - 2 * pad + d) for d in range(kernel)])
+  return ([line(i, 0, i + pad + 1) for i in range(pad)] +
+          [(pad, size - pad, inner)] +
+          [line(size - pad + j, size - 2 * pad + j, size)
+           for j in range(pad)])
+
+
+def nms(heat: jnp.ndarray, kernel: int) -> jnp.ndarray:
+  """[K, H, W] heat where it is the max of its kernel x kernel window, else
+  -inf (mmpose: torch MaxPool2d(kernel, 1, (kernel - 1) // 2) == heat).
+
+  Separable (rows, then columns); the comparison is made piece by piece of
+  the column pass, before one concatenation (comparing after it keeps XLA:
+  CPU from vectorising the pieces).
+  """
+  rows = jnp.concatenate([m for _, _, m in _window_max(heat, 1, kernel)],
+                         axis=1)
+  out = []
+  for start, stop, pooled in _window_max(rows, 2, kernel):
+    h = jax.lax.slice_in_dim(heat, start, stop, axis=2)
+    out.append(jnp.where(pooled == h, h, -jnp.inf))
+  return jnp.concatenate(out, axis=2)
+
+
+def top_k(x: jnp.ndarray, k: int, chunk: int = _CHUNK):
+  """lax.top_k of the rows of x [R, N] (ties: lower index first), exactly.
+
+  Over the best chunks: the rows in chunks of `chunk` values, the k chunks
+  with the highest maxima (ties: lower chunk first) hold the k highest
+  values (a value outside them has k chunk maxima, hence k values, ranked
+  above it), so only k x chunk values per row go to the final top_k, in
+  flat order so that ties break as lax.top_k's. Compiled top_k over the
+  whole rows is a partial sort on XLA:CPU; chunk maxima vectorise.
+
+  Returns:
+    values [R, k] descending, indices [R, k] int32.
+  """
+  rows, n = x.shape
+  if not isinstance(n, int) or -(-n // chunk) <= 2 * k:
+    return jax.lax.top_k(x, k)  # a symbolic size, or little to skip
+  groups = -(-n // chunk)
+  if groups * chunk != n:
+    x = jnp.pad(x, ((0, 0), (0, groups * chunk - n)),
+                constant_values=-jnp.inf)
+  blocks = x.reshape(rows, groups, chunk)
+  _, best = jax.lax.top_k(blocks.max(axis=2), k)
+  best = -jax.lax.top_k(-best, k)[0]  # ascending (top_k: no sort op)
+  values = jnp.take_along_axis(blocks, best[..., None], axis=1)
+  val, pos = jax.lax.top_k(values.reshape(rows, k * chunk), k)
+  return val, jnp.take_along_axis(best, pos // chunk, axis=1) * chunk + (
+      pos % chunk)
 
 
 def top_candidates(heat: jnp.ndarray, tags: jnp.ndarray, max_people: int,
                    nms_kernel: int = 5,
-                   by_sort: bool = False) -> Dict[str, jnp.ndarray]:
-  """Device half: heat [K, H, W], tags [K, H, W, L] -> candidates (above).
+                   by_sort: bool = False) -> decode.Candidates:
+  """heat [K, H, W], tags [K, H, W, L] -> decode.Candidates (M = max_people).
 
   by_sort: a stable full sort instead of lax.top_k (same result), for
   jax2tf: lax.top_k lowers to a StableHLO composite that TF's XlaCallModule
   cannot read.
   """
   num_joints, height, width = heat.shape
-  pooled = _max_pool(heat, nms_kernel)
-  nms = jnp.where(pooled == heat, heat, -jnp.inf).reshape(num_joints, -1)
+  peaks = nms(heat, nms_kernel).reshape(num_joints, -1)
   if by_sort:
-    iota = jax.lax.broadcasted_iota(jnp.int32, nms.shape, 1)
-    neg, idx = jax.lax.sort((-nms, iota), dimension=1, is_stable=True,
+    iota = jax.lax.broadcasted_iota(jnp.int32, peaks.shape, 1)
+    neg, idx = jax.lax.sort((-peaks, iota), dimension=1, is_stable=True,
                             num_keys=1)
     val, idx = -neg[:, :max_people], idx[:, :max_people]
   else:
-    val, idx = jax.lax.top_k(nms, max_people)  # [K, M]
+    val, idx = top_k(peaks, max_people)  # [K, M]
   y, x = idx // width, idx % width
   flat_heat = heat.reshape(num_joints, -1)
   tag = jnp.take_along_axis(
@@ -80,86 +127,5 @@ def top_candidates(heat: jnp.ndarray, tags: jnp.ndarray, max_people: int,
   neighbors = jnp.stack([
       at(jnp.minimum(height - 1, y + 1), x), at(jnp.maximum(0, y - 1), x),
       at(y, jnp.minimum(width - 1, x + 1)), at(y, jnp.maximum(0, x - 1))], -1)
-  return {'val': val, 'idx': idx.astype(jnp.int32), 'tag': tag,
-          'neighbors': neighbors}
-
-
-def _adjust(poses: np.ndarray, neigh: np.ndarray) -> np.ndarray:
-  """grouping.adjust_poses from each joint's neighbours [P, K, 4]."""
-  poses = poses.copy()
-  p_idx, k_idx = np.nonzero(poses[:, :, 2] > 0)
-  up, down, right, left = np.moveaxis(neigh[p_idx, k_idx], -1, 0)
-  y = poses[p_idx, k_idx, 1] + np.where(up > down, np.float32(0.25),
-                                        np.float32(-0.25))
-  x = poses[p_idx, k_idx, 0] + np.where(right > left, np.float32(0.25),
-                                        np.float32(-0.25))
-  poses[p_idx, k_idx, 0] = x + np.float32(0.5)
-  poses[p_idx, k_idx, 1] = y + np.float32(0.5)
-  return poses
-
-
-def image_maps(heat, tags, index: int):
-  """Maps of image `index` of a batch [B, K, H, W] / [B, K, H, W, L].
-
-  On XLA:CPU a numpy view (no copy); elsewhere a slice on the device.
-  """
-  if all(d.platform == 'cpu' for d in heat.devices()):
-    return np.asarray(heat)[index], np.asarray(tags)[index]
-  return heat[index], tags[index]
-
-
-def group_candidates(
-    cands: Candidates, map_hw: Tuple[int, int], maps,
-    params: grouping_lib.GroupingParams = grouping_lib.GroupingParams(),
-    stats: Dict[str, int] | None = None) -> Tuple[np.ndarray, np.ndarray]:
-  """Host half: candidates of one image -> (poses [P, K, 3 + L], scores [P]).
-
-  Args:
-    cands: numpy candidates of one image (module docstring).
-    map_hw: (H, W) of the maps.
-    maps: (heat [K, H, W], tags [K, H, W, L]) float32 of the image, jax
-      arrays on their device or numpy; only refine reads them, where they
-      are (refine.refine_poses), so only its queries and results cross.
-    params: grouping options (max_people <= the candidates' M).
-    stats: if given, 'bytes_to_host' is increased by refine's results.
-
-  Returns:
-    As grouping.group_poses.
-  """
-  height, width = map_hw
-  val, idx = np.asarray(cands['val'], np.float32), np.asarray(cands['idx'])
-  tag = np.asarray(cands['tag'], np.float32)
-  neigh = np.asarray(cands['neighbors'], np.float32)
-  num_joints = val.shape[0]
-  if params.detection_threshold < 0:
-    raise ValueError('detection_threshold must be >= 0, got '
-                     f'{params.detection_threshold}')
-  joint_cands, neigh_of = [], {}
-  for k in range(num_joints):
-    n = min(int(np.sum(val[k] > params.detection_threshold)),
-            params.max_people)  # val is descending: the first n
-    f = idx[k, :n].astype(np.int64)
-    joint_cands.append(grouping_lib.JointCandidates(
-        loc=np.stack([f % width, f // width], 1), val=val[k, :n],
-        tag=tag[k, :n]))
-    for i in range(n):
-      neigh_of[(k, int(f[i]))] = neigh[k, i]
-  poses = grouping_lib.match_candidates(
-      joint_cands, tag_threshold=params.tag_threshold,
-      use_detection_val=params.use_detection_val,
-      ignore_too_much=params.ignore_too_much, max_people=params.max_people)
-  detected = poses[:, :, 2] > 0
-  if params.adjust:
-    xs = poses[:, :, 0].astype(np.int64)
-    ys = poses[:, :, 1].astype(np.int64)
-    pn = np.zeros(poses.shape[:2] + (4,), np.float32)
-    for p, k in zip(*np.nonzero(detected)):
-      pn[p, k] = neigh_of[(int(k), int(ys[p, k] * width + xs[p, k]))]
-    poses = _adjust(poses, pn)
-  scores = poses[:, :, 2].mean(axis=1)
-  if params.refine and poses.shape[0] and not detected.all():
-    # The tags at the people's own joints are their candidates' tags.
-    heat, tags = maps
-    poses = refine_lib.refine_poses(poses, heat, tags,
-                                    own_tags=poses[:, :, 3:], stats=stats)
-  return poses, scores
+  return decode.Candidates(val=val, idx=idx.astype(jnp.int32), tag=tag,
+                           neighbors=neighbors)
