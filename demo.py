@@ -66,8 +66,8 @@ def main(argv):
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
     checkpoints.check_fits(variables, {**config.model, 'num_joints':
                                        spec.num_joints}, _CKPT.value)
-    predictor = predict.Predictor(model, variables, **config.test,
-                                    flip_index=spec.flip_index)
+    predictor = predict.Predictor(model, variables, predict.PredictOptions(
+        **config.test, flip_index=spec.flip_index))
     os.makedirs(out_dir, exist_ok=True)
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
@@ -82,14 +82,14 @@ def main(argv):
   start = time.perf_counter()
   count = 0
   if images:
-    entries, bad = draw.annotate_images(predictor, images, out_dir,
+    entries, bad = draw.annotate_images(predictor.stream, images, out_dir,
                                         _MIN_SCORE.value, bases,
                                         skeleton=spec.skeleton)
     failed += bad
     count += len(entries)
     draw.write_json(entries, os.path.join(out_dir, POSES_JSON))
   for path in videos:
-    frames = draw.annotate_video(predictor, path, bases[path],
+    frames = draw.annotate_video(predictor.stream, path, bases[path],
                                  _MIN_SCORE.value, skeleton=spec.skeleton)
     if frames is None:
       failed.append(path)

@@ -85,15 +85,16 @@ def main(argv):
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
     checkpoints.check_fits(variables, {**config.model, 'num_joints':
                                        spec.num_joints}, _CKPT.value)
-    predictor = predict.Predictor(model, variables, **config.test,
-                                    flip_index=spec.flip_index,
-                                    batch_size=_BATCH_SIZE.value)
+    options = predict.PredictOptions(**config.test,
+                                     flip_index=spec.flip_index)
+    predictor = predict.Predictor(model, variables, options,
+                                  batch_size=_BATCH_SIZE.value)
   except (checkpoints.CheckpointError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   try:  # EvalError: an empty split; FileNotFoundError / ValueError: a
     # missing coco_root or annotation file, malformed annotations.
     metrics, info = coco_eval.evaluate(
-        predictor, data['coco_root'], split,
+        predictor.stream, data['coco_root'], split,
         output_path=_OUTPUT.value, max_images=_MAX_IMAGES.value,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -105,7 +106,7 @@ def main(argv):
     return
   print(coco_eval.format_report(
       metrics, info, split,
-      f'scales {list(predictor.scales)}, flip {predictor.flip}'))
+      f'scales {list(options.scales)}, flip {options.flip}'))
 
 
 if __name__ == '__main__':

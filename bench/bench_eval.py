@@ -5,7 +5,7 @@ r"""End-to-end eval img/s: ae_jax's batched stream vs an mmpose-style loop.
 
 Both sides run in this process on the same decoded mini-COCO images and
 cores, one after the other, per scale setting:
-- ours: predict.Predictor.predict_stream (batches per shape bucket over
+- ours: predict.Predictor.stream (batches per shape bucket over
   the local devices, NMS/top-k on device, host grouping in threads
   overlapped with the device, only candidates + refine's joints to host);
 - mmpose-style: per image and scale a jitted forward of the image and one
@@ -28,10 +28,10 @@ import jax
 import numpy as np
 import torch
 
-from ae_jax.infer import grouping
-from ae_jax.infer import predict
 from ae_jax import keypoints
 from ae_jax.data import eval_input
+from ae_jax.infer import decode
+from ae_jax.infer import predict
 from ae_jax.models import ae_model
 from bench import common
 from configs import coco512
@@ -44,7 +44,7 @@ def reference_predict(apply, variables, image, test, num_joints=17):
   """mmpose-style per-image eval; returns poses [P, K, 3], scores, bytes."""
   scales = sorted(test['scales'], reverse=True)
   min_scale = min(scales)
-  (bw, bh), center, scale = predict.get_multi_scale_size(
+  (bw, bh), center, scale = eval_input.get_multi_scale_size(
       image.shape[0], image.shape[1], test['input_size'], 1.0, min_scale)
   moved = 0
 
@@ -56,7 +56,7 @@ def reference_predict(apply, variables, image, test, num_joints=17):
 
   heats, tags = [], None
   for s in scales:
-    x = predict.resize_align(image, test['input_size'], s, min_scale)
+    x = eval_input.resize_align(image, test['input_size'], s, min_scale)
     x = ((x.astype(np.float32) / 255 - keypoints.IMAGENET_MEAN) /
          keypoints.IMAGENET_STD)[None]
     out = np.asarray(apply(variables, x))[0]
@@ -75,7 +75,7 @@ def reference_predict(apply, variables, image, test, num_joints=17):
   heat = (sum(heats) / len(heats)).transpose(2, 0, 1)
   poses, scores = mmpose_grouping.reference_parse(
       heat, tags.transpose(2, 0, 1, 3), solver='munkres')
-  poses = grouping.transform_to_image(poses, center, scale, (bw, bh))
+  poses = decode.transform_to_image(poses, center, scale, (bw, bh))
   return poses[..., :3], scores, moved
 
 
@@ -95,14 +95,14 @@ class _TimedApply:
 def _forward_seconds(model, variables, images, test):
   """Warm seconds per image of ours' forward alone: image + mirror batch.
 
-  The same normalise + model.apply as predict._scale_maps, per scale, on
+  The same normalise + model.apply as predict_batch, per scale, on
   the same resized inputs; the stream's total minus this is the rest.
   """
   fwd = jax.jit(lambda v, x: model.apply(v, jax.numpy.stack(
       [ae_model.normalize_images(x), ae_model.normalize_images(x)[:, ::-1]]),
                                          train=False))
   scales = sorted(test['scales'], reverse=True)
-  inputs = [predict.resize_align(im, test['input_size'], s, min(scales))
+  inputs = [eval_input.resize_align(im, test['input_size'], s, min(scales))
             for _, im in images for s in scales]
   for x in inputs:  # compile every shape
     jax.block_until_ready(fwd(variables, x))
@@ -141,12 +141,13 @@ def main():
   for scales in settings:
     test = dict(config.test)
     test.update(scales=scales)
-    predictor = predict.Predictor(model, variables, **test)
+    predictor = predict.Predictor(model, variables,
+                                  predict.PredictOptions(**test))
     ref_test = {'scales': scales, 'input_size': test['input_size'],
                 'flip': test['flip']}
     row = {'scales': list(scales)}
     for name, run in (
-        ('ours', lambda: list(predictor.predict_stream(images))),
+        ('ours', lambda: list(predictor.stream(images))),
         ('ref', lambda: [reference_predict(apply, variables, im, ref_test)
                          for _, im in images])):
       first, t_first = _timed(run)
@@ -158,7 +159,9 @@ def main():
           (_forward_seconds(model, variables, images, test) if name == 'ours'
            else apply.seconds / len(images)))
       if name == 'ours':
-        ours = {k: (p, s) for k, p, s in second}
+        ours = {p.key: (p.poses.keypoints, p.poses.scores) for p in second}
+        row['bytes'] = (np.mean([p.bytes_to_host for p in second]),
+                        np.mean([p.full_map_bytes for p in second]))
       else:
         ref_bytes = np.mean([r[2] for r in second])
         same = all(
@@ -166,9 +169,7 @@ def main():
             np.allclose(ours[k][0], r[0], atol=1e-2)
             for (k, _), r in zip(images, second))
       del first
-    stats = predictor.stats
-    row['bytes'] = (stats['bytes_to_host'] / stats['images'],
-                    stats['full_map_bytes'] / stats['images'], ref_bytes)
+    row['bytes'] += (ref_bytes,)
     row['same'] = same
     rows.append(row)
     print(row, flush=True)

@@ -39,8 +39,10 @@ import time
 import numpy as np
 
 from ae_jax.infer import candidates
-from ae_jax.infer import grouping
+from ae_jax.infer import decode
+from ae_jax.infer import refine_scan
 from bench import common
+from tests.references import host_grouping
 from tests.references import mmpose_grouping
 
 
@@ -120,7 +122,8 @@ def missing_joint_maps(num_people, height=512, width=680, tag_dim=2, seed=0,
 
 
 def _same(a, b):
-  (pa, sa), (pb, sb) = a, b
+  (pa, sa), (pb, sb) = [(host_grouping.rows(x), x.scores)
+                        if isinstance(x, decode.Poses) else x for x in (a, b)]
   return (pa.shape == pb.shape and np.array_equal(pa[..., :3], pb[..., :3])
           and np.allclose(sa, sb, rtol=1e-6, atol=0))
 
@@ -134,21 +137,22 @@ def _best_time(fn, repeats):
   return best, out
 
 
-def _eval_path(heat, tags, params=grouping.GroupingParams()):
+def _eval_path(heat, tags, params=decode.GroupingParams()):
   """Poses of the eval path and its device->host bytes (after, before)."""
   import jax  # pylint: disable=g-import-not-at-top
   maps = jax.device_put((heat, tags))
   cands = jax.device_get(jax.jit(
       candidates.top_candidates, static_argnums=(2, 3))(
           *maps, params.max_people, params.nms_kernel))
-  moved = sum(v.nbytes for v in cands.values())
+  moved = sum(v.nbytes for v in cands)
   stats = {'bytes_to_host': moved}
-  out = candidates.group_candidates(cands, heat.shape[1:], maps, params,
-                                    stats)
+  width = heat.shape[2]
+  out = decode.decode_candidates(cands, width, params,
+                                 refine_scan.device_argmax(*maps, stats))
   # Before: the full maps of every joint some person missed came over.
-  unrefined, _ = candidates.group_candidates(
-      cands, heat.shape[1:], maps, dataclasses.replace(params, refine=False))
-  missing = (unrefined[:, :, 2] == 0).any(0)
+  unrefined = decode.decode_candidates(
+      cands, width, dataclasses.replace(params, refine=False))
+  missing = (unrefined.joint_scores == 0).any(0)
   joint_bytes = (heat[0].nbytes + tags[0].nbytes)
   return out, stats['bytes_to_host'], moved + joint_bytes * int(
       np.sum(missing))
@@ -161,7 +165,7 @@ def bench_grouping(people_counts=(3, 10, 50, 150), repeats=3):
                      ('missing', missing_joint_maps)):
     for n in people_counts:
       heat, tags = make(n, seed=n)
-      t_ours, ours = _best_time(lambda: grouping.group_poses(heat, tags),
+      t_ours, ours = _best_time(lambda: host_grouping.group_poses(heat, tags),
                                 repeats)
       # One run of the reference (the 150-person one takes minutes).
       t_ref, ref = _best_time(
@@ -176,7 +180,7 @@ def bench_grouping(people_counts=(3, 10, 50, 150), repeats=3):
       evald, after, before = _eval_path(heat, tags)
       if not _same(evald, ours):
         same += '; eval path: NO'
-      found = ours[0].shape[0]
+      found = len(ours)
       rows.append((kind, n, found, t_ref, t_ours, t_ref / t_ours, same,
                    (before, after)))
       print(f'{kind:7s} {n:3d} people: found {found:3d}  reference '
@@ -199,12 +203,12 @@ def bench_eval(coco_root='data/coco_mini', repeats=2):
                                   jnp.zeros((1, 64, 64, 3)))
   out = []
   for scales in ((1.0,), (2.0, 1.0, 0.5)):
-    predictor = predict.Predictor(model, variables, input_size=512,
-                                    scales=scales, flip=True)
-    coco_eval.evaluate(predictor, coco_root)  # compiles every shape once
+    predictor = predict.Predictor(model, variables, predict.PredictOptions(
+        input_size=512, scales=scales, flip=True))
+    coco_eval.evaluate(predictor.stream, coco_root)  # compiles every shape
     rates = []
     for _ in range(repeats):
-      _, info = coco_eval.evaluate(predictor, coco_root)
+      _, info = coco_eval.evaluate(predictor.stream, coco_root)
       rates.append(info['images_per_second'])
     out.append((scales, max(rates)))
     print(f'eval scales {scales}: {max(rates):.2f} img/s (after compile)',

@@ -1,7 +1,9 @@
-"""Device candidates + host grouping equal grouping.group_poses on full maps.
+"""Device candidates + host decode equal the full-map host grouping.
 
-The reference is the host parser (grouping.py, itself tested against the
-mmpose-style parser in tests/references) run on the same full maps.
+The reference is tests/references/host_grouping.py: its own numpy NMS /
+top-k (find_candidates), then decode with refine over the numpy maps; its
+poses are themselves compared with the mmpose-style parser in
+test_grouping.py.
 """
 
 import jax
@@ -9,7 +11,9 @@ import numpy as np
 import pytest
 
 from ae_jax.infer import candidates
-from ae_jax.infer import grouping
+from ae_jax.infer import decode
+from ae_jax.infer import refine_scan
+from tests.references import host_grouping
 
 
 def _maps(seed, k=17, h=48, w=64, tag_dim=2, plateau=False):
@@ -22,25 +26,28 @@ def _maps(seed, k=17, h=48, w=64, tag_dim=2, plateau=False):
 
 
 @pytest.mark.parametrize('seed,plateau,params', [
-    (0, False, grouping.GroupingParams()),
-    (1, True, grouping.GroupingParams(detection_threshold=0.3)),
-    (2, False, grouping.GroupingParams(refine=False, max_people=10)),
-    (3, True, grouping.GroupingParams(adjust=False, tag_threshold=3.0)),
+    (0, False, decode.GroupingParams()),
+    (1, True, decode.GroupingParams(detection_threshold=0.3)),
+    (2, False, decode.GroupingParams(refine=False, max_people=10)),
+    (3, True, decode.GroupingParams(adjust=False, tag_threshold=3.0)),
 ])
 def test_candidates_grouping_equals_full_map_grouping(seed, plateau, params):
   heat, tags = _maps(seed, plateau=plateau)
   # The full-map grouping refines by the host scan of the hot pixels; the
   # candidates path by the jitted scan of the device maps.
-  want_poses, want_scores = grouping.group_poses(heat, tags, params)
+  want = host_grouping.group_poses(heat, tags, params)
   cands = jax.device_get(jax.jit(
       candidates.top_candidates, static_argnums=(2, 3))(
           heat, tags, params.max_people, params.nms_kernel))
+  assert isinstance(cands, decode.Candidates)
   stats = {}
-  poses, scores = candidates.group_candidates(
-      cands, heat.shape[1:], jax.device_put((heat, tags)), params, stats)
-  assert want_poses.shape[0] > 3
-  np.testing.assert_array_equal(poses, want_poses)
-  np.testing.assert_array_equal(scores, want_scores)
+  got = decode.decode_candidates(
+      cands, heat.shape[2], params,
+      refine_scan.device_argmax(*jax.device_put((heat, tags)), stats))
+  assert len(want) > 3
+  np.testing.assert_array_equal(host_grouping.rows(got),
+                                host_grouping.rows(want))
+  np.testing.assert_array_equal(got.scores, want.scores)
   # Only the scan's results came back (not the maps).
   assert 0 < stats.get('bytes_to_host', 0) < heat.nbytes if params.refine \
       else 'bytes_to_host' not in stats
@@ -51,10 +58,10 @@ def test_candidates_are_find_candidates_in_topk_order(by_sort):
   heat, tags = _maps(4, plateau=True)
   cands = jax.device_get(candidates.top_candidates(heat, tags, 30, 5,
                                                    by_sort))
-  want = grouping.find_candidates(heat, tags, 30, 0.0, 5)
+  want = host_grouping.find_candidates(heat, tags, 30, 0.0, 5)
   for k, joint in enumerate(want):
     n = joint.val.size
-    np.testing.assert_array_equal(cands['val'][k, :n], joint.val)
+    np.testing.assert_array_equal(cands.val[k, :n], joint.val)
     flat = joint.loc[:, 1] * heat.shape[2] + joint.loc[:, 0]
-    np.testing.assert_array_equal(cands['idx'][k, :n], flat)
-    np.testing.assert_array_equal(cands['tag'][k, :n], joint.tag)
+    np.testing.assert_array_equal(cands.idx[k, :n], flat)
+    np.testing.assert_array_equal(cands.tag[k, :n], joint.tag)

@@ -6,27 +6,29 @@ import shutil
 import numpy as np
 import pytest
 
-from ae_jax.infer import coco_eval
 from ae_jax.data import coco as coco_data
+from ae_jax.infer import coco_eval
+from ae_jax.infer import decode
 
 
 def _gt_people(coco):
-  """{image_id: (poses [P, 17, 3], scores [P])} from labelled persons."""
+  """{image_id: decode.Poses} (scores 1) from labelled persons."""
   out = {}
   for image_id in sorted(coco.getImgIds()):
     anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
     poses = [np.array(a['keypoints'], np.float32).reshape(17, 3)
              for a in anns if a['num_keypoints'] > 0]
     poses = np.stack(poses) if poses else np.zeros((0, 17, 3), np.float32)
-    out[image_id] = (poses, np.ones(len(poses), np.float32))
+    out[image_id] = decode.Poses.from_keypoints(
+        poses, np.ones(len(poses), np.float32))
   return out
 
 
 def test_ground_truth_as_predictions_scores_one(coco_mini_root):
   coco = coco_data.load_coco(str(coco_mini_root), 'val2017')
   results = []
-  for image_id, (poses, scores) in _gt_people(coco).items():
-    results += coco_eval.poses_to_results(image_id, poses, scores)
+  for image_id, poses in _gt_people(coco).items():
+    results += coco_eval.poses_to_results(image_id, poses)
   assert len(results) >= 4
   metrics = coco_eval.score_results(coco, results, verbose=False)
   for name in ('AP', 'AP50', 'AP75', 'AR', 'AR50'):
@@ -35,7 +37,8 @@ def test_ground_truth_as_predictions_scores_one(coco_mini_root):
 
 def test_result_format_is_mmpose_json():
   poses = np.array([[[10, 20, 0.5]] * 16 + [[30, 5, 0.25]]], np.float32)
-  (res,) = coco_eval.poses_to_results(785, poses, np.array([0.7]))
+  (res,) = coco_eval.poses_to_results(
+      785, decode.Poses.from_keypoints(poses, np.array([0.7])))
   assert res['image_id'] == 785 and res['category_id'] == 1
   assert len(res['keypoints']) == 51
   # The third value is the joint's heatmap score, not a visibility flag.
@@ -62,11 +65,12 @@ def test_evaluate_reports_missing_image_by_name(coco_mini_root, tmp_path):
   gt = _gt_people(coco)
   sizes = {(im['height'], im['width']): i for i, im in coco.imgs.items()}
 
-  def predict(image):  # ground truth of the image with this size
-    return gt[sizes[image.shape[:2]]]
+  def stream(items):  # ground truth of the image with this size
+    for key, image in items:
+      yield decode.Prediction(key, gt[sizes[image.shape[:2]]])
 
   out = tmp_path / 'results.json'
-  metrics, info = coco_eval.evaluate(predict, str(root), output_path=str(out))
+  metrics, info = coco_eval.evaluate(stream, str(root), output_path=str(out))
   assert [name for name, _ in info['skipped']] == [
       '000000000785.jpg', '000000040083.jpg', '000000196141.jpg']
   assert 'cannot decode' in info['skipped'][0][1]
@@ -74,6 +78,7 @@ def test_evaluate_reports_missing_image_by_name(coco_mini_root, tmp_path):
   assert 'cannot read' in info['skipped'][1][1]
   assert 'cannot decode' in info['skipped'][2][1]
   assert info['num_images'] == 1
+  assert 'bytes_to_host' not in info  # the predictions reported none
   written = json.loads(out.read_text())
   assert {r['image_id'] for r in written} <= {197388}
   # People of the skipped images count as missed.

@@ -166,20 +166,20 @@ def test_train_sizes_normalise_once_and_check_the_stride():
 @pytest.mark.parametrize('image_id', [785, 40083, 196141, 197388])
 def test_long_rect_training_view_is_the_test_view(coco_mini_root, image_id):
   """configs/coco_mini.py trains on (448, 256) 'long' unaugmented; at test
-  input_size 256, predict.resize_align warps each image with the same zoom
+  input_size 256, eval_input.resize_align warps each image with the same zoom
   and box center. The only differences: mmpose's train center is (w/2, h/2)
   and the test center is rounded (round half to even), so images with an
   odd side are shifted by 0.5 image px (<= 0.31 input px here); and an
   image whose test width is narrower than 448 (196141: 384) sees the
   central columns of the training view."""
-  from ae_jax.infer import predict  # pylint: disable=g-import-not-at-top
   from ae_jax.data import affine  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import eval_input  # pylint: disable=g-import-not-at-top
   index = coco.load_coco_index(str(coco_mini_root), SPLIT)
   ex = [e for e in index.examples if e.image_id == image_id][0]
   h, w = ex.height, ex.width
   mat_train, _ = transforms.affine_matrices(
       h, w, transforms.AugParams(), (448, 256), (112, 64), 'long')
-  (tw, th), t_center, t_scale = predict.get_multi_scale_size(
+  (tw, th), t_center, t_scale = eval_input.get_multi_scale_size(
       h, w, 256, 1.0, 1.0)
   mat_test = affine.get_affine_transform(t_center, t_scale, 0, (tw, th))
   assert th == 256
@@ -198,7 +198,7 @@ def test_long_rect_training_view_is_the_test_view(coco_mini_root, image_id):
   train_view, _, _ = transforms.transform_example(
       image, ignore, ex.keypoints, transforms.AugParams(), (448, 256),
       (112, 64), 'long')
-  test_view = predict.resize_align(image, 256, 1.0, 1.0)
+  test_view = eval_input.resize_align(image, 256, 1.0, 1.0)
   x0 = (448 - tw) // 2
   train_view = train_view[:, x0:x0 + tw]
   if h % 2 == 0 and w % 2 == 0:  # same center: the same pixels

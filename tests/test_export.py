@@ -51,7 +51,7 @@ def test_serving_graph_uses_plain_flax_layers_on_any_backend():
 def _check_candidates(model, variables, x, got):
   """candidate_* outputs == host NMS/top-k of the torch-resized maps."""
   torch = pytest.importorskip('torch')
-  from ae_jax.infer import grouping  # pylint: disable=g-import-not-at-top
+  from tests.references import host_grouping  # pylint: disable=g-import-not-at-top
   got = {k: v.numpy() for k, v in got.items()}
   _, h, w, _ = x.shape
   raw = torch.from_numpy(np.array(model.apply(variables, jnp.asarray(x))))
@@ -61,7 +61,7 @@ def _check_candidates(model, variables, x, got):
   found = 0
   for b in range(x.shape[0]):
     heat, tags = maps[b, :17], maps[b, 17:, ..., None]
-    want = grouping.find_candidates(heat, tags, 6, 0.0)
+    want = host_grouping.find_candidates(heat, tags, 6, 0.0)
     for k, joint in enumerate(want):
       n = joint.val.size
       found += n
@@ -109,7 +109,7 @@ def test_saved_model_matches_jax(tmp_path, fixed_shape):
 
 def test_export_cli_reports_bad_checkpoint(tmp_path):
   proc = subprocess.run(
-      [sys.executable, 'saved_model.py', '--config', 'configs/tiny.py',
+      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
        '--ckpt', str(tmp_path / 'missing'), '--out', str(tmp_path / 'sm')],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
@@ -121,7 +121,7 @@ def test_export_cli_writes_saved_model(tmp_path):
   del model
   checkpoints.save_variables(str(tmp_path / 'ckpt'), variables)
   proc = subprocess.run(
-      [sys.executable, 'saved_model.py', '--config', 'configs/tiny.py',
+      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
        '--config.model.num_deconv_filters=(16,16,16)',
        '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'sm'),
        '--nodecode'],  # decoding: test_saved_model_matches_jax
@@ -142,7 +142,7 @@ def test_export_cli_refuses_unwritable_out_in_one_line(tmp_path, case):
   out = {'under_a_file': tmp_path / 'a_file' / 'sm',
          'foreign_folder': tmp_path / 'mine'}[case]
   proc = subprocess.run(
-      [sys.executable, 'saved_model.py', '--config', 'configs/tiny.py',
+      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
        '--config.model.num_deconv_filters=(16,16,16)',
        '--ckpt', str(tmp_path / 'ckpt'), '--out', str(out)],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -1,24 +1,34 @@
 """Grouping: known poses from synthetic maps, parity with a reference parser.
 
-The reference (tests/references/mmpose_grouping.reference_parse) is a
-straightforward mmpose-style implementation (shifted-window NMS, full sorts,
-loops, refine over every full map); here it mostly runs with scipy's solver
-so ties break the same way on random maps. refine's jitted host scan runs
-both ways, over the hot pixels and (forced) over the full maps; elsewhere
-these small maps take its numpy form; the device form is checked in
+The code under test is decode's matching, adjust and refine (fed by the
+host NMS of tests/references/host_grouping.py). The reference
+(tests/references/mmpose_grouping.reference_parse) is a straightforward
+mmpose-style implementation (shifted-window NMS, full sorts, loops, refine
+over every full map); here it mostly runs with scipy's solver so ties break
+the same way on random maps. refine's host scan runs with its large scans
+jitted, over the hot pixels and (forced) over the full maps; elsewhere these
+small maps take its numpy form; the device form is checked in
 test_candidates.py and test_refine_scan.py.
 """
 
 import numpy as np
 import pytest
 
-from ae_jax.infer import grouping
-from ae_jax.infer import refine_scan
 from ae_jax.data import affine
+from ae_jax.infer import decode
+from ae_jax.infer import refine
+from ae_jax.infer import refine_scan
 from bench import bench_grouping
+from tests.references import host_grouping
 from tests.references import mmpose_grouping
 
 K = 17
+
+
+def _group(heat, tags, params=decode.GroupingParams()):
+  """(rows [P, K, 3 + L], scores [P]) of the host grouping."""
+  poses = host_grouping.group_poses(heat, tags, params)
+  return host_grouping.rows(poses), poses.scores
 
 
 def _paint_joint(heat, tags, k, x, y, value, tag, radius=2):
@@ -69,8 +79,8 @@ def _expected_xy(heat, k, x, y):
 
 def test_recovers_known_poses():
   heat, tags, people = _people_maps()
-  params = grouping.GroupingParams(refine=False)
-  poses, scores = grouping.group_poses(heat, tags, params)
+  params = decode.GroupingParams(refine=False)
+  poses, scores = _group(heat, tags, params)
   assert poses.shape == (3, K, 4)
   by_tag = {int(round(pose[np.argmax(pose[:, 2] > 0), 3] / 3.0)): i
             for i, pose in enumerate(poses)}
@@ -100,7 +110,7 @@ def test_refine_fills_weak_joint_with_own_tag():
   # carrying its tag; a stronger peak with a far tag must not win.
   _paint_joint(heat, tags, 3, 20, 6, 0.05, 0.0, radius=1)
   _paint_joint(heat, tags, 3, 40, 40, 0.08, 30.0, radius=1)
-  poses, scores = grouping.group_poses(heat, tags)
+  poses, scores = _group(heat, tags)
   p0 = [i for i, pose in enumerate(poses) if pose[0, 3] == 0.0][0]
   assert poses[p0, 3, 2] == np.float32(0.05)
   assert tuple(poses[p0, 3, :2]) == _expected_xy(heat, 3, 20, 6)
@@ -135,10 +145,10 @@ def _random_maps(seed, h, w, tag_dim, quantise=False):
 def test_matches_reference_on_random_maps(monkeypatch, seed, h, w, tag_dim,
                                           quantise, path):
   heat, tags = _random_maps(seed, h, w, tag_dim, quantise)
-  monkeypatch.setattr(refine_scan, '_NUMPY_WORK', 0)  # the jitted scan
+  monkeypatch.setattr(refine, '_NUMPY_WORK', 0)  # the jitted scan
   if path == 'full_maps':
-    monkeypatch.setattr(refine_scan, '_HOT_FRACTION', -1.0)
-  poses, scores = grouping.group_poses(heat, tags)
+    monkeypatch.setattr(refine, '_HOT_FRACTION', -1.0)
+  poses, scores = _group(heat, tags)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(
       heat, tags, solver='scipy')
   assert poses.shape[0] > 5  # a real workout: many people, matches, refine
@@ -150,9 +160,9 @@ def test_matches_reference_on_random_maps(monkeypatch, seed, h, w, tag_dim,
     (False, False, True), (True, False, False), (False, True, True)])
 def test_options_match_reference(adjust, refine, use_val):
   heat, tags = _random_maps(5, 36, 44, 2)
-  params = grouping.GroupingParams(adjust=adjust, refine=refine,
+  params = decode.GroupingParams(adjust=adjust, refine=refine,
                                    use_detection_val=use_val)
-  poses, scores = grouping.group_poses(heat, tags, params)
+  poses, scores = _group(heat, tags, params)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(
       heat, tags, adjust=adjust, refine=refine, use_detection_val=use_val,
       solver='scipy')
@@ -163,7 +173,7 @@ def test_options_match_reference(adjust, refine, use_val):
 def test_realistic_maps_match_munkres_reference():
   heat, tags = bench_grouping.synthetic_maps(3, height=128, width=192,
                                              seed=3)
-  poses, scores = grouping.group_poses(heat, tags)
+  poses, scores = _group(heat, tags)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                          solver='munkres')
   assert poses.shape[0] >= 3
@@ -177,7 +187,7 @@ def test_missing_joint_maps_match_reference(num_people, seed):
   # ~14 joints per person and goes through the tag-space cells.
   heat, tags = bench_grouping.missing_joint_maps(
       num_people, height=128, width=192, seed=seed)
-  poses, scores = grouping.group_poses(heat, tags)
+  poses, scores = _group(heat, tags)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                           solver='scipy')
   assert poses.shape[0] >= num_people // 2
@@ -188,7 +198,7 @@ def test_missing_joint_maps_match_reference(num_people, seed):
 
 def test_no_people():
   heat = np.full((K, 20, 24), 0.05, np.float32)
-  poses, scores = grouping.group_poses(heat, np.zeros((K, 20, 24, 2)))
+  poses, scores = _group(heat, np.zeros((K, 20, 24, 2)))
   assert poses.shape == (0, K, 5) and scores.shape == (0,)
 
 
@@ -199,7 +209,7 @@ def test_transform_to_image_inverts_resize_warp():
   image_pts = np.array([[[10.0, 20.0, 0.5], [600.5, 400.25, 0.7]]])
   grid = affine.warp_points(image_pts[..., :2], matrix)
   poses = np.concatenate([grid, image_pts[..., 2:]], -1).astype(np.float32)
-  back = grouping.transform_to_image(poses, center, scale, size)
+  back = decode.transform_to_image(poses, center, scale, size)
   np.testing.assert_allclose(back, image_pts, atol=1e-3)
 
 
@@ -213,11 +223,11 @@ def test_refine_host_scan_variants_match_reference(monkeypatch, low, step,
   heat, tags = _random_maps(6, 40, 56, 2)
   ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                           solver='scipy')
-  monkeypatch.setattr(refine_scan, '_NUMPY_WORK', 0)  # the jitted scan
-  monkeypatch.setattr(refine_scan, '_LOW_PERCENTILE', low)
-  monkeypatch.setattr(refine_scan, '_SAMPLE_STEP', step)
-  monkeypatch.setattr(refine_scan, '_HOT_WIDTH', width)
+  monkeypatch.setattr(refine, '_NUMPY_WORK', 0)  # the jitted scan
+  monkeypatch.setattr(refine, '_LOW_PERCENTILE', low)
+  monkeypatch.setattr(refine, '_SAMPLE_STEP', step)
+  monkeypatch.setattr(refine, '_HOT_WIDTH', width)
   monkeypatch.setattr(refine_scan, 'CHUNK', chunk)
-  poses, scores = grouping.group_poses(heat, tags)
+  poses, scores = _group(heat, tags)
   np.testing.assert_array_equal(poses, ref_poses)
   np.testing.assert_array_equal(scores, ref_scores)

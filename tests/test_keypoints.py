@@ -16,6 +16,7 @@ import pytest
 from pycocotools import cocoeval
 
 from ae_jax.infer import coco_eval
+from ae_jax.infer import decode
 from ae_jax.infer import draw
 from ae_jax import keypoints
 from ae_jax.data import coco
@@ -168,18 +169,20 @@ def test_own_checkpoint_evaluates_and_draws(own_root, own_run, tmp_path):
   model = ae_model.create_model(
       {**config.model, 'num_joints': spec.num_joints}, 'cpu')
   predictor = predict.Predictor(
-      model, checkpoints.restore_variables(str(own_run[0])), **config.test,
-      flip_index=spec.flip_index)
-  metrics, info = coco_eval.evaluate(predictor, str(own_root), 'val2017',
-                                     sigmas=spec.sigmas, max_images=1)
+      model, checkpoints.restore_variables(str(own_run[0])),
+      predict.PredictOptions(**config.test, flip_index=spec.flip_index))
+  metrics, info = coco_eval.evaluate(predictor.stream, str(own_root),
+                                     'val2017', sigmas=spec.sigmas,
+                                     max_images=1)
   assert info['num_images'] == 1 and 0.0 <= metrics['AP'] <= 1.0
   image = str(own_root / 'val2017' / '000000000785.jpg')
-  _, failed = draw.annotate_images(predictor, [image], str(tmp_path),
+  _, failed = draw.annotate_images(predictor.stream, [image], str(tmp_path),
                                    person_threshold=-1.0,
                                    skeleton=spec.skeleton)
   assert not failed
   with pytest.raises(ValueError, match='flip_index has 17 joints'):
-    predict.Predictor(model, predictor.variables, **config.test)
+    predict.Predictor(model, predictor.variables,
+                      predict.PredictOptions(**config.test))
 
 
 def test_eval_cli_refuses_other_joint_count(own_run):
@@ -194,7 +197,7 @@ def test_eval_cli_refuses_other_joint_count(own_run):
 
 
 def _ground_truth_predictor(coco_api):
-  """predict_fn returning each image's ground truth (score 1)."""
+  """A predictor's stream giving each image's ground truth (score 1)."""
   by_size = {}
   for image_id, info in coco_api.imgs.items():
     anns = [a for a in coco_api.imgToAnns[image_id]
@@ -202,11 +205,13 @@ def _ground_truth_predictor(coco_api):
     poses = np.asarray([a['keypoints'] for a in anns], np.float32)
     poses = poses.reshape(len(anns), -1, 3)
     poses[..., 2] = 1.0
-    by_size[(info['height'], info['width'])] = (poses, np.ones(len(anns)))
+    by_size[(info['height'], info['width'])] = decode.Poses.from_keypoints(
+        poses, np.ones(len(anns)))
 
-  def predict(image):
-    return by_size[image.shape[:2]]
-  return predict
+  def stream(items):
+    for key, image in items:
+      yield decode.Prediction(key, by_size[image.shape[:2]])
+  return stream
 
 
 def test_own_keypoints_ground_truth_scores_ap_one(own_root, tmp_path):
@@ -230,7 +235,8 @@ def test_own_skeleton_is_drawn(own_root, tmp_path):
   # head, left/right arm, left/right leg as a little figure.
   pose = np.array([[[50, 10, 1], [30, 40, 1], [70, 40, 1], [40, 90, 1],
                     [60, 90, 1]]], np.float32)
-  out = draw.draw_poses(canvas, pose, np.ones(1), skeleton=spec.skeleton)
+  out = draw.draw_poses(canvas, decode.Poses.from_keypoints(pose, np.ones(1)),
+                        skeleton=spec.skeleton)
   on_limb = [(50 + 30) // 2, (10 + 40) // 2]  # head - left_arm
   off_limb = [(30 + 70) // 2, 40]  # left_arm - right_arm: not a limb
   assert out[on_limb[1], on_limb[0]].any()

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from ae_jax.infer import predict
 from ae_jax.data import affine
+from ae_jax.data import eval_input
 from ae_jax.data import transforms
 from tests.conftest import REPO_ROOT
 from tests.references import opencv4_warp
@@ -85,8 +85,8 @@ def test_train_warps_equal_opencv4(path):
 def test_test_time_resize_equals_opencv4(scale):
   for path in IMAGES:
     image = _rgb(path)
-    got = predict.resize_align(image, 512, scale, min(scale, 1.0))
-    size, center, box = predict.get_multi_scale_size(
+    got = eval_input.resize_align(image, 512, scale, min(scale, 1.0))
+    size, center, box = eval_input.get_multi_scale_size(
         *image.shape[:2], 512, scale, min(scale, 1.0))
     matrix = affine.get_affine_transform(center, box, 0, size)
     want = opencv4_warp.warp_affine(image, matrix, size)

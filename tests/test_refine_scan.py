@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ae_jax.infer import grouping
 from ae_jax.infer import refine
 from ae_jax.infer import refine_scan
 from bench import bench_grouping
+from tests.references import host_grouping
 from tests.references import mmpose_grouping
 
 
@@ -63,19 +63,20 @@ def test_argmax_equals_numpy_scan(shape, tag_dim, num, quantise, chunk):
   got = refine_scan.argmax_queries(jax.device_put(heat), jax.device_put(tags),
                                    joints, means, chunk=chunk)
   want = _numpy_argmax(heat, tags, joints, means)
-  np.testing.assert_array_equal(got['flat'], want)
+  np.testing.assert_array_equal(got.flat, want)
   y, x = want // w, want % w
-  np.testing.assert_array_equal(got['heat'], refine_scan.heat_around(
+  np.testing.assert_array_equal(got.heat, refine.heat_around(
       heat, joints, want))
-  for work in (0, np.inf):  # jitted, numpy
-    refine_scan._NUMPY_WORK, old = work, refine_scan._NUMPY_WORK
+  for work, scan in ((0, refine_scan.scan_flat), (0, None),
+                     (np.inf, refine_scan.scan_flat)):  # jitted, numpy x 2
+    refine._NUMPY_WORK, old = work, refine._NUMPY_WORK
     try:
-      host = refine_scan.argmax_queries_host(heat, tags, joints, means)
+      host = refine.argmax_queries_host(heat, tags, joints, means, scan)
     finally:
-      refine_scan._NUMPY_WORK = old
-    np.testing.assert_array_equal(host['flat'], want)
-    np.testing.assert_array_equal(host['heat'], got['heat'])
-  assert got['heat'][:, 0].tolist() == heat[joints, y, x].tolist()
+      refine._NUMPY_WORK = old
+    np.testing.assert_array_equal(host.flat, want)
+    np.testing.assert_array_equal(host.heat, got.heat)
+  assert got.heat[:, 0].tolist() == heat[joints, y, x].tolist()
   if quantise:  # the ties were real: several pixels share the max
     score = [heat[j] - np.round(np.sqrt(((tags[j] - m) ** 2).sum(-1)))
              for j, m in zip(joints, means)]
@@ -89,18 +90,17 @@ def test_scan_refine_matches_reference_on_missing_joint_maps(
   # People who miss most joints, tags noisy pixel to pixel (the maps a
   # random-weight network gives), at a small size. Step 7: the host scan
   # takes the hot pixels, then rescans the full maps for a few queries.
-  monkeypatch.setattr(refine_scan, '_SAMPLE_STEP', step)
-  monkeypatch.setattr(refine_scan, '_NUMPY_WORK', 0)
+  monkeypatch.setattr(refine, '_SAMPLE_STEP', step)
+  monkeypatch.setattr(refine, '_NUMPY_WORK', 0)
   calls = []
-  scan = refine_scan.argmax_queries
-  monkeypatch.setattr(refine_scan, 'argmax_queries', lambda *a, **k: (
-      calls.append(a[0].shape), scan(*a, **k))[1])
   heat, tags = bench_grouping.missing_joint_maps(
       num_people, height=96, width=128, seed=seed)
   if quantise:  # equal scores across pixels: first-index ties in refine
     heat = np.round(heat * 16) / 16
     tags = np.round(tags * 2) / 2
-  poses, scores = grouping.group_poses(heat, tags)
+  got = host_grouping.group_poses(heat, tags, scan=lambda *a: (
+      calls.append(a[0].shape), refine_scan.scan_flat(*a))[1])
+  poses, scores = host_grouping.rows(got), got.scores
   ref_poses, ref_scores = mmpose_grouping.reference_parse(heat, tags,
                                                           solver='scipy')
   assert (ref_poses[:, :, 2] > 0).mean() > 0.5  # refine filled joints
@@ -110,9 +110,19 @@ def test_scan_refine_matches_reference_on_missing_joint_maps(
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
 
 
-def test_device_maps_need_own_tags():
-  poses = np.ones((1, 3, 4), np.float32)
-  poses[0, 1, 2] = 0
-  heat = jax.device_put(np.zeros((3, 8, 8), np.float32))
-  with pytest.raises(ValueError, match='own_tags'):
-    refine.refine_poses(poses, heat, jax.device_put(np.zeros((3, 8, 8, 1))))
+def test_refine_queries_the_people_own_tags():
+  """refine asks for each missing joint with the mean of the person's own
+  (candidate) tags, never reading the tag maps at the joints."""
+  rows = np.zeros((2, 3, 3 + 2), np.float32)
+  rows[0, 0] = [1, 1, 0.5, 1.0, 2.0]
+  rows[0, 2] = [2, 2, 0.7, 3.0, 4.0]
+  rows[1, 1] = [3, 0, 0.9, -1.0, 0.5]
+  asked = []
+
+  def argmax(joints, means):
+    asked.append((joints.tolist(), means.tolist()))
+    return refine.Argmax(np.array([5, 0, 7]), np.zeros((3, 5), np.float32))
+
+  out = refine.refine(rows, argmax, width=4)
+  assert asked == [([1, 0, 2], [[2.0, 3.0], [-1.0, 0.5], [-1.0, 0.5]])]
+  np.testing.assert_array_equal(out, rows)  # zero heat: nothing filled

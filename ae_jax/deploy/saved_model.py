@@ -17,8 +17,8 @@ deployment runs only the small tag matching on the host:
   candidate_tags [B, K, M, 1] float32: the tags there;
   candidate_neighbors [B, K, M, 4] float32: heat at (y+1, x), (y-1, x),
     (y, x+1), (y, x-1) for the quarter-pixel adjust.
-candidates.group_candidates turns them into people (refine, which needs the
-full maps, can use `heatmaps` / `tags`, resized).
+decode.decode_candidates turns them into people (with idx = y * W + x;
+refine, which needs the full maps, can use `heatmaps` / `tags`, resized).
 
 Writing is atomic: the SavedModel is built in a temporary folder beside
 out_dir and renamed into place; an existing out_dir is replaced only if it
@@ -67,12 +67,12 @@ def make_serving_fn(model_config: Mapping[str, Any],
           jnp.moveaxis(m[..., :k], -1, 0),
           jnp.moveaxis(m[..., k:], -1, 0)[..., None], max_people,
           nms_kernel, by_sort=True))(maps)
-      idx = cands['idx']
+      idx = cands.idx
       result.update(
-          candidate_values=cands['val'],
+          candidate_values=cands.val,
           candidate_xy=jnp.stack([idx % width, idx // width], -1),
-          candidate_tags=cands['tag'],
-          candidate_neighbors=cands['neighbors'])
+          candidate_tags=cands.tag,
+          candidate_neighbors=cands.neighbors)
     return result
 
   return forward

@@ -8,7 +8,12 @@ refine) and bbox from the keypoint extent. COCOeval('keypoints') with the
 dataset's OKS sigmas (COCO's by default) scores them (xtcocotools in mmpose
 gives the same numbers for COCO).
 
-Shapes: poses [P, K, 3] float32 (x, y image px, value), scores [P].
+`evaluate` is the evaluation loop: the split's images (each process every
+n-th) through a predictor's stream, the results gathered, scored, written.
+No jax import at module level (jax only gathers multi-process results), so
+an exported model's predictor can use it too.
+
+Shapes: keypoints [P, K, 3] float32 (x, y image px, value), scores [P].
 """
 
 import contextlib
@@ -17,8 +22,7 @@ import json
 import os
 import tempfile
 import time
-from typing import (Callable, Dict, Iterable, List, Optional, Sequence,
-                    Tuple)
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -26,17 +30,17 @@ from pycocotools import coco as coco_api
 from pycocotools import cocoeval
 
 from ae_jax.data import eval_input
+from ae_jax.infer import decode
 
 METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APm', 'APl', 'AR', 'AR50', 'AR75',
                 'ARm', 'ARl')  # order of COCOeval.stats for keypoints
 PERSON_CATEGORY_ID = 1
 
 
-def poses_to_results(image_id: int, poses: np.ndarray,
-                     scores: np.ndarray) -> List[dict]:
+def poses_to_results(image_id: int, poses: decode.Poses) -> List[dict]:
   """COCO result dicts of one image's people (mmpose's json format)."""
   out = []
-  for pose, score in zip(np.asarray(poses, np.float32), scores):
+  for pose, score in zip(poses.keypoints, poses.scores):
     left_top = pose.min(axis=0)
     right_bottom = pose.max(axis=0)
     out.append({
@@ -157,17 +161,11 @@ def format_report(metrics: Dict[str, float], info: dict, split: str,
   return '\n'.join(lines)
 
 
-def _stream(predict_fn, items):
-  """(key, image) -> (key, poses, scores) via predict_stream or per image."""
-  if hasattr(predict_fn, 'predict_stream'):
-    return predict_fn.predict_stream(items)
-  return ((key, *predict_fn(image)) for key, image in items)
-
-
 def _gather(value, process_count: int):
   """All processes' json-able `value`s, as a list (process order)."""
   if process_count == 1:
     return [value]
+  # Multi-process runs only: single-process eval runs without jax.
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   data = np.frombuffer(json.dumps(value).encode(), np.uint8)
   sizes = multihost_utils.process_allgather(np.array([data.size]))
@@ -178,8 +176,7 @@ def _gather(value, process_count: int):
           for i, n in enumerate(np.asarray(sizes).reshape(-1))]
 
 
-def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
-             coco_root: str, split: str = 'val2017', *,
+def evaluate(stream: decode.StreamFn, coco_root: str, split: str = 'val2017', *,
              output_path: Optional[str] = None,
              max_images: Optional[int] = None,
              log_every: int = 50, process_index: int = 0,
@@ -187,15 +184,14 @@ def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
              sigmas: Optional[Sequence[float]] = None,
              annotations: str = '', images: str = ''
              ) -> Tuple[Dict[str, float], dict]:
-  """Runs `predict_fn` on every image of a split and scores the results.
+  """Runs `stream` over every image of a split and scores the results.
 
   Multi-process: process i takes images i, i + n, ... (n = process_count)
   with its own local devices; results are gathered and scored on every
   process (identical), and process 0 writes the json.
 
   Args:
-    predict_fn: [H, W, 3] uint8 RGB -> (poses [P, K, 3], scores [P]), e.g.
-      a predict.Predictor (then its batched `predict_stream` is used).
+    stream: the predictor (decode.StreamFn), e.g. predict.Predictor(...).stream.
     coco_root: COCO root with annotations/ and <split>/.
     split: e.g. 'val2017'.
     output_path: where to write the results json (optional); checked (and
@@ -211,8 +207,8 @@ def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
 
   Returns:
     (metrics, info) with info = {'num_images', 'skipped': [(file, reason)],
-    'images_per_second', 'num_people'} and, for a Predictor,
-    'bytes_to_host' / 'full_map_bytes' per image.
+    'images_per_second', 'num_people'} and, when the predictions report
+    them, 'bytes_to_host' / 'full_map_bytes' per image (this process's).
 
   Raises:
     EvalError: an unusable output_path, or a split with no images.
@@ -230,10 +226,12 @@ def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
   total = len(images)
   per_image = {}
   start = time.perf_counter()
-  done = 0
+  done = moved = full_maps = 0
   items = ((ex.image_id, ex.image) for ex in images)
-  for image_id, poses, scores in _stream(predict_fn, items):
-    per_image[image_id] = poses_to_results(image_id, poses, scores)
+  for pred in stream(items):
+    per_image[pred.key] = poses_to_results(pred.key, pred.poses)
+    moved += pred.bytes_to_host
+    full_maps += pred.full_map_bytes
     done += 1
     if done % log_every == 0 or done == total - len(images.skipped):
       elapsed = time.perf_counter() - start
@@ -259,8 +257,8 @@ def evaluate(predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
   info = {'num_images': done, 'skipped': skipped,
           'images_per_second': done / max(elapsed, 1e-9),
           'num_people': len(results)}
-  stats = getattr(predict_fn, 'stats', None)
-  if stats and stats.get('images'):
-    info['bytes_to_host'] = stats['bytes_to_host'] / stats['images']
-    info['full_map_bytes'] = stats['full_map_bytes'] / stats['images']
+  local = len(per_image)
+  if full_maps and local:
+    info['bytes_to_host'] = moved / local
+    info['full_map_bytes'] = full_maps / local
   return metrics, info

@@ -1,18 +1,18 @@
 """Draws detected people (skeleton lines and joint dots) with cv2.
 
 `draw_poses` draws on one image; `annotate_images` / `annotate_video` run
-a predictor over image files / a video and write the drawings as PNGs / an
-mp4 plus the poses as json (demo.py). `output_bases` picks output names
-that never collide with each other or with an input.
+a predictor's stream over image files / a video and write the drawings as
+PNGs / an mp4 plus the poses as json (demo.py). `output_bases` picks output
+names that never collide with each other or with an input.
 
-Shapes: image [H, W, 3] uint8 RGB; poses [P, K, 3] float32 (x, y image px,
-joint score); scores [P].
+Shapes: image [H, W, 3] uint8 RGB; poses: decode.Poses in image pixels
+(keypoints [P, K, 3] float32 x, y, joint score; scores [P]).
 """
 
 import json
 import os
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from absl import logging
 import cv2
@@ -20,6 +20,7 @@ import numpy as np
 
 from ae_jax import keypoints
 from ae_jax.data import coco
+from ae_jax.infer import decode
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
               '.tiff', '.jp2', '.ppm', '.pgm')
@@ -34,7 +35,7 @@ _PALETTE = np.array([
                     np.uint8)
 
 
-def draw_poses(image: np.ndarray, poses: np.ndarray, scores: np.ndarray,
+def draw_poses(image: np.ndarray, poses: decode.Poses,
                joint_threshold: float = 0.1,
                person_threshold: float = 0.0,
                skeleton=keypoints.COCO.skeleton) -> np.ndarray:
@@ -42,17 +43,16 @@ def draw_poses(image: np.ndarray, poses: np.ndarray, scores: np.ndarray,
 
   Args:
     image: [H, W, 3] uint8 RGB.
-    poses: [P, K, 3] (x, y, score) in image pixels.
-    scores: [P] person scores; people at or below person_threshold are
-      skipped.
+    poses: people in image pixels; those scoring at or below
+      person_threshold are skipped.
     joint_threshold: joints (and limbs touching them) with a score at or
       below this are not drawn.
-    person_threshold: see scores.
+    person_threshold: see poses.
     skeleton: limbs as 0-based joint pairs (KeypointSpec.skeleton).
   """
   canvas = np.ascontiguousarray(image, np.uint8).copy()
   thickness = max(1, round(max(image.shape[:2]) / 300))
-  for p, (pose, score) in enumerate(zip(poses, scores)):
+  for p, (pose, score) in enumerate(zip(poses.keypoints, poses.scores)):
     if score <= person_threshold:
       continue
     color = tuple(int(c) for c in _PALETTE[p % len(_PALETTE)])
@@ -66,13 +66,6 @@ def draw_poses(image: np.ndarray, poses: np.ndarray, scores: np.ndarray,
       cv2.circle(canvas, tuple(map(int, points[k])), thickness + 2, color, -1,
                  cv2.LINE_AA)
   return canvas
-
-
-def _stream(predict_fn, items):
-  """(key, image) -> (key, poses, scores): batched when predict_fn can."""
-  if hasattr(predict_fn, 'predict_stream'):
-    return predict_fn.predict_stream(items)
-  return ((key, *predict_fn(image)) for key, image in items)
 
 
 def expand_inputs(paths: Sequence[str]):
@@ -129,10 +122,11 @@ def output_bases(inputs: Sequence[str], out_dir: str,
   return bases
 
 
-def people_json(poses: np.ndarray, scores: np.ndarray) -> List[dict]:
+def people_json(poses: decode.Poses) -> List[dict]:
   """[{'score', 'keypoints': [[x, y, value] x K]}] of one image."""
   return [{'score': float(s), 'keypoints': np.round(
-      np.asarray(p, np.float64), 3).tolist()} for p, s in zip(poses, scores)]
+      np.asarray(p, np.float64), 3).tolist()}
+          for p, s in zip(poses.keypoints, poses.scores)]
 
 
 def write_json(value, path: str) -> None:
@@ -144,15 +138,13 @@ def write_json(value, path: str) -> None:
 
 
 def annotate_images(
-    predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
-    paths: Sequence[str], out_dir: str, person_threshold: float = 0.2,
+    stream: decode.StreamFn, paths: Sequence[str], out_dir: str, person_threshold: float = 0.2,
     bases: Dict[str, str] | None = None,
     skeleton=keypoints.COCO.skeleton) -> Tuple[List[dict], List[str]]:
   """Draws each image's people into {base}.png (see output_bases).
 
   Args:
-    predict_fn: [H, W, 3] uint8 RGB -> (poses [P, K, 3], scores [P]), e.g.
-      a predict.Predictor (batched through its predict_stream).
+    stream: the predictor, e.g. predict.Predictor(...).stream.
     paths: image files.
     out_dir: created if missing.
     person_threshold: people scoring at or below this are not drawn.
@@ -183,23 +175,22 @@ def annotate_images(
       images[i] = image
       yield i, image
 
-  for i, poses, scores in _stream(predict_fn, keep(readable())):
+  for pred in stream(keep(readable())):
+    i, poses = pred.key, pred.poses
     image, path = images.pop(i), paths[i]
-    canvas = draw_poses(image, poses, scores,
-                        person_threshold=person_threshold,
+    canvas = draw_poses(image, poses, person_threshold=person_threshold,
                         skeleton=skeleton)
     out = bases[path] + '.png'
     cv2.imwrite(out, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     entries[i] = {'source': path, 'output': out,
-                  'people': people_json(poses, scores)}
+                  'people': people_json(poses)}
     logging.info('%s: %d people -> %s', path,
-                 int((scores > person_threshold).sum()), out)
+                 int((poses.scores > person_threshold).sum()), out)
   return [entries[i] for i in sorted(entries)], failed
 
 
 def annotate_video(
-    predict_fn: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
-    path: str, base: str, person_threshold: float = 0.2,
+    stream: decode.StreamFn, path: str, base: str, person_threshold: float = 0.2,
     log_every: int = 25, skeleton=keypoints.COCO.skeleton) -> int | None:
   """Draws every frame of a video into {base}.mp4 (mp4v), poses {base}.json.
 
@@ -232,17 +223,16 @@ def annotate_video(
 
   results, next_out = {}, 0
   try:
-    for i, poses, scores in _stream(predict_fn, read()):
-      results[i] = (poses, scores)
+    for pred in stream(read()):
+      results[pred.key] = pred.poses
       while next_out in results:  # write in frame order
-        poses, scores = results.pop(next_out)
+        poses = results.pop(next_out)
         frame = pending.pop(next_out)
-        canvas = draw_poses(frame[..., ::-1], poses, scores,
+        canvas = draw_poses(frame[..., ::-1], poses,
                             person_threshold=person_threshold,
                             skeleton=skeleton)
         writer.write(np.ascontiguousarray(canvas[..., ::-1]))
-        frames.append({'frame': next_out,
-                       'people': people_json(poses, scores)})
+        frames.append({'frame': next_out, 'people': people_json(poses)})
         next_out += 1
         if next_out % log_every == 0:
           logging.info('%s: %d frames, %.2f img/s', path, next_out,

@@ -23,37 +23,26 @@ column maxima [J, G, C, W], reduced to the max; the first group holding it
 is rescored in full to find the first pixel. Memory: O(J x C x H x W /
 _ROWS) whatever the number of people.
 
-Host maps (argmax_queries_host): numpy maps are scanned by XLA:CPU from a
-reused aligned buffer (no device_put copy, no fresh pages), and only over
-the pixels hot enough to win: exact sampled scores bound each query's best
-from below, and colder pixels cannot reach it (score <= heat). Calls of at
-most _NUMPY_WORK query-pixels run the numpy formula instead (no compile).
+Numpy maps (refine.argmax_queries_host passes `scan_flat` for its large
+scans) are read by XLA:CPU from a reused aligned buffer (no device_put
+copy, no fresh pages).
 
 Legend: K joints, J joints scanned, H x W map, L tag dim, Q queries,
 S slots per joint, C queries per chunk, G row groups.
 """
 
 import functools
-import threading
-from typing import Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ae_jax.infer import refine
+
 # Rows per group of the first tree; queries scored per pass over a map (4
 # and 8 measured alike per query; 4 pads less).
 _ROWS = 8
 CHUNK = 4
-# argmax_queries_host: step of the sampled pixels, width of the rows of hot
-# pixels, fraction of a map above which the full map is scanned instead,
-# percentile of the sampled scores left out of the cut.
-_SAMPLE_STEP = 61
-_HOT_WIDTH = 256
-_HOT_FRACTION = 0.5
-_LOW_PERCENTILE = 10
-# Query-pixels up to which argmax_queries_host scans in numpy (~5 ms).
-_NUMPY_WORK = 1 << 20
 
 
 def _tree(fn, xs):
@@ -149,20 +138,6 @@ def _scan(heat, tags, means, num_chunks, zero, *, chunk):
   return flat, vals
 
 
-_BUFFERS = threading.local()
-
-
-def _buffer(name: str, shape) -> np.ndarray:
-  """A float32 view of this thread's reused 64-byte aligned buffer `name`."""
-  nbytes = int(np.prod(shape)) * 4
-  buf = getattr(_BUFFERS, name, None)
-  if buf is None or buf.nbytes < nbytes + 64:
-    buf = np.empty(nbytes + 64, np.uint8)
-    setattr(_BUFFERS, name, buf)
-  start = (-buf.ctypes.data) % 64
-  return buf[start:start + nbytes].view(np.float32).reshape(shape)
-
-
 def _to_device(x, rows: np.ndarray | None, name: str):
   """x[rows] (all of x if rows is None) as a jax array on its device.
 
@@ -175,8 +150,8 @@ def _to_device(x, rows: np.ndarray | None, name: str):
   x = np.asarray(x, np.float32)
   if rows is None and x.flags.c_contiguous and x.ctypes.data % 64 == 0:
     return jax.device_put(x)
-  view = _buffer(name, x.shape if rows is None else
-                 (rows.size,) + x.shape[1:])
+  view = refine.aligned_buffer(name, x.shape if rows is None else
+                        (rows.size,) + x.shape[1:])
   if rows is None:
     np.copyto(view, x)
   else:
@@ -184,120 +159,9 @@ def _to_device(x, rows: np.ndarray | None, name: str):
   return jax.device_put(view)
 
 
-def numpy_scores(heat: np.ndarray, tag: np.ndarray,
-                 mean_tags: np.ndarray) -> np.ndarray:
-  """heat - round(|tag - mean tag|) in numpy float32, as mmpose's refine.
-
-  heat [...], tag [..., L], mean_tags broadcast against tag.
-  """
-  total = None
-  for l in range(tag.shape[-1]):
-    d = tag[..., l] - mean_tags[..., l]
-    total = d * d if total is None else total + d * d
-  return heat - np.round(np.sqrt(total))
-
-
-def heat_around(heatmaps: np.ndarray, joints: np.ndarray,
-                flat: np.ndarray) -> np.ndarray:
-  """[Q, 5] host heat at and around flat indices, as argmax_queries'."""
-  _, height, width = heatmaps.shape
-  y, x = flat // width, flat % width
-  return np.stack([
-      heatmaps[joints, y, x], heatmaps[joints, y, np.minimum(width - 1, x + 1)],
-      heatmaps[joints, y, np.maximum(0, x - 1)],
-      heatmaps[joints, np.minimum(height - 1, y + 1), x],
-      heatmaps[joints, np.maximum(0, y - 1), x]], -1)
-
-
-def argmax_queries_host(heat: np.ndarray, tags: np.ndarray,
-                        joint: np.ndarray, mean_tags: np.ndarray
-                        ) -> Dict[str, np.ndarray]:
-  """argmax_queries for numpy maps, scanning only pixels that can win.
-
-  Scans of at most _NUMPY_WORK query-pixels run in numpy (the formula
-  itself; a compile would cost more). Exact scores at every _SAMPLE_STEP-th pixel give each query an
-  achievable score; a pixel colder than its query's best cannot win (its
-  score <= its heat). Per joint a cut is the lowest such score of its
-  queries (less the lowest _LOW_PERCENTILE of all, whose samples were
-  unlucky); the pixels at least that hot are gathered in flat order (so
-  first-index ties are kept) and scanned for all queries. A query whose
-  best there is >= the cut is done (colder pixels score below it); the
-  rest scan the full maps. On maps of flat heat (random-weight networks)
-  a few % of the pixels are that hot. Falls back to the full scan where
-  over _HOT_FRACTION of a map is.
-  """
-  joint = np.asarray(joint, np.int64)
-  mean_tags = np.asarray(mean_tags, np.float32)
-  num_joints = heat.shape[0]
-  tag_dim = tags.shape[-1]
-  flat_heat = heat.reshape(num_joints, -1)
-  flat_tags = tags.reshape(num_joints, -1, tag_dim)
-  active, slot_joint = np.unique(joint, return_inverse=True)
-
-  def scan(heat, tags, joint, mean_tags):  # small: numpy, beats a compile
-    if joint.size * heat[0].size > _NUMPY_WORK:
-      return argmax_queries(heat, tags, joint, mean_tags)['flat']
-    flat = np.empty(joint.size, np.int64)
-    for k in np.unique(joint):
-      sel = joint == k
-      flat[sel] = np.argmax(numpy_scores(
-          heat[k].reshape(1, -1), tags[k].reshape(1, -1, tag_dim),
-          mean_tags[sel][:, None]), axis=1)
-    return flat
-
-  full_scan = functools.partial(scan, heat, tags)
-  if joint.size * flat_heat.shape[1] <= _NUMPY_WORK:
-    flat = full_scan(joint, mean_tags)
-    return {'flat': flat, 'heat': heat_around(heat, joint, flat)}
-  sample = np.arange(0, flat_heat.shape[1], _SAMPLE_STEP)
-  lower = np.empty(joint.size, np.float32)
-  for j, k in enumerate(active):
-    sel = slot_joint == j
-    lower[sel] = numpy_scores(flat_heat[k, sample][None],
-                              flat_tags[k, sample][None],
-                              mean_tags[sel][:, None]).max(axis=1)
-  good = lower >= np.percentile(lower, _LOW_PERCENTILE)
-  cut = np.full(active.size, np.inf, np.float32)
-  np.minimum.at(cut, slot_joint[good], lower[good])
-  cut = np.where(np.isinf(cut), -np.inf, cut)  # joints of only low queries
-  hot = [np.flatnonzero(flat_heat[k] >= c) for k, c in zip(active, cut)]
-  most = max(h.size for h in hot)
-  if most > _HOT_FRACTION * flat_heat.shape[1]:
-    flat = full_scan(joint, mean_tags)
-    return {'flat': flat, 'heat': heat_around(heat, joint, flat)}
-  # Hot pixels as rows of _HOT_WIDTH, their count padded to a power of 2
-  # (few shapes compile) with -inf heat, which never wins.
-  rows = 1 << (-(-most // _HOT_WIDTH) - 1).bit_length()
-  size = rows * _HOT_WIDTH
-  hot_heat = _buffer('hot_heat', (active.size, size))
-  hot_tags = _buffer('hot_tags', (active.size, size, tag_dim))
-  index = np.zeros((active.size, size), np.int64)
-  for j, (k, h) in enumerate(zip(active, hot)):
-    np.take(flat_heat[k], h, out=hot_heat[j, :h.size])
-    np.take(flat_tags[k], h, axis=0, out=hot_tags[j, :h.size])
-    hot_heat[j, h.size:], hot_tags[j, h.size:] = -np.inf, 0
-    index[j, :h.size] = h
-  shape = (active.size, rows, _HOT_WIDTH)
-  if slot_joint.size * size > _NUMPY_WORK:  # XLA:CPU reads the buffers
-    pos = argmax_queries(jax.device_put(hot_heat.reshape(shape)),
-                         jax.device_put(hot_tags.reshape(shape + (tag_dim,))),
-                         slot_joint, mean_tags)['flat']
-  else:
-    pos = scan(hot_heat.reshape(shape), hot_tags.reshape(
-        shape + (tag_dim,)), slot_joint, mean_tags)
-  flat = index[slot_joint, pos]
-  best = numpy_scores(flat_heat[joint, flat], flat_tags[joint, flat],
-                      mean_tags)
-  rest = np.flatnonzero(best < cut[slot_joint])
-  if rest.size:
-    flat[rest] = full_scan(joint[rest], mean_tags[rest])
-  return {'flat': flat, 'heat': heat_around(heat, joint, flat)}
-
-
 def argmax_queries(heat, tags, joint: np.ndarray, mean_tags: np.ndarray,
                    chunk: int | None = None,
-                   stats: Dict[str, int] | None = None
-                   ) -> Dict[str, np.ndarray]:
+                   stats: dict | None = None) -> refine.Argmax:
   """Refine's argmax for queries (joint [Q], mean_tags [Q, L]), any order.
 
   Args:
@@ -309,9 +173,7 @@ def argmax_queries(heat, tags, joint: np.ndarray, mean_tags: np.ndarray,
     stats: if given, 'bytes_to_host' grows by the bytes of the results.
 
   Returns:
-    numpy 'flat' [Q] int64 first argmax y * W + x and 'heat' [Q, 5]
-    float32 heat at (y, x), (y, x+1), (y, x-1), (y+1, x), (y-1, x), border
-    clipped.
+    refine.Argmax (numpy).
   """
   joint = np.asarray(joint, np.int64)
   mean_tags = np.asarray(mean_tags, np.float32)
@@ -348,5 +210,21 @@ def argmax_queries(heat, tags, joint: np.ndarray, mean_tags: np.ndarray,
   if stats is not None:
     stats['bytes_to_host'] = (stats.get('bytes_to_host', 0) + flat.nbytes +
                               vals.nbytes)
-  return {'flat': flat[slot_joint, slot].astype(np.int64),
-          'heat': vals[slot_joint, slot]}
+  return refine.Argmax(flat[slot_joint, slot].astype(np.int64),
+                       vals[slot_joint, slot])
+
+
+def scan_flat(heat, tags, joint: np.ndarray,
+              mean_tags: np.ndarray) -> np.ndarray:
+  """refine.ScanFn: argmax_queries' flat [Q] (for argmax_queries_host)."""
+  return argmax_queries(heat, tags, joint, mean_tags).flat
+
+
+def device_argmax(heat: jax.Array, tags: jax.Array,
+                  stats: dict | None = None) -> refine.ArgmaxFn:
+  """refine.ArgmaxFn over one image's maps on their device.
+
+  heat [K, H, W], tags [K, H, W, L] jax arrays; `stats['bytes_to_host']`
+  (if given) grows by each call's results.
+  """
+  return functools.partial(argmax_queries, heat, tags, stats=stats)

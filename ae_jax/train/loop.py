@@ -162,11 +162,11 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: epath.Path,
   from ae_jax.infer import predict  # pylint: disable=g-import-not-at-top
   variables = jax.device_get({'params': state.params,
                               'batch_stats': state.batch_stats})
-  predictor = predict.Predictor(model, variables, **config.test,
-                                  flip_index=spec.flip_index)
+  predictor = predict.Predictor(model, variables, predict.PredictOptions(
+      **config.test, flip_index=spec.flip_index))
   split = config.data.val_split
   metrics, _ = coco_eval.evaluate(
-      predictor, config.data.coco_root, split,
+      predictor.stream, config.data.coco_root, split,
       output_path=str(workdir / f'results_{split}.json'),
       sigmas=spec.sigmas, annotations=config.data.val_annotations,
       images=config.data.val_images)

@@ -6,7 +6,7 @@ their first tag value, the `munkres` package (as mmpose does) or scipy on
 the same cost matrix, per-pixel-loop adjust, and a refine that scans all K
 full maps once per person (heatmap - round(tag distance to the person's
 mean tag), first argmax, quarter offsets, only missing joints filled).
-ae_jax.infer.grouping shares no code with it.
+ae_jax.infer (decode, matching, refine) shares no code with it.
 
 Legend: K joints, H x W map size, L tag dim, P people.
 """
