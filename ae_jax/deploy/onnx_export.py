@@ -18,8 +18,8 @@ Outputs (decode.Candidates' fields, then the maps refine reads):
   (y+1, x), (y-1, x), (y, x+1), (y, x-1), clipped at the border;
   heatmaps [B, K, H, W] float32; tags [B, K, H, W, L] float32.
 The keypoint spec, the test settings and the input contract travel in the
-model's metadata_props (METADATA_* keys, json), so deploy/predictor.py
-needs nothing else.
+model's metadata_props (predictor.METADATA_* keys, json), so
+deploy/predictor.py needs nothing else.
 """
 
 import json
@@ -33,18 +33,8 @@ from onnx import helper
 
 from ae_jax import keypoints
 from ae_jax.deploy import onnx_graph
+from ae_jax.deploy import predictor
 from ae_jax.models import ae_model
-
-METADATA_FORMAT = 'ae_jax.format'
-METADATA_KEYPOINTS = 'ae_jax.keypoints'
-METADATA_TEST = 'ae_jax.test'
-METADATA_MODEL = 'ae_jax.model'
-METADATA_INPUT = 'ae_jax.input'
-FORMAT_VERSION = '1'
-INPUT_CONTRACT = ('images [B, H, W, 3] uint8 RGB 0-255, NHWC, not '
-                  'normalised (the graph does ImageNet mean/std); H and W '
-                  'multiples of 32')
-OUTPUT_NAMES = ('val', 'idx', 'tag', 'neighbors', 'heatmaps', 'tags')
 
 
 class ExportError(ValueError):
@@ -208,7 +198,7 @@ def build_model(model_config: Mapping[str, Any], variables: Dict[str, Any], *,
   unsqueeze = lambda t: g.op('Unsqueeze', [t, g.const([-1], 'ax', np.int64)])
   outputs += [heat, g.op('Concat', [unsqueeze(t) for t in tag_planes],
                          axis=-1)]
-  for name, value in zip(OUTPUT_NAMES, outputs):  # the public names
+  for name, value in zip(predictor.OUTPUT_NAMES, outputs):  # the public names
     g.op('Identity', [value], hint=name)
     g.nodes[-1].output[0] = name
   tag_dim = len(tag_planes)
@@ -221,15 +211,15 @@ def build_model(model_config: Mapping[str, Any], variables: Dict[str, Any], *,
               ('heatmaps', f32, [b, num_joints, h, w]),
               ('tags', f32, [b, num_joints, h, w, tag_dim])]
   metadata = {
-      METADATA_FORMAT: FORMAT_VERSION,
-      METADATA_INPUT: INPUT_CONTRACT,
-      METADATA_MODEL: json.dumps({k: (list(v) if isinstance(v, tuple) else v)
+      predictor.METADATA_FORMAT: predictor.FORMAT_VERSION,
+      predictor.METADATA_INPUT: predictor.INPUT_CONTRACT,
+      predictor.METADATA_MODEL: json.dumps({k: (list(v) if isinstance(v, tuple) else v)
                                   for k, v in dict(model_config).items()}),
-      METADATA_KEYPOINTS: json.dumps({
+      predictor.METADATA_KEYPOINTS: json.dumps({
           'names': list(spec.names), 'flip_index': list(spec.flip_index),
           'skeleton': [list(p) for p in spec.skeleton],
           'sigmas': list(spec.sigmas)}),
-      METADATA_TEST: json.dumps({
+      predictor.METADATA_TEST: json.dumps({
           'input_size': int(test.get('input_size', 512)), 'scales': [1.0],
           'flip': flip, 'project2image': True, 'grouping': grouping}),
   }
