@@ -31,6 +31,7 @@ from ae_jax.deploy import predictor as deploy_predictor
 from ae_jax.infer import predict
 from ae_jax.models import ae_model
 from ae_jax.train import checkpoints
+from tests.conftest import BLOCK_IMPORTS
 from tests.conftest import COCO_MINI
 from tests.conftest import REPO_ROOT
 
@@ -192,20 +193,8 @@ def test_export_refuses_what_the_graph_cannot_hold(tmp_path):
 
 
 # Runs demo.py --model with jax, flax, tensorflow and torch unimportable.
-_BLOCKED_DEMO = textwrap.dedent('''
-    import importlib.abc
+_BLOCKED_DEMO = BLOCK_IMPORTS + textwrap.dedent('''
     import runpy
-    import sys
-
-    BLOCKED = ('jax', 'jaxlib', 'flax', 'tensorflow', 'torch')
-
-    class Block(importlib.abc.MetaPathFinder):
-      def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in BLOCKED:
-          raise ImportError(f'blocked: {name}')
-        return None
-
-    sys.meta_path.insert(0, Block())
     sys.argv = ['demo.py'] + sys.argv[1:]
     try:
       runpy.run_path('demo.py', run_name='__main__')

@@ -92,38 +92,51 @@ class Value:
                  self.channels)
 
 
+def _conv_inputs(module: nn.Module, x: Value, weight: np.ndarray,
+                 hint: str) -> List[str]:
+  """[x, weight initializer, optional bias initializer] of a conv node."""
+  g = x.graph
+  inputs = [x.name, g.const(np.ascontiguousarray(weight), hint)]
+  if module.use_bias:
+    inputs.append(g.const(
+        np.asarray(module.get_variable('params', 'bias'), np.float32), 'b'))
+  return inputs
+
+
 def _pads(padding) -> List[int]:
   """((top, bottom), (left, right)) -> ONNX pads [top, left, bottom, right]."""
   (top, bottom), (left, right) = padding
   return [int(top), int(left), int(bottom), int(right)]
 
 
-class OnnxConv(nn.Module):
-  """nn.Conv's arguments and variables -> an ONNX Conv node."""
+class _ConvArgs(nn.Module):
+  """The arguments nn.Conv and nn.ConvTranspose share (dtype, kernel_init:
+  taken and unused; the graph is float32 and holds the stored kernel)."""
   features: int
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
   padding: Any = ((0, 0), (0, 0))
-  feature_group_count: int = 1
   use_bias: bool = True
   dtype: Any = None
   kernel_init: Any = None
+
+
+class OnnxConv(_ConvArgs):
+  """nn.Conv's arguments and variables -> an ONNX Conv node."""
+  feature_group_count: int = 1
 
   @nn.compact
   def __call__(self, x: Value) -> Value:
     kernel = np.asarray(self.get_variable('params', 'kernel'), np.float32)
     g = x.graph
-    inputs = [x.name, g.const(kernel.transpose(3, 2, 0, 1), 'w')]  # OIHW
-    if self.use_bias:
-      inputs.append(g.const(
-          np.asarray(self.get_variable('params', 'bias'), np.float32), 'b'))
+    inputs = _conv_inputs(self, x, kernel.transpose(3, 2, 0, 1), 'w')  # OIHW
     out = g.op('Conv', inputs, kernel_shape=list(kernel.shape[:2]),
                strides=list(self.strides), pads=_pads(self.padding),
                group=int(self.feature_group_count))
     return Value(g, out, self.features)
 
 
-class OnnxConvTranspose(nn.Module):
+class OnnxConvTranspose(_ConvArgs):
   """nn.ConvTranspose (transpose_kernel False) -> ONNX ConvTranspose.
 
   flax's op is a stride-1 conv of the stride-dilated input with the kernel
@@ -131,13 +144,6 @@ class OnnxConvTranspose(nn.Module):
   is the spatially flipped one with pads k - 1 - lo, k - 1 - hi
   (PyTorch's ConvTranspose2d: the weight convert.py flipped back).
   """
-  features: int
-  kernel_size: Sequence[int]
-  strides: Sequence[int] = (1, 1)
-  padding: Any = ((0, 0), (0, 0))
-  use_bias: bool = True
-  dtype: Any = None
-  kernel_init: Any = None
 
   @nn.compact
   def __call__(self, x: Value) -> Value:
@@ -145,10 +151,7 @@ class OnnxConvTranspose(nn.Module):
     kh, kw = kernel.shape[:2]
     weight = kernel[::-1, ::-1].transpose(2, 3, 0, 1)  # [C_in, C_out, kh, kw]
     g = x.graph
-    inputs = [x.name, g.const(np.ascontiguousarray(weight), 'wt')]
-    if self.use_bias:
-      inputs.append(g.const(
-          np.asarray(self.get_variable('params', 'bias'), np.float32), 'b'))
+    inputs = _conv_inputs(self, x, weight, 'wt')
     (top, bottom), (left, right) = self.padding
     out = g.op('ConvTranspose', inputs, kernel_shape=[kh, kw],
                strides=list(self.strides),
