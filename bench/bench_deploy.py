@@ -1,16 +1,21 @@
 r"""Per-image latency: the ONNX predictor (onnxruntime) vs the JAX CPU path.
 
-  python -m bench.bench_deploy [--ckpt DIR] [--config configs/coco512.py]
-      [--rounds 3] [--threads 2] [--int8]
+  python -m bench.bench_deploy [--ckpt DIR] [--config coco512]
+      [--rounds 3] [--threads 2] [--int8] [--out bench/RESULTS_deploy.md]
 
-Same run, same decoded mini-COCO images, 512 single scale, flip off and on:
+Same run, same decoded mini-COCO images, single scale at the config's
+test input_size (coco512: 512; coco_mini: 256, what that model trained
+for), flip off and on:
 - JAX: predict.Predictor (eval.py's path: the kernels it picks for the CPU
   backend, jitted maps + candidates, host decode), one image at a time;
 - ONNX: deploy/predictor.OnnxPredictor on the export.py --format onnx graph
   of the same variables (onnxruntime CPU, --threads intra-op threads),
   split into the graph run and the host side (resize-align, decode, refine);
-- with --int8 also the graph quantised by deploy/quantize.py (calibrated on
-  the same 4 images).
+- with --int8 also the graph quantised by onnxruntime's quantize_static
+  (`quantize_int8` below: int8 per-channel convolution weights, uint8
+  activations calibrated MinMax on the same 4 images, QDQ; the rest of the
+  graph stays float32). Measured only: it did not help (README "int8"),
+  so export.py does not offer it.
 Each path first runs every image once (compiles, session warm-up), then
 --rounds timed passes; the median per image is reported. Also the file
 sizes and the pose agreement of each ONNX path with the JAX path (joints
@@ -20,6 +25,7 @@ model.init. Writes bench/RESULTS_deploy.md.
 """
 
 import argparse
+import importlib
 import os
 import statistics
 import tempfile
@@ -27,7 +33,6 @@ import time
 
 import jax
 import numpy as np
-import scipy.optimize
 
 from ae_jax import keypoints
 from ae_jax.data import coco
@@ -38,19 +43,31 @@ from ae_jax.infer import predict
 from ae_jax.models import ae_model
 from ae_jax.train import checkpoints
 from bench import common
-from configs import coco512
+from tests.references import pose_agreement
 
 COCO_MINI = os.path.join(os.path.dirname(__file__), '..', 'data', 'coco_mini')
 OUT = os.path.join(os.path.dirname(__file__), 'RESULTS_deploy.md')
 
 
-def agreement(a, b) -> tuple[int, int]:
-  """(joints within 1 px and 0.01 score, joints), people paired 1:1."""
-  dist = np.abs(a.coords[:, None] - b.coords[None]).max(-1)
-  score = np.abs(a.joint_scores[:, None] - b.joint_scores[None])
-  same = ((dist <= 1) & (score <= 0.01)).sum(-1)
-  rows, cols = scipy.optimize.linear_sum_assignment(-same)
-  return int(same[rows, cols].sum()), max(len(a), len(b)) * a.coords.shape[1]
+def quantize_int8(float_path: str, out_path: str, images, input_size: int):
+  """onnxruntime static int8 quantisation of the graph's convolutions."""
+  from onnxruntime import quantization  # pylint: disable=g-import-not-at-top
+  feeds = iter([{'images': eval_input.resize_inputs(
+      image, input_size, (1.0,)).images[0][None]} for image in images])
+
+  class Reader(quantization.CalibrationDataReader):
+
+    def get_next(self):
+      return next(feeds, None)
+
+  quantization.quantize_static(
+      float_path, out_path, Reader(),
+      quant_format=quantization.QuantFormat.QDQ,
+      op_types_to_quantize=['Conv', 'ConvTranspose'], per_channel=True,
+      activation_type=quantization.QuantType.QUInt8,
+      weight_type=quantization.QuantType.QInt8,
+      calibrate_method=quantization.CalibrationMethod.MinMax)
+  return out_path
 
 
 def _median_ms(fn, images, rounds):
@@ -90,8 +107,11 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--threads', type=int, default=os.cpu_count())
   parser.add_argument('--int8', action='store_true')
+  parser.add_argument('--config', default='coco512',
+                      help='a module of configs/ (model and test groups)')
+  parser.add_argument('--out', default=OUT)
   args = parser.parse_args()
-  config = coco512.get_config()
+  config = importlib.import_module(f'configs.{args.config}').get_config()
   model_config = {**config.model, 'num_joints': 17}
   if args.ckpt:
     variables = checkpoints.restore_variables(args.ckpt)
@@ -116,8 +136,7 @@ def main():
         model_config, variables, os.path.join(tmp, f'flip{int(flip)}.onnx'),
         spec=keypoints.COCO, test=test)}
     if args.int8:
-      from ae_jax.deploy import quantize  # pylint: disable=g-import-not-at-top
-      paths['int8'] = quantize.quantize_int8(
+      paths['int8'] = quantize_int8(
           paths['float32'], paths['float32'][:-5] + '_int8.onnx',
           images, int(test['input_size']))
     for name, path in paths.items():
@@ -131,7 +150,7 @@ def main():
           path, num_threads=args.threads)
       ms = _median_ms(onnx_predictor, images, args.rounds)
       graph_ms, host_ms = _onnx_split(onnx_predictor, images, args.rounds)
-      same = [agreement(onnx_predictor(image), w)
+      same = [pose_agreement.agreement(onnx_predictor(image), w)
               for image, w in zip(images, want)]
       agree = sum(s[0] for s in same) / max(1, sum(s[1] for s in same))
       rows.append((flip, f'ONNX {name} (onnxruntime)', ms, graph_ms,
@@ -140,10 +159,10 @@ def main():
   lines = [
       '# Deploy: ONNX predictor vs the JAX CPU path', '',
       f'Machine: {common.machine()}; load average {load[0]:.1f} at the end '
-      f'of the run. Weights: {weights}. Mini COCO, 4 images at 512 single '
-      f'scale, median of {args.rounds} timed passes per image after one '
+      f'of the run. Weights: {weights}. Config {args.config}. Mini COCO, 4 '
+      f'images at {config.test.input_size} single scale, median of {args.rounds} timed passes per image after one '
       f'warm-up pass; onnxruntime {args.threads} intra-op threads. '
-      'Command: `python -m bench.bench_deploy' +
+      f'Command: `python -m bench.bench_deploy --config {args.config}' +
       (f' --ckpt {args.ckpt}' if args.ckpt else '') +
       (' --int8' if args.int8 else '') + '`.', '',
       '| flip | path | ms / image | graph ms | host ms | vs JAX | joints '
@@ -158,7 +177,7 @@ def main():
         f'{"-" if agree is None else f"{100 * agree:.2f}%"} |')
   lines += ['', 'File sizes (MB): ' + ', '.join(
       f'ONNX {k} {v:.1f}' for k, v in sizes.items())]
-  common.write_report(lines, OUT)
+  common.write_report(lines, args.out)
 
 
 if __name__ == '__main__':

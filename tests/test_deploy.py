@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.optimize
 
 from ae_jax import keypoints
 from ae_jax.data import coco
@@ -34,6 +33,7 @@ from ae_jax.train import checkpoints
 from tests.conftest import BLOCK_IMPORTS
 from tests.conftest import COCO_MINI
 from tests.conftest import REPO_ROOT
+from tests.references import pose_agreement
 
 pytest.importorskip('onnxruntime')
 
@@ -100,20 +100,6 @@ def _jax_predictor(variables, flip):
       **TEST, flip=flip, flip_index=keypoints.COCO.flip_index))
 
 
-def _agreement(a, b):
-  """(joints within 1 px and 0.01 score, joints) of two images' Poses.
-
-  People are paired one to one (most agreeing joints, Hungarian), so the
-  order they were created in does not matter; a person without a partner
-  counts all its joints as different.
-  """
-  dist = np.abs(a.coords[:, None] - b.coords[None]).max(-1)  # [Pa, Pb, K]
-  score = np.abs(a.joint_scores[:, None] - b.joint_scores[None])
-  same = ((dist <= 1) & (score <= 0.01)).sum(-1)
-  rows, cols = scipy.optimize.linear_sum_assignment(-same)
-  return int(same[rows, cols].sum()), max(len(a), len(b)) * a.coords.shape[1]
-
-
 def test_graph_outputs_equal_predict_batch(tiny):
   variables, paths = tiny
   onnx_predictor = deploy_predictor.OnnxPredictor(paths[True])
@@ -158,7 +144,7 @@ def test_people_equal_the_jax_path_on_mini_coco(tiny, flip):
   agree = total = 0
   for path in IMAGES:
     assert len(want[path]) > 10  # many people: grouping has work to do
-    ok, n = _agreement(got[path], want[path])
+    ok, n = pose_agreement.agreement(got[path], want[path])
     agree, total = agree + ok, total + n
   assert agree >= 0.99 * total, (agree, total)
 
