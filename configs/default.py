@@ -94,13 +94,13 @@ def get_config() -> ml_collections.ConfigDict:
   # far fewer all-reduces; train_step.py, README "Scale").
   config.train.bn_stats = 'global'
 
-  # test_cfg of the mmpose config: inference.Predictor(**config.test).
+  # test_cfg of the mmpose config: predict.PredictOptions(**config.test).
   config.test = ml_collections.ConfigDict()
   config.test.input_size = 512  # data_cfg.image_size (short side at scale 1)
   config.test.scales = (1.0,)  # test_scale_factor; paper multi: (2, 1, 0.5)
   config.test.flip = True  # flip_test
   config.test.project2image = True
-  # HeatmapParser keys: grouping.GroupingParams(**config.test.grouping).
+  # HeatmapParser keys: decode.GroupingParams(**config.test.grouping).
   config.test.grouping = ml_collections.ConfigDict()
   config.test.grouping.nms_kernel = 5
   config.test.grouping.max_people = 30  # max_num_people (top-k per joint)

@@ -53,9 +53,13 @@ def test_candidates_grouping_equals_full_map_grouping(seed, plateau, params):
       else 'bytes_to_host' not in stats
 
 
-@pytest.mark.parametrize('by_sort', [False, True])
-def test_candidates_are_find_candidates_in_topk_order(by_sort):
-  heat, tags = _maps(4, plateau=True)
+@pytest.mark.parametrize('by_sort,hw', [
+    (False, (48, 64)),  # 24 chunks of top_k: lax.top_k over whole rows
+    (True, (48, 64)),
+    (False, (96, 134)),  # 101 chunks, the last one padded: the best chunks
+])
+def test_candidates_are_find_candidates_in_topk_order(by_sort, hw):
+  heat, tags = _maps(4, h=hw[0], w=hw[1], plateau=True)
   cands = jax.device_get(candidates.top_candidates(heat, tags, 30, 5,
                                                    by_sort))
   want = host_grouping.find_candidates(heat, tags, 30, 0.0, 5)
@@ -65,3 +69,59 @@ def test_candidates_are_find_candidates_in_topk_order(by_sort):
     flat = joint.loc[:, 1] * heat.shape[2] + joint.loc[:, 0]
     np.testing.assert_array_equal(cands.idx[k, :n], flat)
     np.testing.assert_array_equal(cands.tag[k, :n], joint.tag)
+
+
+def _reference_nms(heat, kernel):
+  """torch MaxPool2d(kernel, 1, (kernel - 1) // 2) == heat, in numpy."""
+  pad = kernel // 2
+  num, h, w = heat.shape
+  padded = np.full((num, h + 2 * pad, w + 2 * pad), -np.inf, np.float32)
+  padded[:, pad:pad + h, pad:pad + w] = heat
+  pooled = np.max([padded[:, dy:dy + h, dx:dx + w] for dy in range(kernel)
+                   for dx in range(kernel)], axis=0)
+  return np.where(pooled == heat, heat, -np.inf)
+
+
+@pytest.mark.parametrize('shape', [(2, 1, 1), (2, 3, 4), (3, 5, 9),
+                                   (2, 17, 6), (1, 40, 31)])
+@pytest.mark.parametrize('kernel', [1, 3, 5, 7])
+def test_nms_equals_padded_max_pool(shape, kernel):
+  # Quantised values: plateaus, where equality with the window max decides.
+  rng = np.random.default_rng(sum(shape) + kernel)
+  heat = (np.round(rng.uniform(size=shape) * 4) / 4).astype(np.float32)
+  got = jax.jit(candidates.nms, static_argnums=1)(heat, kernel)
+  np.testing.assert_array_equal(np.asarray(got),
+                                _reference_nms(heat, kernel))
+
+
+@pytest.mark.parametrize('n,k,chunk', [
+    (1000, 5, 16),  # chunked, n a multiple of nothing: padded
+    (1024, 30, 8),  # chunked, exact
+    (300, 7, 4),
+    (100, 30, 8),  # 13 chunks <= 2k: lax.top_k itself
+])
+def test_top_k_equals_lax_top_k(n, k, chunk):
+  rng = np.random.default_rng(n + k)
+  for trial in range(10):
+    x = np.round(rng.normal(size=(3, n)) * 2).astype(np.float32)  # ties
+    x[rng.uniform(size=x.shape) < 0.7] = -np.inf  # NMS'd maps: mostly -inf
+    if trial == 0:
+      x[:] = -np.inf
+    want = jax.lax.top_k(x, k)
+    got = candidates.top_k(jax.numpy.asarray(x), k, chunk)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+@pytest.mark.parametrize('by_sort', [False, True])
+def test_top_candidates_exports_with_symbolic_map_sizes(by_sort):
+  # SavedModel / ONNX exports trace the map sizes as symbols.
+  tags_shape = jax.export.symbolic_shape('k, 32*h, 32*w, 1')
+  exported = jax.export.export(jax.jit(
+      lambda h, t: candidates.top_candidates(h, t, 6, 5, by_sort)))(
+          jax.ShapeDtypeStruct(tags_shape[:3], np.float32),
+          jax.ShapeDtypeStruct(tags_shape, np.float32))
+  heat, tags = _maps(5, k=3, h=64, w=96, tag_dim=1)
+  want = candidates.top_candidates(heat, tags, 6, 5)
+  for got, ref in zip(exported.call(heat, tags), want):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

@@ -9,6 +9,7 @@ import pytest
 from ae_jax.data import coco as coco_data
 from ae_jax.infer import coco_eval
 from ae_jax.infer import decode
+from tests.references import host_grouping
 
 
 def _gt_people(coco):
@@ -19,7 +20,7 @@ def _gt_people(coco):
     poses = [np.array(a['keypoints'], np.float32).reshape(17, 3)
              for a in anns if a['num_keypoints'] > 0]
     poses = np.stack(poses) if poses else np.zeros((0, 17, 3), np.float32)
-    out[image_id] = decode.Poses.from_keypoints(
+    out[image_id] = host_grouping.poses_from_keypoints(
         poses, np.ones(len(poses), np.float32))
   return out
 
@@ -38,7 +39,7 @@ def test_ground_truth_as_predictions_scores_one(coco_mini_root):
 def test_result_format_is_mmpose_json():
   poses = np.array([[[10, 20, 0.5]] * 16 + [[30, 5, 0.25]]], np.float32)
   (res,) = coco_eval.poses_to_results(
-      785, decode.Poses.from_keypoints(poses, np.array([0.7])))
+      785, host_grouping.poses_from_keypoints(poses, np.array([0.7])))
   assert res['image_id'] == 785 and res['category_id'] == 1
   assert len(res['keypoints']) == 51
   # The third value is the joint's heatmap score, not a visibility flag.

@@ -22,6 +22,7 @@ from ae_jax import keypoints
 from ae_jax.data import coco
 from tests.conftest import REPO_ROOT
 from tests.conftest import small_config
+from tests.references import host_grouping
 
 # COCO joints kept (nose, shoulders, hips) and their new names.
 _KEEP = (0, 5, 6, 11, 12)
@@ -205,8 +206,8 @@ def _ground_truth_predictor(coco_api):
     poses = np.asarray([a['keypoints'] for a in anns], np.float32)
     poses = poses.reshape(len(anns), -1, 3)
     poses[..., 2] = 1.0
-    by_size[(info['height'], info['width'])] = decode.Poses.from_keypoints(
-        poses, np.ones(len(anns)))
+    by_size[(info['height'], info['width'])] = (
+        host_grouping.poses_from_keypoints(poses, np.ones(len(anns))))
 
   def stream(items):
     for key, image in items:
@@ -235,7 +236,8 @@ def test_own_skeleton_is_drawn(own_root, tmp_path):
   # head, left/right arm, left/right leg as a little figure.
   pose = np.array([[[50, 10, 1], [30, 40, 1], [70, 40, 1], [40, 90, 1],
                     [60, 90, 1]]], np.float32)
-  out = draw.draw_poses(canvas, decode.Poses.from_keypoints(pose, np.ones(1)),
+  out = draw.draw_poses(canvas, host_grouping.poses_from_keypoints(
+      pose, np.ones(1)),
                         skeleton=spec.skeleton)
   on_limb = [(50 + 30) // 2, (10 + 40) // 2]  # head - left_arm
   off_limb = [(30 + 70) // 2, 40]  # left_arm - right_arm: not a limb

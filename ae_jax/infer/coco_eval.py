@@ -2,7 +2,7 @@
 
 Results follow mmpose's BottomUpCocoDataset.evaluate (use_nms False): one
 entry per person with image_id, category_id 1, keypoints flat
-[x1, y1, v1, ..., x17, y17, v17] where v is the joint's heatmap value (not a
+[x1, y1, v1, ..., xK, yK, vK] where v is the joint's heatmap value (not a
 visibility flag), score = the person score (mean joint value before
 refine) and bbox from the keypoint extent. COCOeval('keypoints') with the
 dataset's OKS sigmas (COCO's by default) scores them (xtcocotools in mmpose

@@ -106,15 +106,6 @@ class Poses:
     """[P, K, 3] float32 (x, y, joint score): COCO json and drawing."""
     return np.concatenate([self.coords, self.joint_scores[..., None]], -1)
 
-  @classmethod
-  def from_keypoints(cls, keypoints: np.ndarray, scores: np.ndarray
-                     ) -> 'Poses':
-    """Poses without tags from [P, K, 3] (x, y, joint score), scores [P]."""
-    keypoints = np.asarray(keypoints, np.float32)
-    return cls(keypoints[..., :2], keypoints[..., 2],
-               np.asarray(scores, np.float32),
-               np.zeros(keypoints.shape[:2] + (0,), np.float32))
-
   def to_image(self, center, scale, map_size) -> 'Poses':
     """These poses with coords mapped from the map grid to image pixels."""
     return dataclasses.replace(self, coords=transform_to_image(
@@ -168,7 +159,7 @@ def adjust(rows: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
   return rows
 
 
-def threshold(cands: Candidates, width: int, params: GroupingParams):
+def _threshold(cands: Candidates, width: int, params: GroupingParams):
   """Per joint, the candidates above the threshold (at most max_people).
 
   Returns:
@@ -206,7 +197,7 @@ def decode_candidates(cands: Candidates, width: int,
   Returns:
     Poses on the map grid, in mmpose's order (creation order).
   """
-  joint_cands, neigh_of = threshold(cands, width, params)
+  joint_cands, neigh_of = _threshold(cands, width, params)
   rows = matching.match_candidates(
       joint_cands, tag_threshold=params.tag_threshold,
       use_detection_val=params.use_detection_val,

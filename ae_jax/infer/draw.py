@@ -138,8 +138,8 @@ def write_json(value, path: str) -> None:
 
 
 def annotate_images(
-    stream: decode.StreamFn, paths: Sequence[str], out_dir: str, person_threshold: float = 0.2,
-    bases: Dict[str, str] | None = None,
+    stream: decode.StreamFn, paths: Sequence[str], out_dir: str,
+    person_threshold: float = 0.2, bases: Dict[str, str] | None = None,
     skeleton=keypoints.COCO.skeleton) -> Tuple[List[dict], List[str]]:
   """Draws each image's people into {base}.png (see output_bases).
 
@@ -190,8 +190,8 @@ def annotate_images(
 
 
 def annotate_video(
-    stream: decode.StreamFn, path: str, base: str, person_threshold: float = 0.2,
-    log_every: int = 25, skeleton=keypoints.COCO.skeleton) -> int | None:
+    stream: decode.StreamFn, path: str, base: str,
+    person_threshold: float = 0.2, log_every: int = 25, skeleton=keypoints.COCO.skeleton) -> int | None:
   """Draws every frame of a video into {base}.mp4 (mp4v), poses {base}.json.
 
   The json is {'source', 'fps', 'frames': [{'frame', 'people'}]}.

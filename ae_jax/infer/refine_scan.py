@@ -39,8 +39,8 @@ import numpy as np
 
 from ae_jax.infer import refine
 
-# Rows per group of the first tree; queries scored per pass over a map (4
-# and 8 measured alike per query; 4 pads less).
+# Rows per group of the first tree; queries scored per pass over a map
+# (per query, 4 costs as 8 does and pads less: bench/RESULTS_eval.md).
 _ROWS = 8
 CHUNK = 4
 

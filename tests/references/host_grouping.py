@@ -162,3 +162,11 @@ def rows(poses: decode.Poses) -> np.ndarray:
   """[P, K, 3 + L] (x, y, value, tags): the mmpose_grouping layout."""
   return np.concatenate(
       [poses.coords, poses.joint_scores[..., None], poses.tags], -1)
+
+
+def poses_from_keypoints(keypoints, scores) -> decode.Poses:
+  """decode.Poses (no tags) from [P, K, 3] (x, y, joint score), scores [P]."""
+  keypoints = np.asarray(keypoints, np.float32)
+  return decode.Poses(keypoints[..., :2], keypoints[..., 2],
+                      np.asarray(scores, np.float32),
+                      np.zeros(keypoints.shape[:2] + (0,), np.float32))
