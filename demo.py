@@ -3,6 +3,11 @@ r"""Draws detected skeletons on images, folders of images or videos.
   python demo.py --ckpt /tmp/ae_mini --config configs/coco_mini.py \
       data/coco_mini/val2017/ --out /tmp/demo
   python demo.py --ckpt DIR --config configs/coco512.py walk.mp4 --out DIR
+  python demo.py --model /tmp/ae.onnx --out DIR photos/ walk.mp4
+
+--model runs an export.py --format onnx file with onnxruntime
+(deploy/predictor.py): no jax, flax, tensorflow or torch is imported, and
+--config is not read (the keypoints and test settings come from the file).
 
 Images become <out>/<stem>.png plus <out>/poses.json (every image's people:
 score and [x, y, value] per joint); a video (by extension: .mp4, .avi, ...)
@@ -28,25 +33,62 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Config file (model and test groups).',
     lock_config=True)
 _CKPT = flags.DEFINE_string('ckpt', None, 'Variables dir or train workdir.')
+_MODEL = flags.DEFINE_string(
+    'model', None, 'An ONNX export (export.py --format onnx) instead of '
+    '--ckpt: runs with onnxruntime, without JAX.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
 _MIN_SCORE = flags.DEFINE_float(
     'min_score', 0.2, 'Draw people whose score (mean joint heatmap value) '
     'is above this; grouping also returns many low-score fragments.')
-flags.mark_flags_as_required(['ckpt', 'out'])
+flags.mark_flags_as_required(['out'])
+flags.mark_flags_as_mutual_exclusive(['ckpt', 'model'], required=True)
 
 POSES_JSON = 'poses.json'
+
+
+def _onnx_predictor(path):
+  """(stream, KeypointSpec) of an ONNX export; imports no JAX."""
+  try:  # pylint: disable=g-import-not-at-top
+    from ae_jax.deploy import predictor  # optional: the deploy extra
+    onnx_predictor = predictor.OnnxPredictor(path)
+  except ImportError as e:
+    raise SystemExit(f"error: --model needs the deploy extra (pip install "
+                     f"-e '.[deploy]'): {e}") from None
+  except ValueError as e:  # predictor.ModelFileError
+    raise SystemExit(f'error: {e}') from None
+  return onnx_predictor.stream, onnx_predictor.spec
+
+
+def _jax_predictor(config, ckpt):
+  """(stream, KeypointSpec) of a checkpoint run with JAX."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from ae_jax import keypoints
+  from ae_jax.infer import predict
+  from ae_jax.models import ae_model
+  from ae_jax.train import checkpoints
+  try:  # CheckpointError: bad --ckpt; ValueError: bad config values;
+    # FileNotFoundError: the annotation file the keypoints are read from.
+    spec = keypoints.resolve_spec(config.data, 'val')
+    model = ae_model.create_model(
+        {**config.model, 'num_joints': spec.num_joints},
+        ae_model.default_kernels(jax.default_backend()))
+    variables = checkpoints.restore_variables(ckpt)
+    keypoints.check_head(variables, spec.num_joints, ckpt)
+    checkpoints.check_fits(variables, {**config.model, 'num_joints':
+                                       spec.num_joints}, ckpt)
+    predictor = predict.Predictor(model, variables, predict.PredictOptions(
+        **config.test, flip_index=spec.flip_index))
+  except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+  return predictor.stream, spec
 
 
 def main(argv):
   inputs = argv[1:]
   if not inputs:
     raise app.UsageError('give image files, folders or video files')
-  # pylint: disable=g-import-not-at-top
-  from ae_jax import keypoints
-  from ae_jax.train import checkpoints
-  from ae_jax.infer import draw
-  from ae_jax.infer import predict
-  from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
+  from ae_jax.infer import draw  # pylint: disable=g-import-not-at-top
   out_dir = _OUT.value
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise SystemExit(f'error: --out {out_dir} is a file, not a folder')
@@ -54,23 +96,12 @@ def main(argv):
   for path, reason in failed:
     logging.error('%s: %s', path, reason)
   failed = [path for path, _ in failed]
-  import jax  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  try:  # CheckpointError: bad --ckpt; ValueError: bad config values;
-    # FileNotFoundError: the annotation file the keypoints are read from.
-    spec = keypoints.resolve_spec(config.data, 'val')
-    model = ae_model.create_model(
-        {**config.model, 'num_joints': spec.num_joints},
-        ae_model.default_kernels(jax.default_backend()))
-    variables = checkpoints.restore_variables(_CKPT.value)
-    keypoints.check_head(variables, spec.num_joints, _CKPT.value)
-    checkpoints.check_fits(variables, {**config.model, 'num_joints':
-                                       spec.num_joints}, _CKPT.value)
-    predictor = predict.Predictor(model, variables, predict.PredictOptions(
-        **config.test, flip_index=spec.flip_index))
+  if _MODEL.value:
+    stream, spec = _onnx_predictor(_MODEL.value)
+  else:
+    stream, spec = _jax_predictor(_CONFIG.value, _CKPT.value)
+  try:
     os.makedirs(out_dir, exist_ok=True)
-  except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
   except OSError as e:
     raise SystemExit(f'error: cannot create --out {out_dir}: '
                      f'{e.strerror}') from None
@@ -82,14 +113,14 @@ def main(argv):
   start = time.perf_counter()
   count = 0
   if images:
-    entries, bad = draw.annotate_images(predictor.stream, images, out_dir,
+    entries, bad = draw.annotate_images(stream, images, out_dir,
                                         _MIN_SCORE.value, bases,
                                         skeleton=spec.skeleton)
     failed += bad
     count += len(entries)
     draw.write_json(entries, os.path.join(out_dir, POSES_JSON))
   for path in videos:
-    frames = draw.annotate_video(predictor.stream, path, bases[path],
+    frames = draw.annotate_video(stream, path, bases[path],
                                  _MIN_SCORE.value, skeleton=spec.skeleton)
     if frames is None:
       failed.append(path)

@@ -1,12 +1,17 @@
-"""Exports a trained or converted ae_jax checkpoint to a TF SavedModel.
+"""Exports a trained or converted ae_jax checkpoint: ONNX or TF SavedModel.
 
+  python export.py --config configs/coco512.py --ckpt /tmp/ae_coco512 \
+      --out /tmp/ae.onnx [--fixed_shape=1,512,512] [--quantize=int8]
   python export.py --config configs/coco512.py --ckpt /tmp/ae_coco512 \
       --out /tmp/ae_savedmodel [--fixed_shape=1,512,512] [--nodecode]
 
-The signature (ae_jax/export.py, README "Export"): images -> heatmaps, tags
-and, unless --nodecode, the NMS'd top-k candidates per joint. Errors (a bad
---ckpt, an --out that is a file, a non-SavedModel folder or not writable)
-are one `error:` line.
+--format is onnx for an --out ending in .onnx, else saved_model (README
+"Export and deploy"). ONNX (deploy/onnx_export.py): uint8 images -> the
+candidates and maps deploy/predictor.py decodes without JAX, the keypoint
+spec and config.test in its metadata. SavedModel (deploy/saved_model.py):
+images -> heatmaps, tags and, unless --nodecode, the candidates. Errors (a
+bad --ckpt, a bad --out, test settings the graph cannot hold) are one
+`error:` line.
 """
 
 import os
@@ -27,25 +32,48 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Model config file.', lock_config=True)
 _CKPT = flags.DEFINE_string('ckpt', None, 'Variables checkpoint or workdir.',
                             required=True)
-_OUT = flags.DEFINE_string('out', None, 'SavedModel directory to write.',
-                           required=True)
+_OUT = flags.DEFINE_string(
+    'out', None, 'ONNX file (.onnx) or SavedModel directory to write.',
+    required=True)
+_FORMAT = flags.DEFINE_enum(
+    'format', None, ['onnx', 'saved_model'],
+    'Default: onnx for an --out ending in .onnx, else saved_model.')
 _FIXED = flags.DEFINE_list('fixed_shape', None,
                            'Optional B,H,W for a static-shape export.')
 _DECODE = flags.DEFINE_bool(
     'decode', True, 'Also return the NMS\'d top-k candidates per joint '
-    '(config.test.grouping max_people / nms_kernel); README "Export".')
+    '(config.test.grouping max_people / nms_kernel); SavedModel only '
+    '(the ONNX graph always does).')
+
+
+def _onnx_export():
+  """deploy/onnx_export, which needs the optional onnx package."""
+  try:  # pylint: disable=g-import-not-at-top
+    from ae_jax.deploy import onnx_export  # optional: the deploy extra
+  except ImportError as e:
+    raise SystemExit(f"error: --format onnx needs the deploy extra (pip "
+                     f"install -e '.[deploy]'): {e}") from None
+  return onnx_export
 
 
 def main(argv):
   del argv
+  fmt = _FORMAT.value or ('onnx' if _OUT.value.endswith('.onnx') else
+                          'saved_model')
+  onnx_export = _onnx_export() if fmt == 'onnx' else None
   try:  # before the slow part: refuse a bad --out at once
-    export_lib.check_out_dir(_OUT.value)
+    if fmt == 'onnx':
+      onnx_export.check_out_file(_OUT.value)
+      onnx_export.check_test_settings(_CONFIG.value.test)
+    else:
+      export_lib.check_out_dir(_OUT.value)
     variables = checkpoints.restore_variables(_CKPT.value)
-  except (checkpoints.CheckpointError, export_lib.ExportError) as e:
+  except (checkpoints.CheckpointError, ValueError) as e:  # ExportErrors
     raise SystemExit(f'error: {e}') from None
   config = _CONFIG.value
   try:  # the joint count comes from the config's keypoint spec
-    num_joints = keypoints.resolve_spec(config.data).num_joints
+    spec = keypoints.resolve_spec(config.data)
+    num_joints = spec.num_joints
     keypoints.check_head(variables, num_joints, _CKPT.value)
     checkpoints.check_fits(variables, {**config.model, 'num_joints':
                                        num_joints}, _CKPT.value)
@@ -56,6 +84,12 @@ def main(argv):
     fixed = tuple(int(v) for v in _FIXED.value) if _FIXED.value else None
     if fixed is not None and len(fixed) != 3:
       raise ValueError(f'--fixed_shape wants B,H,W, got {_FIXED.value}')
+    if fmt == 'onnx':
+      path = onnx_export.export_onnx(
+          {**config.model, 'num_joints': num_joints}, variables, _OUT.value,
+          spec=spec, test=config.test, fixed_shape=fixed)
+      print(f'ONNX model written to {path}')
+      return
     export_lib.export_saved_model(
         {**config.model, 'num_joints': num_joints}, variables, _OUT.value,
         fixed, max_people=grouping.max_people if _DECODE.value else 0,

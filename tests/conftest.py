@@ -32,6 +32,26 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: item.path.name not in FIRST)
 
 
+# Prepended to a `python -c` script: from then on importing jax, flax,
+# tensorflow or torch raises ImportError (tests of the JAX-free paths).
+BLOCK_IMPORTS = '''
+import importlib.abc
+import sys
+
+BLOCKED = ('jax', 'jaxlib', 'flax', 'tensorflow', 'torch')
+
+
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in BLOCKED:
+      raise ImportError(f'blocked: {name}')
+    return None
+
+
+sys.meta_path.insert(0, Block())
+'''
+
+
 @pytest.fixture(scope='session')
 def coco_mini_root() -> pathlib.Path:
   """The mini COCO (4 val2017 images, 14 person annotations) in the repo."""

@@ -13,22 +13,11 @@ import textwrap
 
 import pytest
 
+from tests.conftest import BLOCK_IMPORTS
 from tests.conftest import REPO_ROOT
 
-_SCRIPT = textwrap.dedent('''
-    import importlib.abc
+_SCRIPT = BLOCK_IMPORTS + textwrap.dedent('''
     import json
-    import sys
-
-    BLOCKED = ('jax', 'jaxlib', 'flax', 'tensorflow', 'torch')
-
-    class Block(importlib.abc.MetaPathFinder):
-      def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in BLOCKED:
-          raise ImportError(f'blocked: {name}')
-        return None
-
-    sys.meta_path.insert(0, Block())
     import numpy as np
     from ae_jax.infer import decode
     from ae_jax.infer import refine
