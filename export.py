@@ -13,13 +13,12 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
-from absl import logging
+from absl import flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from ae_jax.train import checkpoints
 from ae_jax import cli
+from ae_jax import outputs
 from ae_jax.deploy import saved_model as export_lib
 from ae_jax import keypoints
 
@@ -38,12 +37,15 @@ _DECODE = flags.DEFINE_bool(
 
 def main(argv):
   del argv
+  config = cli.checked_config(_CONFIG.value)
   try:  # before the slow part: refuse a bad --out at once
+    outputs.check_not_input('--out', _OUT.value, {
+        'the checkpoint': outputs.checkpoint_data(_CKPT.value)})
     export_lib.check_out_dir(_OUT.value)
     variables = checkpoints.restore_variables(_CKPT.value)
-  except (checkpoints.CheckpointError, export_lib.ExportError) as e:
+  except (checkpoints.CheckpointError, export_lib.ExportError,
+          outputs.OutputError) as e:
     raise SystemExit(f'error: {e}') from None
-  config = _CONFIG.value
   try:  # the joint count comes from the config's keypoint spec
     num_joints = keypoints.resolve_spec(config.data).num_joints
     keypoints.check_head(variables, num_joints, _CKPT.value)
@@ -64,9 +66,8 @@ def main(argv):
     raise SystemExit(f'error: {e}') from None
   except OSError as e:  # the disk filled up or vanished while writing
     raise SystemExit(f'error: cannot write --out {_OUT.value}: {e}') from None
-  logging.info('Wrote SavedModel to %s', _OUT.value)
   print(f'SavedModel written to {_OUT.value}')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -48,6 +48,21 @@ def test_check_finite_names_metric_and_step():
     loop.check_finite([dict(ok, lr=np.inf)], 3)
 
 
+def test_nan_before_any_checkpoint_says_so_and_hints(tmp_path, monkeypatch):
+  """A NaN at step 1 said 'last good checkpoint: step None'."""
+  use_synthetic(monkeypatch, nan_steps=(0,))
+  with pytest.raises(loop.NonFiniteLossError) as info:
+    loop.train_and_evaluate(small_config(2, 100), tmp_path / 'w')
+  message = str(info.value)
+  assert message.startswith('non-finite total_loss = nan at step 1 ')
+  assert message.endswith(
+      'Training stopped; no checkpoint exists yet (a rerun starts over). '
+      'Likely causes: a learning rate too high for the batch '
+      '(config.optim.lr = 0.003) or a target sigma too small for the '
+      'heatmap (config.data.sigma = 2)')
+  assert not os.listdir(tmp_path / 'w' / 'checkpoints')
+
+
 def test_metric_writer_process_zero_only(tmp_path):
   writer = loop.make_metric_writer(tmp_path / 'off', enabled=False)
   writer.write_scalars(1, {'total_loss': 1.0})

@@ -25,6 +25,7 @@ import numpy as np
 from pycocotools import coco as coco_api
 from pycocotools import cocoeval
 
+from ae_jax import outputs
 from ae_jax.data import eval_input
 
 METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APm', 'APl', 'AR', 'AR50', 'AR75',
@@ -80,6 +81,7 @@ def write_results(results: List[dict], path: str) -> None:
   try:
     with os.fdopen(fd, 'w') as f:
       json.dump(results, f)
+    outputs.apply_umask(tmp)  # mkstemp's file is 0600
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
