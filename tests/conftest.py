@@ -204,3 +204,26 @@ def foreign_info_lines(text: str):
   found = (re.match(r'I\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]', line)
            for line in text.splitlines())
   return [m.string for m in found if m and m.group(1) not in ours]
+
+
+def run_signalled(argv, trigger: str, signum: int, env=None,
+                  timeout: float = 600):
+  """Runs `python argv...` in the repo, sends `signum` once a stderr line
+  contains `trigger`; returns (exit status, stderr)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen([sys.executable] + list(argv), cwd=REPO_ROOT,
+                          env=env, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+  try:
+    lines = []
+    for line in proc.stderr:
+      lines.append(line)
+      if trigger in line:
+        proc.send_signal(signum)
+        break
+    lines.extend(proc.stderr)
+    proc.wait(timeout=timeout)
+  finally:
+    proc.kill()
+  return proc.returncode, ''.join(lines)

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 
-import pytest
+from tests.conftest import run_signalled
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--config', 'configs/tiny.py']
@@ -181,23 +181,10 @@ def test_outputs_that_are_inputs_are_refused(tmp_path, coco_mini_root):
 
 def test_ctrl_c_during_set_up_is_one_line(tmp_path):
   """Before the loop there is nothing to save: exit 130, one line."""
-  proc = subprocess.Popen(
-      [sys.executable, 'train.py', '--workdir', str(tmp_path / 'w')] + TINY,
-      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
-  try:
-    lines = []
-    for line in proc.stderr:
-      lines.append(line)
-      if 'JAX backend' in line:
-        proc.send_signal(signal.SIGINT)
-        break
-    lines.extend(proc.stderr)
-    proc.wait(timeout=300)
-  finally:
-    proc.kill()
-  text = ''.join(lines)
-  assert proc.returncode == 130, text[-3000:]
+  returncode, text = run_signalled(
+      ['train.py', '--workdir', str(tmp_path / 'w')] + TINY, 'JAX backend',
+      signal.SIGINT, _env(), timeout=300)
+  assert returncode == 130, text[-3000:]
   assert 'Traceback' not in text
   assert text.strip().splitlines()[-1] == (
       'error: interrupted (Ctrl-C) before a step could be saved; rerun the '

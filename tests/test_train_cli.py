@@ -17,6 +17,7 @@ import jax
 import pytest
 
 from tests.conftest import foreign_info_lines
+from tests.conftest import run_signalled
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 
@@ -99,23 +100,11 @@ def test_train_preempt_resume_on_mini_coco(trained, tmp_path):
 
   # SIGTERM once the loop's handler is up (it logs 'Training 2 -> 4'):
   # step 3 runs, is saved, and train.py exits 143 for the scheduler.
-  proc = subprocess.Popen(
-      [sys.executable, 'train.py', '--workdir', str(workdir)] + args +
-      ['--config.train.num_steps=4'], cwd=REPO_ROOT, env=_env(),
-      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-  try:
-    lines = []
-    for line in proc.stderr:
-      lines.append(line)
-      if 'Training 2 -> 4 steps' in line:
-        proc.send_signal(signal.SIGTERM)
-        break
-    lines.extend(proc.stderr)
-    proc.wait(timeout=600)
-  finally:
-    proc.kill()
-  stderr = ''.join(lines)
-  assert proc.returncode == 143, stderr[-3000:]
+  returncode, stderr = run_signalled(
+      ['train.py', '--workdir', str(workdir)] + args +
+      ['--config.train.num_steps=4'], 'Training 2 -> 4 steps',
+      signal.SIGTERM, _env())
+  assert returncode == 143, stderr[-3000:]
   assert 'Resumed' in stderr and 'Preempted at step 3 (saved)' in stderr
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['start_step'] == 2 and summary['final_step'] == 3
@@ -130,23 +119,11 @@ def test_ctrl_c_saves_the_current_step_and_exits_130(trained, tmp_path):
   trained_dir, args, _ = trained
   workdir = tmp_path / 'w'
   shutil.copytree(trained_dir, workdir)
-  proc = subprocess.Popen(
-      [sys.executable, 'train.py', '--workdir', str(workdir)] + args +
-      ['--config.train.num_steps=5'], cwd=REPO_ROOT, env=_env(),
-      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-  try:
-    lines = []
-    for line in proc.stderr:
-      lines.append(line)
-      if 'Compiling the train step' in line:
-        proc.send_signal(signal.SIGINT)
-        break
-    lines.extend(proc.stderr)
-    proc.wait(timeout=600)
-  finally:
-    proc.kill()
-  stderr = ''.join(lines)
-  assert proc.returncode == 130, stderr[-3000:]
+  returncode, stderr = run_signalled(
+      ['train.py', '--workdir', str(workdir)] + args +
+      ['--config.train.num_steps=5'], 'Compiling the train step',
+      signal.SIGINT, _env())
+  assert returncode == 130, stderr[-3000:]
   assert 'Traceback' not in stderr and 'error' not in stderr.lower()
   assert stderr.strip().splitlines()[-1].endswith(
       'Interrupted (Ctrl-C) at step 3 (saved): exit code 130; rerun the '
