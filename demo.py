@@ -73,6 +73,7 @@ def main(argv):
         {**config.model, 'num_joints': spec.num_joints},
         ae_model.default_kernels(jax.default_backend()))
     variables = checkpoints.restore_variables(_CKPT.value)
+    logging.info('Read %s.', cli.checkpoint_line(_CKPT.value))
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
     checkpoints.check_fits(variables, {**config.model, 'num_joints':
                                        spec.num_joints}, _CKPT.value)

@@ -24,6 +24,7 @@ gathered, process 0 prints the table and writes the json.
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from ae_jax import cli
@@ -88,6 +89,7 @@ def main(argv):
       ae_model.default_kernels(jax.default_backend()))
   try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
     variables = checkpoints.restore_variables(_CKPT.value)
+    logging.info('Read %s.', cli.checkpoint_line(_CKPT.value))
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
     checkpoints.check_fits(variables, {**config.model, 'num_joints':
                                        spec.num_joints}, _CKPT.value)
@@ -111,7 +113,8 @@ def main(argv):
     return
   print(coco_eval.format_report(
       metrics, info, split,
-      f'scales {list(predictor.scales)}, flip {predictor.flip}'))
+      f'{cli.checkpoint_line(_CKPT.value)}, scales '
+      f'{list(predictor.scales)}, flip {predictor.flip}'))
 
 
 if __name__ == '__main__':

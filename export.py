@@ -14,6 +14,7 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging
 from ml_collections import config_flags
 
 from ae_jax.train import checkpoints
@@ -43,6 +44,7 @@ def main(argv):
         'the checkpoint': outputs.checkpoint_data(_CKPT.value)})
     export_lib.check_out_dir(_OUT.value)
     variables = checkpoints.restore_variables(_CKPT.value)
+    logging.info('Read %s.', cli.checkpoint_line(_CKPT.value))
   except (checkpoints.CheckpointError, export_lib.ExportError,
           outputs.OutputError) as e:
     raise SystemExit(f'error: {e}') from None

@@ -150,6 +150,13 @@ def checked_config(config: ml_collections.ConfigDict, *, train: bool = False
   return config
 
 
+def checkpoint_line(path: str, step: Optional[int] = None) -> str:
+  """What eval, demo and export say of the checkpoint they read (orbax's
+  own dozens of lines are hidden): its path and, for a train workdir, the
+  step (None: not known to the caller)."""
+  return f'checkpoint {path}' + ('' if step is None else f', step {step}')
+
+
 def _ours_or_warning(record: std_logging.LogRecord) -> bool:
   """Keeps warnings and errors, and INFO lines of ae_jax and the script."""
   return (record.levelno >= std_logging.WARNING or

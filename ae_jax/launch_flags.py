@@ -72,7 +72,8 @@ def initialize() -> bool:
   ids = LOCAL_DEVICE_IDS.value
   if ids is not None and not all(i.isdigit() for i in ids):
     raise app.UsageError(f'--local_device_ids: not integers: {ids}')
-  coordinator = COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  coordinator = (COORDINATOR.value or
+                 os.environ.get('JAX_COORDINATOR_ADDRESS'))
   if coordinator and PROCESS_ID.value == 0:
     check_port_free(coordinator)
   from ae_jax import sharding  # pylint: disable=g-import-not-at-top

@@ -17,6 +17,7 @@ from ae_jax.train import checkpoints
 from ae_jax.infer import draw
 from ae_jax.models import ae_model
 from configs import tiny as tiny_config
+from tests.conftest import foreign_info_lines
 from tests.conftest import random_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -142,6 +143,7 @@ def test_demo_keeps_existing_files_and_counts_people(tiny_ckpt,
       line).groups()
   assert int(listed) == len(entry['people'])
   assert int(drawn) == sum(p['score'] > 0.01 for p in entry['people'])
+  assert not foreign_info_lines(proc.stderr), proc.stderr[-3000:]
   umask = os.umask(0)
   os.umask(umask)
   for name in ('a_jpg.png', 'poses_2.json'):
@@ -159,4 +161,5 @@ def test_output_bases_keep_existing_files_unless_overwrite(tmp_path):
   # Never an input, even with overwrite.
   inputs = [str(tmp_path / 'a.png')]
   assert draw.output_bases(inputs, str(tmp_path), ('.png',),
-                           overwrite=True) == {inputs[0]: str(tmp_path / 'a_png')}
+                           overwrite=True) == {
+                               inputs[0]: str(tmp_path / 'a_png')}

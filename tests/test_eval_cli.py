@@ -68,6 +68,8 @@ def test_eval_cli_prints_table_and_names_missing_image(
   assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~umask
   # Quiet console: orbax logged ~30 INFO lines for one checkpoint read.
   assert not foreign_info_lines(proc.stderr), proc.stderr[-3000:]
+  assert f'Read checkpoint {tiny_ckpt}.' in proc.stderr
+  assert f', checkpoint {tiny_ckpt}, scales [1.0], flip True' in proc.stdout
 
 
 @pytest.mark.parametrize('kind', ['directory', 'under_a_file'])

@@ -6,8 +6,10 @@ Resume, SIGTERM and the NaN stop of the loop: test_checkpoints.py.
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import time
 import types
 
 import numpy as np
@@ -61,6 +63,25 @@ def test_nan_before_any_checkpoint_says_so_and_hints(tmp_path, monkeypatch):
       '(config.optim.lr = 0.003) or a target sigma too small for the '
       'heatmap (config.data.sigma = 2)')
   assert not os.listdir(tmp_path / 'w' / 'checkpoints')
+
+
+def test_stop_flag_ctrl_c_once_saves_twice_stops(monkeypatch):
+  """First Ctrl-C: stop after this step (saved); the second: at once. A
+  SIGINT the launcher ignores (`cmd &` in a script) stays ignored."""
+  with loop._StopFlag() as stop:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # the handler runs between bytecodes
+    assert (stop.requested, stop.signal) == (True, 'SIGINT')
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  monkeypatch.setattr(signal, 'getsignal', lambda s: signal.SIG_IGN if (
+      s == signal.SIGINT) else signal.SIG_DFL)
+  installed = []
+  monkeypatch.setattr(signal, 'signal', lambda s, h: installed.append(s))
+  with loop._StopFlag():  # pylint: disable=protected-access
+    assert installed == [signal.SIGTERM]
 
 
 def test_metric_writer_process_zero_only(tmp_path):

@@ -291,6 +291,18 @@ def read_annotations(ann_file: str) -> dict:
   return dataset
 
 
+def _unique_ids(items: list, what: str, ann_file: str) -> set:
+  """The ids of `items`; AnnotationError if one is listed twice (pycocotools
+  would keep only the last)."""
+  ids = set()
+  for item in items:
+    if item['id'] in ids:
+      raise AnnotationError(f'{ann_file}: {what} id {item["id"]} is listed '
+                            'twice')
+    ids.add(item['id'])
+  return ids
+
+
 def check_annotations(dataset: dict, ann_file: str,
                       num_joints: int | None = None) -> None:
   """Raises AnnotationError naming the file and image / annotation id.
@@ -306,15 +318,7 @@ def check_annotations(dataset: dict, ann_file: str,
     if missing:
       raise AnnotationError(f'{ann_file}: image id {img.get("id")} has no '
                             f'{", ".join(missing)}')
-  image_ids = {img['id'] for img in dataset['images']}
-  for what, items in (('image', dataset['images']),
-                      ('annotation', dataset['annotations'])):
-    seen = set()
-    for item in items:
-      if item.get('id') in seen:  # pycocotools keeps only the last one
-        raise AnnotationError(f'{ann_file}: {what} id {item["id"]} is '
-                              'listed twice')
-      seen.add(item.get('id'))
+  image_ids = _unique_ids(dataset['images'], 'image', ann_file)
   cats = {c.get('id'): c for c in dataset.get('categories') or ()}
   if num_joints is not None:
     counts = {len(c['keypoints']) for c in cats.values()
@@ -324,11 +328,16 @@ def check_annotations(dataset: dict, ann_file: str,
           f'{ann_file}: its keypoint category lists {min(counts)} joints, '
           f'the config\'s keypoints {num_joints} (config.data.keypoints; '
           "source='annotations' reads them from this file)")
+  ann_ids = set()
   for ann in dataset['annotations']:
     missing = [k for k in _ANN_KEYS if k not in ann]
     if missing:
       raise AnnotationError(f'{ann_file}: annotation id {ann.get("id")} has '
                             f'no {", ".join(missing)}')
+    if ann['id'] in ann_ids:  # pycocotools keeps only the last one
+      raise AnnotationError(f'{ann_file}: annotation id {ann["id"]} is '
+                            'listed twice')
+    ann_ids.add(ann['id'])
     if ann['image_id'] not in image_ids:
       raise AnnotationError(f'{ann_file}: annotation id {ann["id"]}: image '
                             f'id {ann["image_id"]} is not in "images"')
@@ -397,8 +406,8 @@ def load_coco_index(coco_root: str, split: str, annotations: str = '',
   Raises:
     FileNotFoundError: coco_root, the annotation file or image folder is
       missing.
-    AnnotationError: a malformed annotation file.
-    ValueError: no usable image in the split.
+    AnnotationError: a malformed annotation file, or no image with people.
+    ImageError: none of the images tried can be read (check_some_readable).
   """
   ann_file, image_dir = check_split_files(coco_root, split, annotations,
                                           images)

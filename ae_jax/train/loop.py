@@ -116,7 +116,8 @@ class _StopFlag:
     if threading.current_thread() is threading.main_thread():
       for signum in ((signal.SIGINT,) if self._multi else
                      (signal.SIGINT, signal.SIGTERM)):
-        self._previous[signum] = signal.signal(signum, self._handle)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. `cmd &`
+          self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def reached(self, step: int) -> bool:
