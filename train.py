@@ -65,10 +65,11 @@ def _end_multiprocess(code: int) -> None:
   os._exit(code)
 
 
-def _check_split_files(config, coco, process_count: int) -> None:
+def _check_split_files(config, process_count: int) -> None:
   """The train split's files (json source) and, when the run ends with an
   evaluation (one process), the val split's: FileNotFoundError naming the
   missing one before any set-up, not after training."""
+  from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
   d = config.data
   if d.source == 'json':
     coco.check_split_files(d.coco_root, d.train_split, d.train_annotations,
@@ -108,7 +109,7 @@ def main(argv):
   from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
   code = 0
   try:
-    _check_split_files(config, coco, jax.process_count())
+    _check_split_files(config, jax.process_count())
     summary = loop.train_and_evaluate(config, _WORKDIR.value,
                                            kernels=kernels)
     if summary['preempted']:
