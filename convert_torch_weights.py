@@ -30,6 +30,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ae_jax import cli
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                'configs', 'default.py')
 _CONFIG = config_flags.DEFINE_config_file(
@@ -57,6 +59,7 @@ def main(argv):
     raise app.UsageError(
         'usage: convert_torch_weights.py INPUT.pth OUTPUT_DIR [--config=...]')
   input_path, output_dir = argv[1], argv[2]
+  cli.checked_config(_CONFIG.value)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every write at INFO
   # Imported here so --help and flag errors stay fast; torch is lazy inside.
@@ -103,4 +106,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -12,8 +12,9 @@ r"""Draws detected skeletons on images, folders of images or videos.
 Images become <out>/<stem>.png plus <out>/poses.json (every image's people:
 score and [x, y, value] per joint); a video (by extension: .mp4, .avi, ...)
 becomes <out>/<stem>.mp4 (mp4v) plus <out>/<stem>.json (poses per frame).
-Output names never collide with each other or overwrite an input: on a
-clash the extension joins the stem (img_gif.png), then a counter. Progress
+Output names never collide with each other, an input or (unless
+--overwrite) an existing file: on a clash the extension joins the stem
+(img_gif.png), then a counter (img_gif_2.png; poses_2.json). Progress
 is logged; the last line gives the img/s (including the first compile).
 Inputs that are missing or unreadable are named in one final `error:` line
 (exit 1) after the readable ones are drawn.
@@ -28,6 +29,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ae_jax import cli
+from ae_jax import outputs
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Config file (model and test groups).',
@@ -40,6 +42,9 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory.')
 _MIN_SCORE = flags.DEFINE_float(
     'min_score', 0.2, 'Draw people whose score (mean joint heatmap value) '
     'is above this; grouping also returns many low-score fragments.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Replace existing files in --out (never an input); '
+    'default: keep them and pick new names.')
 flags.mark_flags_as_required(['out'])
 flags.mark_flags_as_mutual_exclusive(['ckpt', 'model'], required=True)
 
@@ -74,6 +79,7 @@ def _jax_predictor(config, ckpt):
         {**config.model, 'num_joints': spec.num_joints},
         ae_model.default_kernels(jax.default_backend()))
     variables = checkpoints.restore_variables(ckpt)
+    logging.info('Read %s.', cli.checkpoint_line(ckpt))
     keypoints.check_head(variables, spec.num_joints, ckpt)
     checkpoints.check_fits(variables, {**config.model, 'num_joints':
                                        spec.num_joints}, ckpt)
@@ -92,6 +98,12 @@ def main(argv):
   out_dir = _OUT.value
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise SystemExit(f'error: --out {out_dir} is a file, not a folder')
+  try:
+    outputs.check_not_input('--out', out_dir, {
+        'the checkpoint': outputs.checkpoint_data(_CKPT.value or
+                                                  _MODEL.value)})
+  except outputs.OutputError as e:
+    raise SystemExit(f'error: {e}') from None
   images, videos, failed = draw.expand_inputs(inputs)
   for path, reason in failed:
     logging.error('%s: %s', path, reason)
@@ -99,17 +111,31 @@ def main(argv):
   if _MODEL.value:
     stream, spec = _onnx_predictor(_MODEL.value)
   else:
-    stream, spec = _jax_predictor(_CONFIG.value, _CKPT.value)
+    stream, spec = _jax_predictor(cli.checked_config(_CONFIG.value),
+                                  _CKPT.value)
   try:
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:
     raise SystemExit(f'error: cannot create --out {out_dir}: '
                      f'{e.strerror}') from None
-  bases = draw.output_bases(images, out_dir, ('.png',),
-                            reserved=[POSES_JSON])
+  overwrite = _OVERWRITE.value
+  poses_json = os.path.join(out_dir, POSES_JSON)
+  inputs_real = {os.path.realpath(p) for p in images + videos}
+  if images and (not overwrite or os.path.realpath(poses_json) in
+                 inputs_real):
+    poses_json = outputs.free_path(poses_json, inputs_real)
+  reserved = [os.path.basename(poses_json)]
+  bases = draw.output_bases(images, out_dir, ('.png',), reserved, overwrite)
   bases.update(draw.output_bases(
       videos, out_dir, ('.mp4', '.json'),
-      reserved=[POSES_JSON] + [b + '.png' for b in bases.values()]))
+      reserved + [b + '.png' for b in bases.values()], overwrite))
+  renamed = sum(os.path.basename(b) != os.path.splitext(
+      os.path.basename(p))[0] for p, b in bases.items())
+  renamed += bool(images) and os.path.basename(poses_json) != POSES_JSON
+  if renamed:
+    logging.info('%d output(s) take another name, to keep existing files and'
+                 ' inputs%s.', renamed, '' if overwrite else ' (--overwrite '
+                 'replaces files that are not inputs)')
   start = time.perf_counter()
   count = 0
   if images:
@@ -118,7 +144,7 @@ def main(argv):
                                         skeleton=spec.skeleton)
     failed += bad
     count += len(entries)
-    draw.write_json(entries, os.path.join(out_dir, POSES_JSON))
+    draw.write_json(entries, poses_json)
   for path in videos:
     frames = draw.annotate_video(stream, path, bases[path],
                                  _MIN_SCORE.value, skeleton=spec.skeleton)
@@ -135,5 +161,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -22,14 +22,15 @@ each process evaluates every n-th image on its own devices, results are
 gathered, process 0 prints the table and writes the json.
 """
 
-import os
-
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from ae_jax import cli
 from ae_jax import launch_flags  # defines the multi-process flags
+from ae_jax import outputs
+from ae_jax.data import coco
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Config file (configs/*.py); the model '
@@ -51,6 +52,7 @@ flags.mark_flags_as_required(['ckpt'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = cli.checked_config(_CONFIG.value)
   try:  # tf (imported by some deps) must not grab accelerator memory.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')
@@ -64,15 +66,20 @@ def main(argv):
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   launch_flags.initialize()
   import jax  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  if _OUTPUT.value and jax.process_index() == 0:
-    try:  # before anything slow: a bad --output must not cost an eval
-      coco_eval.check_output_path(_OUTPUT.value)
-    except coco_eval.EvalError as e:
-      raise SystemExit(f'error: {e}') from None
-  sharding.log_backend(config.test.input_size)
   split = _SPLIT.value
-  data = dict(config.data, coco_root=_COCO_ROOT.value or config.data.coco_root)
+  coco_root = _COCO_ROOT.value or config.data.coco_root
+  try:  # before anything slow: missing data or a bad --output
+    ann_file, image_dir = coco.check_split_files(
+        coco_root, split, config.data.val_annotations, config.data.val_images)
+    if _OUTPUT.value and jax.process_index() == 0:
+      outputs.check_not_input('--output', _OUTPUT.value, {
+          'the annotation file': ann_file, 'the image folder': image_dir,
+          'the checkpoint': outputs.checkpoint_data(_CKPT.value)})
+      coco_eval.check_output_path(_OUTPUT.value)
+  except (coco_eval.EvalError, outputs.OutputError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+  sharding.log_backend(config.test.input_size)
+  data = dict(config.data, coco_root=coco_root)
   try:  # FileNotFoundError / ValueError: the keypoint spec's file or keys.
     spec = keypoints.resolve_spec(data, 'val', split)
   except (FileNotFoundError, ValueError) as e:
@@ -82,6 +89,7 @@ def main(argv):
       ae_model.default_kernels(jax.default_backend()))
   try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
     variables = checkpoints.restore_variables(_CKPT.value)
+    logging.info('Read %s.', cli.checkpoint_line(_CKPT.value))
     keypoints.check_head(variables, spec.num_joints, _CKPT.value)
     checkpoints.check_fits(variables, {**config.model, 'num_joints':
                                        spec.num_joints}, _CKPT.value)
@@ -106,9 +114,9 @@ def main(argv):
     return
   print(coco_eval.format_report(
       metrics, info, split,
-      f'scales {list(options.scales)}, flip {options.flip}'))
+      f'{cli.checkpoint_line(_CKPT.value)}, scales '
+      f'{list(options.scales)}, flip {options.flip}'))
 
 
 if __name__ == '__main__':
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

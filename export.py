@@ -18,13 +18,13 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging
 from ml_collections import config_flags
 
 from ae_jax.train import checkpoints
 from ae_jax import cli
+from ae_jax import outputs
 from ae_jax.deploy import saved_model as export_lib
 from ae_jax import keypoints
 
@@ -58,19 +58,23 @@ def _onnx_export():
 
 def main(argv):
   del argv
+  config = cli.checked_config(_CONFIG.value)
   fmt = _FORMAT.value or ('onnx' if _OUT.value.endswith('.onnx') else
                           'saved_model')
   onnx_export = _onnx_export() if fmt == 'onnx' else None
   try:  # before the slow part: refuse a bad --out at once
+    outputs.check_not_input('--out', _OUT.value, {
+        'the checkpoint': outputs.checkpoint_data(_CKPT.value)})
     if fmt == 'onnx':
       onnx_export.check_out_file(_OUT.value)
-      onnx_export.check_test_settings(_CONFIG.value.test)
+      onnx_export.check_test_settings(config.test)
     else:
       export_lib.check_out_dir(_OUT.value)
     variables = checkpoints.restore_variables(_CKPT.value)
-  except (checkpoints.CheckpointError, ValueError) as e:  # ExportErrors
+    logging.info('Read %s.', cli.checkpoint_line(_CKPT.value))
+  except (checkpoints.CheckpointError, ValueError,
+          outputs.OutputError) as e:  # ExportErrors are ValueErrors
     raise SystemExit(f'error: {e}') from None
-  config = _CONFIG.value
   try:  # the joint count comes from the config's keypoint spec
     spec = keypoints.resolve_spec(config.data)
     num_joints = spec.num_joints
@@ -98,9 +102,8 @@ def main(argv):
     raise SystemExit(f'error: {e}') from None
   except OSError as e:  # the disk filled up or vanished while writing
     raise SystemExit(f'error: cannot write --out {_OUT.value}: {e}') from None
-  logging.info('Wrote SavedModel to %s', _OUT.value)
   print(f'SavedModel written to {_OUT.value}')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -19,13 +19,14 @@ trainer per workdir (train.lock). Exit codes:
   0    done (num_steps reached)
   1    an `error: ...` line: bad flag/config value, workdir in use,
        unusable checkpoint, NaN/inf loss (the last good checkpoint stays)
+  130  Ctrl-C (SIGINT): the current step was saved (a second Ctrl-C, or
+       one before the first step, stops without saving); rerun to resume
   143  preempted: SIGTERM to any process saved the same step on all of
        them; rerun the same command to resume (schedulers: requeue)
   134  (multi-process) another process died; rerun resumes from the last
        checkpoint
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -35,6 +36,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ae_jax import cli
+from ae_jax import config_checks
 from ae_jax import launch_flags  # defines the multi-process flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,11 +45,8 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Checkpoints, TensorBoard and summary go here.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-
-def _quiet_orbax(record) -> bool:
-  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint)."""
-  return (record.levelno >= std_logging.WARNING or
-          '/orbax/' not in record.pathname)
+_INTERRUPTED = ('interrupted (Ctrl-C) before a step could be saved; rerun '
+                'the same command to resume from the last checkpoint')
 
 
 def _end_multiprocess(code: int) -> None:
@@ -66,10 +65,29 @@ def _end_multiprocess(code: int) -> None:
   os._exit(code)
 
 
+def _check_split_files(config, process_count: int) -> None:
+  """The train split's files (json source) and, when the run ends with an
+  evaluation (one process), the val split's: FileNotFoundError naming the
+  missing one before any set-up, not after training."""
+  from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if d.source == 'json':
+    coco.check_split_files(d.coco_root, d.train_split, d.train_annotations,
+                           d.train_images, 'train')
+  if config.train.eval_at_end and process_count == 1:
+    coco.check_split_files(d.coco_root, d.val_split, d.val_annotations,
+                           d.val_images, 'val')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  # Config values and input paths before JAX starts or any set-up.
+  config = cli.checked_config(_CONFIG.value, train=True)
+  try:
+    config_checks.check_init_checkpoint(config.train.init_checkpoint)
+  except config_checks.ConfigError as e:
+    raise SystemExit(f'error: {e}') from None
   distributed = launch_flags.initialize()
   # Imported here so --help and flag errors stay fast.
   from ae_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -78,7 +96,6 @@ def main(argv):
     tf.config.set_visible_devices([], 'GPU')
   except ImportError:
     pass
-  config = _CONFIG.value
   sharding.log_backend(config.data.input_size,
                        config.train.global_batch_size)
   import jax  # pylint: disable=g-import-not-at-top
@@ -87,26 +104,36 @@ def main(argv):
   # The one place the layer kernels are chosen: the backend this runs on.
   kernels = ae_model.default_kernels(jax.default_backend())
   from ae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
-  from ae_jax import config_checks  # pylint: disable=g-import-not-at-top
   from ae_jax import keypoints  # pylint: disable=g-import-not-at-top
   from ae_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
   from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
   code = 0
   try:
+    _check_split_files(config, jax.process_count())
     summary = loop.train_and_evaluate(config, _WORKDIR.value,
                                            kernels=kernels)
     if summary['preempted']:
-      code = loop.PREEMPTED_EXIT_CODE
-      logging.warning('Preempted at step %d (saved): exit code %d; rerun '
-                      'the same command to resume.', summary['final_step'],
-                      code)
+      ctrl_c = summary['stop_signal'] == 'SIGINT'
+      code = (cli.INTERRUPTED_EXIT_CODE if ctrl_c else
+              loop.PREEMPTED_EXIT_CODE)
+      logging.warning('%s at step %d (saved): exit code %d; rerun '
+                      'the same command to resume.',
+                      'Interrupted (Ctrl-C)' if ctrl_c else 'Preempted',
+                      summary['final_step'], code)
   except (loop.NonFiniteLossError, config_checks.ConfigError,
           workdir_lock.WorkdirLockedError, checkpoints.CheckpointError,
-          FileNotFoundError, coco.AnnotationError,
+          FileNotFoundError, coco.AnnotationError, coco.ImageError,
           keypoints.KeypointSpecError) as e:  # user errors, data included
     logging.flush()
     print(f'error: {e}', file=sys.stderr)
     code = 1
+  except KeyboardInterrupt:  # Ctrl-C before step 1, or a second Ctrl-C
+    if not distributed:
+      raise  # cli.run: one line, exit 130
+    logging.flush()
+    print(f'error: {_INTERRUPTED}', file=sys.stderr)
+    sys.stderr.flush()  # no shutdown barrier: the others may be mid-step
+    os._exit(cli.INTERRUPTED_EXIT_CODE)
   if distributed:
     _end_multiprocess(code)
   logging.flush()
@@ -114,5 +141,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, interrupted=_INTERRUPTED)

@@ -8,6 +8,10 @@ Importing this module defines them (absl flags):
 before any other JAX call. No JAX import here, so --help stays fast.
 """
 
+import errno
+import os
+import socket
+
 from absl import app
 from absl import flags
 
@@ -28,6 +32,33 @@ LOCAL_DEVICE_IDS = flags.DEFINE_list(
     '$LOCAL_RANK for one process per GPU (default: all).')
 
 
+def check_port_free(address: str) -> None:
+  """Raises SystemExit (one line) if process 0 cannot serve on its port.
+
+  jax.distributed's coordination service binds [::]:PORT on process 0; on a
+  busy port jax 0.10.2 crashed (segmentation fault) instead of saying so.
+  """
+  port = address.rsplit(':', 1)[-1]
+  if not port.isdigit():
+    raise SystemExit(f'error: --coordinator_address {address}: want '
+                     'HOST:PORT')
+  for family, host in ((socket.AF_INET6, '::'), (socket.AF_INET, '')):
+    try:
+      with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, int(port)))
+      return
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise SystemExit(
+            f'error: --coordinator_address {address}: port {port} is busy '
+            'on this machine (another job, or an earlier run still ending?)'
+            '; pick another port for every process') from None
+      if family == socket.AF_INET:  # no IPv6 above, and this failed too
+        raise SystemExit(f'error: --coordinator_address {address}: cannot '
+                         f'serve on port {port}: {e.strerror}') from None
+
+
 def initialize() -> bool:
   """jax.distributed.initialize from the flags, when multi-process.
 
@@ -41,6 +72,10 @@ def initialize() -> bool:
   ids = LOCAL_DEVICE_IDS.value
   if ids is not None and not all(i.isdigit() for i in ids):
     raise app.UsageError(f'--local_device_ids: not integers: {ids}')
+  coordinator = (COORDINATOR.value or
+                 os.environ.get('JAX_COORDINATOR_ADDRESS'))
+  if coordinator and PROCESS_ID.value == 0:
+    check_port_free(coordinator)
   from ae_jax import sharding  # pylint: disable=g-import-not-at-top
   try:
     return sharding.maybe_initialize_distributed(

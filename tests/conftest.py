@@ -212,3 +212,38 @@ def read_train_checkpoint(workdir, step):
   path = pathlib.Path(workdir).resolve() / 'checkpoints' / str(step) / 'state'
   with ocp.StandardCheckpointer() as ckptr:
     return jax.tree_util.tree_map(np.asarray, ckptr.restore(path))
+
+
+def foreign_info_lines(text: str):
+  """absl INFO lines of `text` not logged by ae_jax or a script (orbax,
+  jax, TF chatter; cli.quiet_library_logs drops them below --verbosity 1).
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  ours = {p.name for p in (REPO_ROOT / 'ae_jax').rglob('*.py')}
+  ours |= {p.name for p in REPO_ROOT.glob('*.py')}
+  found = (re.match(r'I\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]', line)
+           for line in text.splitlines())
+  return [m.string for m in found if m and m.group(1) not in ours]
+
+
+def run_signalled(argv, trigger: str, signum: int, env=None,
+                  timeout: float = 600):
+  """Runs `python argv...` in the repo, sends `signum` once a stderr line
+  contains `trigger`; returns (exit status, stderr)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen([sys.executable] + list(argv), cwd=REPO_ROOT,
+                          env=env, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+  try:
+    lines = []
+    for line in proc.stderr:
+      lines.append(line)
+      if trigger in line:
+        proc.send_signal(signum)
+        break
+    lines.extend(proc.stderr)
+    proc.wait(timeout=timeout)
+  finally:
+    proc.kill()
+  return proc.returncode, ''.join(lines)

@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import pathlib
+import re
+import stat
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ from ae_jax.train import checkpoints
 from ae_jax.infer import draw
 from ae_jax.models import ae_model
 from configs import tiny as tiny_config
+from tests.conftest import foreign_info_lines
 from tests.conftest import random_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -108,3 +111,55 @@ def test_output_bases_never_collide(tmp_path):
   assert len(set(outs)) == len(outs)
   assert not set(outs) & set(inputs)
   assert outs[0] == str(tmp_path / 'a_png.png')
+
+
+def test_demo_keeps_existing_files_and_counts_people(tiny_ckpt,
+                                                    coco_mini_root, tmp_path):
+  """An unrelated a.png and an earlier poses.json in --out are kept (a.png
+  was overwritten): the outputs take free names, and one line says so.
+  Files get the user's umask; each image's line says how many people pass
+  --min_score and how many the json holds."""
+  (tmp_path / 'in').mkdir()
+  source = tmp_path / 'in' / 'a.jpg'
+  source.write_bytes((coco_mini_root / 'val2017' /
+                      '000000000785.jpg').read_bytes())
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'a.png').write_bytes(b'mine')
+  (out / 'poses.json').write_text('{"mine": 1}')
+  proc = _run(['--ckpt', str(tiny_ckpt), '--out', str(out), str(source),
+               '--min_score=0.01'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (out / 'a.png').read_bytes() == b'mine'
+  assert (out / 'poses.json').read_text() == '{"mine": 1}'
+  assert sorted(os.listdir(out)) == ['a.png', 'a_jpg.png', 'poses.json',
+                                     'poses_2.json']
+  assert ('2 output(s) take another name, to keep existing files and inputs '
+          '(--overwrite replaces files that are not inputs).') in proc.stderr
+  [entry] = json.loads((out / 'poses_2.json').read_text())
+  [line] = [l for l in proc.stderr.splitlines() if 'people scoring >' in l]
+  drawn, listed = re.search(
+      r'a.jpg: (\d+) people scoring > 0.01 \((\d+) in the json\)',
+      line).groups()
+  assert int(listed) == len(entry['people'])
+  assert int(drawn) == sum(p['score'] > 0.01 for p in entry['people'])
+  assert not foreign_info_lines(proc.stderr), proc.stderr[-3000:]
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ('a_jpg.png', 'poses_2.json'):
+    assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o666 & ~umask
+
+
+def test_output_bases_keep_existing_files_unless_overwrite(tmp_path):
+  inputs = [str(tmp_path / 'in' / 'a.jpg')]
+  (tmp_path / 'a.png').write_text('mine')
+  (tmp_path / 'a_jpg.png').write_text('mine too')
+  assert draw.output_bases(inputs, str(tmp_path), ('.png',)) == {
+      inputs[0]: str(tmp_path / 'a_jpg_2')}
+  assert draw.output_bases(inputs, str(tmp_path), ('.png',),
+                           overwrite=True) == {inputs[0]: str(tmp_path / 'a')}
+  # Never an input, even with overwrite.
+  inputs = [str(tmp_path / 'a.png')]
+  assert draw.output_bases(inputs, str(tmp_path), ('.png',),
+                           overwrite=True) == {
+                               inputs[0]: str(tmp_path / 'a_png')}

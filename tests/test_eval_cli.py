@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from ae_jax.train import checkpoints
 from ae_jax.models import ae_model
 from configs import tiny as tiny_config
+from tests.conftest import foreign_info_lines
 from tests.conftest import random_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -61,6 +63,13 @@ def test_eval_cli_prints_table_and_names_missing_image(
     assert r['category_id'] == 1 and len(r['keypoints']) == 51
     assert r['image_id'] in (785, 197388)
   assert [p.name for p in out.parent.iterdir()] == ['results.json']
+  umask = os.umask(0)  # written with the user's umask (mkstemp: 0600)
+  os.umask(umask)
+  assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~umask
+  # Quiet console: orbax logged ~30 INFO lines for one checkpoint read.
+  assert not foreign_info_lines(proc.stderr), proc.stderr[-3000:]
+  assert f'Read checkpoint {tiny_ckpt}.' in proc.stderr
+  assert f', checkpoint {tiny_ckpt}, scales [1.0], flip True' in proc.stdout
 
 
 @pytest.mark.parametrize('kind', ['directory', 'under_a_file'])
@@ -113,7 +122,10 @@ def test_eval_cli_names_bad_test_scales_in_one_line(tiny_ckpt, coco_mini_root):
                '--config.test.scales=(2, 0.5)'])
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr
-  assert 'error: multi-scale test needs scale 1' in proc.stderr
+  # Named by config_checks before any work (was the Predictor's line).
+  assert proc.stderr.strip() == (
+      'error: config.test.scales = (2, 0.5): several scales must include '
+      '1 (the tags come from scale 1)')
 
 
 def test_eval_cli_two_processes_equal_one(tiny_ckpt, coco_mini_root,

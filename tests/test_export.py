@@ -1,5 +1,7 @@
 """The jax2tf SavedModel reproduces the JAX model's outputs."""
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ from ae_jax.train import checkpoints
 from ae_jax.deploy import saved_model
 from ae_jax.models import ae_model
 from tests.conftest import REPO_ROOT
+from tests.conftest import foreign_info_lines
 
 
 TINY = {'widen_factor': 0.25, 'num_deconv_filters': (16, 16, 16)}
@@ -105,6 +108,12 @@ def test_saved_model_matches_jax(tmp_path, fixed_shape):
     assert ('candidate_xy' in got) == bool(decode)
     if decode:
       _check_candidates(model, variables, x, got)
+  if fixed_shape is None:  # was an XLA 'shape refinement failed' error
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r'height and width must be multiples of 32 '
+                       r'\(pad the bottom / right edge\); got height, '
+                       r'width =\] \[100 96\]'):
+      serve(images=tf.zeros([1, 100, 96, 3]))
 
 
 def test_export_cli_reports_bad_checkpoint(tmp_path):
@@ -128,6 +137,12 @@ def test_export_cli_writes_saved_model(tmp_path):
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert (tmp_path / 'sm' / 'saved_model.pb').exists()
+  text = proc.stdout + proc.stderr
+  assert text.count('SavedModel written') == 1, text[-3000:]
+  assert 'oneDNN' not in text and not foreign_info_lines(text), text[-3000:]
+  umask = os.umask(0)  # the folder mkdtemp made: 0700 before
+  os.umask(umask)
+  assert stat.S_IMODE(os.stat(tmp_path / 'sm').st_mode) == 0o777 & ~umask
   # Written beside, then renamed: no temporary folder is left.
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt', 'sm']
 

@@ -9,11 +9,15 @@ import pathlib
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 
 import jax
 import pytest
+
+from tests.conftest import foreign_info_lines
+from tests.conftest import run_signalled
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 
@@ -77,31 +81,57 @@ def test_train_preempt_resume_on_mini_coco(trained, tmp_path):
   corrupt = summary['skipped_images']['corrupt_image']
   assert corrupt >= 1 and f'Skipped images: {corrupt}' in first.stderr
   assert not (workdir / 'train.lock').exists()
+  # The console: the resolved keypoints once, then what the silent first
+  # step is doing; no library INFO lines (orbax logged dozens per save).
+  lines = first.stderr.splitlines()
+  [spec] = [l for l in lines if 'Keypoints (coco): 17 joints nose, ' in l]
+  assert 'flip pairs left_eye/right_eye, left_ear/right_ear' in spec
+  assert 'OKS sigmas 0.026, 0.025, 0.025, 0.035' in spec
+  order = [i for i, l in enumerate(lines)
+           for key in ('Training 0 -> 2', 'Compiling the train step',
+                       'step 1/2') if key in l]
+  assert order == sorted(order) and len(order) == 3, first.stderr[-3000:]
+  assert not foreign_info_lines(first.stderr), first.stderr[-3000:]
+  # Written with the user's umask (the test process's; 0644 under 022).
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(os.stat(workdir / 'summary.json').st_mode) == (
+      0o666 & ~umask)
 
   # SIGTERM once the loop's handler is up (it logs 'Training 2 -> 4'):
   # step 3 runs, is saved, and train.py exits 143 for the scheduler.
-  proc = subprocess.Popen(
-      [sys.executable, 'train.py', '--workdir', str(workdir)] + args +
-      ['--config.train.num_steps=4'], cwd=REPO_ROOT, env=_env(),
-      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-  try:
-    lines = []
-    for line in proc.stderr:
-      lines.append(line)
-      if 'Training 2 -> 4 steps' in line:
-        proc.send_signal(signal.SIGTERM)
-        break
-    lines.extend(proc.stderr)
-    proc.wait(timeout=600)
-  finally:
-    proc.kill()
-  stderr = ''.join(lines)
-  assert proc.returncode == 143, stderr[-3000:]
+  returncode, stderr = run_signalled(
+      ['train.py', '--workdir', str(workdir)] + args +
+      ['--config.train.num_steps=4'], 'Training 2 -> 4 steps',
+      signal.SIGTERM, _env())
+  assert returncode == 143, stderr[-3000:]
   assert 'Resumed' in stderr and 'Preempted at step 3 (saved)' in stderr
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['start_step'] == 2 and summary['final_step'] == 3
   assert summary['preempted']
   assert '3' in os.listdir(workdir / 'checkpoints')
+
+
+def test_ctrl_c_saves_the_current_step_and_exits_130(trained, tmp_path):
+  """Ctrl-C during the first compile (after 'Compiling the train step'):
+  the step runs, is saved, one line, exit 130 (was a 40-line traceback,
+  orbax's 'Save Finalize thread failed' and the step lost)."""
+  trained_dir, args, _ = trained
+  workdir = tmp_path / 'w'
+  shutil.copytree(trained_dir, workdir)
+  returncode, stderr = run_signalled(
+      ['train.py', '--workdir', str(workdir)] + args +
+      ['--config.train.num_steps=5'], 'Compiling the train step',
+      signal.SIGINT, _env())
+  assert returncode == 130, stderr[-3000:]
+  assert 'Traceback' not in stderr and 'error' not in stderr.lower()
+  assert stderr.strip().splitlines()[-1].endswith(
+      'Interrupted (Ctrl-C) at step 3 (saved): exit code 130; rerun the '
+      'same command to resume.')
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert (summary['final_step'], summary['stop_signal']) == (3, 'SIGINT')
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '3']
+  assert not (workdir / 'train.lock').exists()
 
 
 def _truncate_biggest_file(folder):

@@ -6,8 +6,10 @@ Resume, SIGTERM and the NaN stop of the loop: test_checkpoints.py.
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import time
 import types
 
 import numpy as np
@@ -46,6 +48,40 @@ def test_check_finite_names_metric_and_step():
     loop.check_finite([ok, bad, ok], 5)
   with pytest.raises(loop.NonFiniteLossError, match='lr = inf at step 3'):
     loop.check_finite([dict(ok, lr=np.inf)], 3)
+
+
+def test_nan_before_any_checkpoint_says_so_and_hints(tmp_path, monkeypatch):
+  """A NaN at step 1 said 'last good checkpoint: step None'."""
+  use_synthetic(monkeypatch, nan_steps=(0,))
+  with pytest.raises(loop.NonFiniteLossError) as info:
+    loop.train_and_evaluate(small_config(2, 100), tmp_path / 'w')
+  message = str(info.value)
+  assert message.startswith('non-finite total_loss = nan at step 1 ')
+  assert message.endswith(
+      'Training stopped; no checkpoint exists yet (a rerun starts over). '
+      'Likely causes: a learning rate too high for the batch '
+      '(config.optim.lr = 0.003) or a target sigma too small for the '
+      'heatmap (config.data.sigma = 2)')
+  assert not os.listdir(tmp_path / 'w' / 'checkpoints')
+
+
+def test_stop_flag_ctrl_c_once_saves_twice_stops(monkeypatch):
+  """First Ctrl-C: stop after this step (saved); the second: at once. A
+  SIGINT the launcher ignores (`cmd &` in a script) stays ignored."""
+  with loop._StopFlag() as stop:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # the handler runs between bytecodes
+    assert (stop.requested, stop.signal) == (True, 'SIGINT')
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  monkeypatch.setattr(signal, 'getsignal', lambda s: signal.SIG_IGN if (
+      s == signal.SIGINT) else signal.SIG_DFL)
+  installed = []
+  monkeypatch.setattr(signal, 'signal', lambda s, h: installed.append(s))
+  with loop._StopFlag():  # pylint: disable=protected-access
+    assert installed == [signal.SIGTERM]
 
 
 def test_metric_writer_process_zero_only(tmp_path):

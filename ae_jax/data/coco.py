@@ -249,6 +249,32 @@ def check_root(coco_root: str) -> None:
         f'COCO root not found: {coco_root} (config.data.coco_root)')
 
 
+def check_split_files(coco_root: str, split: str, annotations: str = '',
+                      images: str = '', key: str = '') -> tuple[str, str]:
+  """The split's annotation file and image folder (split_paths), checked.
+
+  Args:
+    coco_root, split, annotations, images: as split_paths.
+    key: 'train' or 'val': the config keys to name (config.data.{key}_split,
+      _annotations, _images); '' names none.
+
+  Raises:
+    FileNotFoundError: coco_root, the annotation file or the image folder
+      is missing (named).
+  """
+  check_root(coco_root)
+  ann_file, image_dir = split_paths(coco_root, split, annotations, images)
+  keys = (f' (config.data.{key}_split = {split!r}, {key}_annotations, '
+          f'{key}_images)') if key else ''
+  if not os.path.isfile(ann_file):
+    raise FileNotFoundError(f'COCO annotation file not found: {ann_file}'
+                            + keys)
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f'COCO image folder not found: {image_dir}'
+                            + keys)
+  return ann_file, image_dir
+
+
 def read_annotations(ann_file: str) -> dict:
   """The json of an annotation file, checked (one-line AnnotationError)."""
   try:
@@ -263,6 +289,18 @@ def read_annotations(ann_file: str) -> dict:
     raise AnnotationError(f'{ann_file}: not a COCO annotation file (needs '
                           '"images" and "annotations" lists)')
   return dataset
+
+
+def _unique_ids(items: list, what: str, ann_file: str) -> set:
+  """The ids of `items`; AnnotationError if one is listed twice (pycocotools
+  would keep only the last)."""
+  ids = set()
+  for item in items:
+    if item['id'] in ids:
+      raise AnnotationError(f'{ann_file}: {what} id {item["id"]} is listed '
+                            'twice')
+    ids.add(item['id'])
+  return ids
 
 
 def check_annotations(dataset: dict, ann_file: str,
@@ -280,7 +318,7 @@ def check_annotations(dataset: dict, ann_file: str,
     if missing:
       raise AnnotationError(f'{ann_file}: image id {img.get("id")} has no '
                             f'{", ".join(missing)}')
-  image_ids = {img['id'] for img in dataset['images']}
+  image_ids = _unique_ids(dataset['images'], 'image', ann_file)
   cats = {c.get('id'): c for c in dataset.get('categories') or ()}
   if num_joints is not None:
     counts = {len(c['keypoints']) for c in cats.values()
@@ -290,11 +328,16 @@ def check_annotations(dataset: dict, ann_file: str,
           f'{ann_file}: its keypoint category lists {min(counts)} joints, '
           f'the config\'s keypoints {num_joints} (config.data.keypoints; '
           "source='annotations' reads them from this file)")
+  ann_ids = set()
   for ann in dataset['annotations']:
     missing = [k for k in _ANN_KEYS if k not in ann]
     if missing:
       raise AnnotationError(f'{ann_file}: annotation id {ann.get("id")} has '
                             f'no {", ".join(missing)}')
+    if ann['id'] in ann_ids:  # pycocotools keeps only the last one
+      raise AnnotationError(f'{ann_file}: annotation id {ann["id"]} is '
+                            'listed twice')
+    ann_ids.add(ann['id'])
     if ann['image_id'] not in image_ids:
       raise AnnotationError(f'{ann_file}: annotation id {ann["id"]}: image '
                             f'id {ann["image_id"]} is not in "images"')
@@ -363,13 +406,11 @@ def load_coco_index(coco_root: str, split: str, annotations: str = '',
   Raises:
     FileNotFoundError: coco_root, the annotation file or image folder is
       missing.
-    AnnotationError: a malformed annotation file.
-    ValueError: no usable image in the split.
+    AnnotationError: a malformed annotation file, or no image with people.
+    ImageError: none of the images tried can be read (check_some_readable).
   """
-  check_root(coco_root)
-  ann_file, image_dir = split_paths(coco_root, split, annotations, images)
-  if os.path.isfile(ann_file) and not os.path.isdir(image_dir):
-    raise FileNotFoundError(f'COCO image folder not found: {image_dir}')
+  ann_file, image_dir = check_split_files(coco_root, split, annotations,
+                                          images)
   coco = load_coco(coco_root, split, annotations, num_joints)
   examples, skipped = [], collections.defaultdict(list)
   for image_id, item in filter_examples(coco):
@@ -378,5 +419,32 @@ def load_coco_index(coco_root: str, split: str, annotations: str = '',
     else:
       examples.append(item)
   if not examples:
-    raise ValueError(f'No training image with people in {ann_file}')
-  return CocoIndex(image_dir, examples, dict(skipped))
+    raise AnnotationError(
+        f'{ann_file}: no training image with people (' + ', '.join(
+            f'{len(ids)} {reason}' for reason, ids in skipped.items())
+        + '; crowd annotations and people without keypoints are masked, '
+        'not trained on)')
+  index = CocoIndex(image_dir, examples, dict(skipped))
+  check_some_readable(index)
+  return index
+
+
+def check_some_readable(index: CocoIndex, tries: int = 8) -> None:
+  """Raises ImageError if none of `tries` images spread over the index
+  decodes: a wrong image folder or placeholder files (zero bytes, LFS
+  pointers), which would otherwise fail later, inside the input pipeline.
+  One readable image ends the check (a few broken files are replaced and
+  counted by the pipeline)."""
+  n = len(index)
+  count = min(tries, n)
+  errors = []
+  for i in (k * n // count for k in range(count)):
+    try:
+      decode_image(index.image_path(i), index.examples[i].file_name)
+      return
+    except ImageError as e:
+      errors.append(e)
+  raise ImageError(
+      f'{len(errors)} of {len(errors)} images tried in {index.image_dir} '
+      f'could not be read ({errors[0]}, ...); check config.data.coco_root '
+      'and the image folder', errors[0].reason)

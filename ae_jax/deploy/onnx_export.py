@@ -32,6 +32,7 @@ import onnx
 from onnx import helper
 
 from ae_jax import keypoints
+from ae_jax import outputs
 from ae_jax.deploy import onnx_graph
 from ae_jax.deploy import predictor
 from ae_jax.models import ae_model
@@ -238,6 +239,7 @@ def write_model(model: onnx.ModelProto, path: str) -> str:
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(model.SerializeToString())
+    outputs.apply_umask(tmp)  # mkstemp makes it 0600
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

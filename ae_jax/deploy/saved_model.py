@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ae_jax import outputs
 from ae_jax.infer import candidates
 from ae_jax.models import ae_model
 
@@ -137,6 +138,17 @@ def export_saved_model(model_config: Mapping[str, Any],
     spec = tf.TensorSpec([b, h, w, 3], tf.float32, name='images')
   tf_forward = jax2tf.convert(forward, polymorphic_shapes=poly,
                               with_gradient=False)
+  if fixed_shape is None:
+    converted = tf_forward
+
+    def tf_forward(images):  # pylint: disable=function-redefined
+      # Other sizes failed deep in XLA ('Module shape refinement failed').
+      hw = tf.shape(images)[1:3]
+      check = tf.debugging.Assert(tf.reduce_all(hw % 32 == 0), [
+          'images: height and width must be multiples of 32 (pad the '
+          'bottom / right edge); got height, width =', hw])
+      with tf.control_dependencies([check]):
+        return converted(tf.identity(images))
   module = tf.Module()
   module.forward = tf.function(tf_forward, autograph=False,
                                input_signature=[spec])
@@ -145,6 +157,7 @@ def export_saved_model(model_config: Mapping[str, Any],
   try:
     tf.saved_model.save(module, tmp,
                         signatures={'serving_default': module.forward})
+    outputs.apply_umask(tmp)  # mkdtemp's folder is 0700
     if os.path.isdir(out_dir):
       old = tmp + '.old'
       os.rename(out_dir, old)

@@ -29,6 +29,7 @@ import numpy as np
 from pycocotools import coco as coco_api
 from pycocotools import cocoeval
 
+from ae_jax import outputs
 from ae_jax.data import eval_input
 from ae_jax.infer import decode
 
@@ -84,6 +85,7 @@ def write_results(results: List[dict], path: str) -> None:
   try:
     with os.fdopen(fd, 'w') as f:
       json.dump(results, f)
+    outputs.apply_umask(tmp)  # mkstemp's file is 0600
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

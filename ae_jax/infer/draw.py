@@ -9,6 +9,7 @@ Shapes: image [H, W, 3] uint8 RGB; poses: decode.Poses in image pixels
 (keypoints [P, K, 3] float32 x, y, joint score; scores [P]).
 """
 
+import itertools
 import json
 import os
 import time
@@ -97,13 +98,14 @@ def expand_inputs(paths: Sequence[str]):
 
 def output_bases(inputs: Sequence[str], out_dir: str,
                  suffixes: Sequence[str],
-                 reserved: Sequence[str] = ()) -> Dict[str, str]:
+                 reserved: Sequence[str] = (),
+                 overwrite: bool = False) -> Dict[str, str]:
   """{input: out_dir/base} with base + every suffix a fresh file name.
 
   The base is the file stem; when that collides with another output (img.gif
-  and img.png), with an input (--out = the input folder) or with a reserved
-  name, the extension joins it (img_gif), then a counter (img_gif_2). No
-  output is ever an input file.
+  and img.png), with an input (--out = the input folder), with a reserved
+  name or (unless `overwrite`) with an existing file, the extension joins it
+  (img_gif), then a counter (img_gif_2). No output is ever an input file.
   """
   taken = {os.path.realpath(p) for p in inputs}
   taken |= {os.path.realpath(os.path.join(out_dir, n)) for n in reserved}
@@ -111,11 +113,12 @@ def output_bases(inputs: Sequence[str], out_dir: str,
   for path in inputs:
     stem, ext = os.path.splitext(os.path.basename(path))
     options = [stem, f'{stem}_{ext[1:]}' if ext else stem + '_out']
-    options += [f'{options[1]}_{i}' for i in range(2, len(inputs) + 3)]
-    for base in options:
+    for base in itertools.chain(options, (f'{options[1]}_{i}'
+                                          for i in itertools.count(2))):
       full = os.path.join(out_dir, base)
       names = [os.path.realpath(full + s) for s in suffixes]
-      if not taken.intersection(names):
+      if not taken.intersection(names) and (overwrite or not any(
+          os.path.lexists(n) for n in names)):
         taken.update(names)
         bases[path] = full
         break
@@ -184,8 +187,9 @@ def annotate_images(
     cv2.imwrite(out, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     entries[i] = {'source': path, 'output': out,
                   'people': people_json(poses)}
-    logging.info('%s: %d people -> %s', path,
-                 int((poses.scores > person_threshold).sum()), out)
+    logging.info('%s: %d people scoring > %g (%d in the json) -> %s', path,
+                 int((poses.scores > person_threshold).sum()), person_threshold,
+                 len(poses.scores), out)
   return [entries[i] for i in sorted(entries)], failed
 
 

@@ -23,6 +23,7 @@ with summary['preempted'] (train.py then exits with PREEMPTED_EXIT_CODE).
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -92,25 +93,31 @@ PREEMPTED_EXIT_CODE = 143
 
 
 class _StopFlag:
-  """Preemption: a SIGTERM to any one process stops all at the same step.
+  """Preemption or Ctrl-C: a SIGTERM or SIGINT stops all at the same step.
 
-  One process: a SIGTERM handler sets a flag the loop reads after every
-  step. Several processes: jax.distributed's preemption service catches
-  SIGTERM itself (a Python handler would replace it) and tells every
-  process the same step to stop at (the maximum step any process has
+  One process: a SIGTERM / SIGINT handler sets a flag the loop reads after
+  every step. Several processes: jax.distributed's preemption service
+  catches SIGTERM itself (a Python handler would replace it) and tells
+  every process the same step to stop at (the maximum step any process has
   reached, plus one); `reached(step)` is asked after every step, so no
-  process goes on into collectives the others never join.
+  process goes on into collectives the others never join. A SIGINT is
+  passed on to it as a SIGTERM to this process. `signal` names the signal
+  this process got (train.py: exit 130 for SIGINT, 143 otherwise); a
+  second Ctrl-C stops at once (KeyboardInterrupt), without saving.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal = None
+    self._previous = {}
     self._multi = jax.process_count() > 1
 
   def __enter__(self):
-    if (not self._multi and
-        threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is threading.main_thread():
+      for signum in ((signal.SIGINT,) if self._multi else
+                     (signal.SIGINT, signal.SIGTERM)):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. `cmd &`
+          self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def reached(self, step: int) -> bool:
@@ -124,12 +131,32 @@ class _StopFlag:
     return self.requested
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning('SIGTERM: saving a checkpoint after this step.')
-    self.requested = True
+    if signum == signal.SIGINT and self.signal == 'SIGINT':
+      raise KeyboardInterrupt  # the second Ctrl-C
+    self.signal = signal.Signals(signum).name
+    again = (' (Ctrl-C again: stop now, without saving)'
+             if signum == signal.SIGINT else '')
+    logging.warning('%s: saving a checkpoint after this step%s.',
+                    'Ctrl-C' if again else self.signal, again)
+    if self._multi:  # the preemption service picks the step for all
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    """Restores the previous handlers (Ctrl-C interrupts again)."""
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+
+def describe_spec(spec: keypoints.KeypointSpec) -> str:
+  """One line: the joints, flip pairs and OKS sigmas of a keypoint spec."""
+  pairs = [f'{spec.names[i]}/{spec.names[j]}'
+           for i, j in enumerate(spec.flip_index) if i < j]
+  return (f'{spec.num_joints} joints {", ".join(spec.names)}; flip pairs '
+          f'{", ".join(pairs) or "none"}; OKS sigmas '
+          f'{", ".join(f"{s:.3g}" for s in spec.sigmas)}')
 
 
 def make_metric_writer(logdir: epath.PathLike, enabled: bool = True):
@@ -317,6 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     resume_step = manager.latest_step()
     start_step = step = resume_step or 0
     spec = keypoints.resolve_spec(config.data)  # the one source of K
+    if is_main:
+      logging.info('Keypoints (%s): %s', config.data.keypoints.source,
+                   describe_spec(spec))
     dataset = make_dataset(config, start_step, spec)
     num_examples = int(dataset.num_examples)
     epoch_steps = train_state.steps_per_epoch(num_examples, global_batch)
@@ -361,6 +391,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  'global batch %d on %d devices, %d processes).',
                  start_step, total_steps, num_examples, epoch_steps,
                  global_batch, mesh.size, jax.process_count())
+    if step < total_steps:
+      logging.info('Compiling the train step (tens of seconds on a CPU); '
+                   'step %d follows.', step + 1)
 
     history, pending = [], []
     first_loss = last_loss = None
@@ -394,10 +427,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               'global_batch_size': global_batch})
           last_good = step
     except NonFiniteLossError as e:
+      kept = (f'last good checkpoint: step {last_good} in '
+              f'{workdir / "checkpoints"} (no checkpoint was written after '
+              'it)') if last_good is not None else (
+                  'no checkpoint exists yet (a rerun starts over)')
       raise NonFiniteLossError(
-          f'{e}. Training stopped; last good checkpoint: step {last_good} '
-          f'in {workdir / "checkpoints"} (no checkpoint was written after '
-          f'it).') from None
+          f'{e}. Training stopped; {kept}. Likely causes: a learning rate '
+          f'too high for the batch (config.optim.lr = {config.optim.lr:g})'
+          ' or a target sigma too small for the heatmap (config.data.sigma '
+          f'= {config.data.sigma:g})') from None
+    stop.__exit__()  # Ctrl-C from here on (end-of-training eval): stop now
 
     elapsed = time.time() - t_start
     summary = {
@@ -408,6 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         'images_per_sec': ((step - start_step) * global_batch /
                            max(elapsed, 1e-9)),
         'last_checkpoint': last_good, 'history': history,
+        'stop_signal': stop.signal,
         'skipped_images': skipped_images(dataset)}
     if t.eval_at_end and not preempted and step == total_steps:
       summary['eval'] = evaluate_state(config, workdir, model, state, spec)
