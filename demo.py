@@ -94,6 +94,8 @@ def main(argv):
   inputs = argv[1:]
   if not inputs:
     raise app.UsageError('give image files, folders or video files')
+  # --model reads no config; a bad config value stops before any work.
+  config = None if _MODEL.value else cli.checked_config(_CONFIG.value)
   from ae_jax.infer import draw  # pylint: disable=g-import-not-at-top
   out_dir = _OUT.value
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -111,8 +113,7 @@ def main(argv):
   if _MODEL.value:
     stream, spec = _onnx_predictor(_MODEL.value)
   else:
-    stream, spec = _jax_predictor(cli.checked_config(_CONFIG.value),
-                                  _CKPT.value)
+    stream, spec = _jax_predictor(config, _CKPT.value)
   try:
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:

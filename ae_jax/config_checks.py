@@ -24,7 +24,7 @@ import ml_collections
 # AEModel: 5 stride-2 stages (MobileNetV2), then 3 x2 deconvolutions; the
 # targets are made at input / HEATMAP_STRIDE (ae_jax.data.transforms).
 BACKBONE_STRIDE, HEATMAP_STRIDE = 32, 4
-# The test-time resize aligns sides to TEST_ALIGN px (infer/predict.py
+# The test-time resize aligns sides to TEST_ALIGN px (data/eval_input.py
 # BASE_LENGTH); no test input side may exceed MAX_TEST_SIDE px (maps of a
 # 4096 x 4096 input with flip: ~3.4 GB of float32 for 17 joints).
 TEST_ALIGN, MAX_TEST_SIDE = 64, 4096
@@ -319,7 +319,7 @@ def implied_test_sides(input_size: int, scales: Sequence[float]
                      ) -> list[tuple[float, int]]:
   """(scale, the short input side it implies) for the test scales.
 
-  As predict.get_multi_scale_size: the smallest scale's side is rounded up
+  As eval_input.get_multi_scale_size: the smallest scale's side is rounded up
   to TEST_ALIGN px and the others scale from it, so a small scale inflates
   every side (scales (0.01,) at 512: scale 1's side, used for the maps of
   project2image, is 64 / 0.01 = 6400 px). The long side grows with the

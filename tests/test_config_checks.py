@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from ae_jax import config_checks
-from ae_jax.infer import predict
+from ae_jax.data import eval_input
 from configs import default
 from tests.conftest import small_config
 
@@ -129,11 +129,11 @@ def test_bad_test_scales(scales, match):
     (512, (1.0,)), (512, (2.0, 1.0, 0.5)), (128, (0.3,)), (512, (0.1, 1.0)),
     (200, (1.5, 1.0, 0.7))])
 def test_implied_sides_are_the_predictors(input_size, scales):
-  """Against predict.get_multi_scale_size, the size the Predictor warps
+  """Against eval_input.get_multi_scale_size, the size the Predictor warps
   to (a square image: the short side is the side)."""
   low = min(scales)
   for s, side in config_checks.implied_test_sides(input_size, scales):
-    (w, h), _, _ = predict.get_multi_scale_size(300, 300, input_size, s, low)
+    (w, h), _, _ = eval_input.get_multi_scale_size(300, 300, input_size, s, low)
     assert side == w == h, (s, side, w, h)
 
 
