@@ -7,7 +7,9 @@ r"""Draws detected skeletons on images, folders of images or videos.
 Images become <out>/<stem>.png plus <out>/poses.json (every image's people:
 score and [x, y, value] per joint); a video (by extension: .mp4, .avi, ...)
 becomes <out>/<stem>.mp4 (mp4v) plus <out>/<stem>.json (poses per frame).
-Output names never collide with each other or overwrite an input: on a
+The model config and the keypoints (names, flip pairs, skeleton) come from
+the checkpoint (older checkpoints: from --config, whose keypoints may need
+the annotation file). Output names never collide with each other or overwrite an input: on a
 clash the extension joins the stem (img_gif.png), then a counter. Progress
 is logged; the last line gives the img/s (including the first compile).
 Inputs that are missing or unreadable are named in one final `error:` line
@@ -42,8 +44,8 @@ def main(argv):
   if not inputs:
     raise app.UsageError('give image files, folders or video files')
   # pylint: disable=g-import-not-at-top
-  from ae_jax import keypoints
   from ae_jax.train import checkpoints
+  from ae_jax.train import inference_checkpoint
   from ae_jax.infer import draw
   from ae_jax.infer import predict
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
@@ -57,17 +59,15 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:  # CheckpointError: bad --ckpt; ValueError: bad config values;
-    # FileNotFoundError: the annotation file the keypoints are read from.
-    spec = keypoints.resolve_spec(config.data, 'val')
+    # FileNotFoundError: an annotation file an older checkpoint needs.
+    loaded = inference_checkpoint.load_for_inference(
+        _CKPT.value, config,
+        config_flags.get_override_values(flags.FLAGS['config']))
+    spec = loaded.spec
     model = ae_model.create_model(
-        {**config.model, 'num_joints': spec.num_joints},
-        ae_model.default_kernels(jax.default_backend()))
-    variables = checkpoints.restore_variables(_CKPT.value)
-    keypoints.check_head(variables, spec.num_joints, _CKPT.value)
-    checkpoints.check_fits(variables, {**config.model, 'num_joints':
-                                       spec.num_joints}, _CKPT.value)
-    predictor = predict.Predictor(model, variables, **config.test,
-                                    flip_index=spec.flip_index)
+        loaded.model_config, ae_model.default_kernels(jax.default_backend()))
+    predictor = predict.Predictor(model, loaded.variables, **config.test,
+                                  flip_index=spec.flip_index)
     os.makedirs(out_dir, exist_ok=True)
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None

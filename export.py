@@ -18,10 +18,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ae_jax.train import checkpoints
 from ae_jax import cli
 from ae_jax.deploy import saved_model as export_lib
-from ae_jax import keypoints
+from ae_jax.train import checkpoints
+from ae_jax.train import inference_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Model config file.', lock_config=True)
@@ -40,24 +40,21 @@ def main(argv):
   del argv
   try:  # before the slow part: refuse a bad --out at once
     export_lib.check_out_dir(_OUT.value)
-    variables = checkpoints.restore_variables(_CKPT.value)
-  except (checkpoints.CheckpointError, export_lib.ExportError) as e:
+    # The model config from the checkpoint (older ones: --config's).
+    loaded = inference_checkpoint.load_for_inference(
+        _CKPT.value, _CONFIG.value,
+        config_flags.get_override_values(flags.FLAGS['config']))
+  except (checkpoints.CheckpointError, export_lib.ExportError, ValueError,
+          FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   config = _CONFIG.value
-  try:  # the joint count comes from the config's keypoint spec
-    num_joints = keypoints.resolve_spec(config.data).num_joints
-    keypoints.check_head(variables, num_joints, _CKPT.value)
-    checkpoints.check_fits(variables, {**config.model, 'num_joints':
-                                       num_joints}, _CKPT.value)
-  except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
   grouping = config.test.grouping
   try:
     fixed = tuple(int(v) for v in _FIXED.value) if _FIXED.value else None
     if fixed is not None and len(fixed) != 3:
       raise ValueError(f'--fixed_shape wants B,H,W, got {_FIXED.value}')
     export_lib.export_saved_model(
-        {**config.model, 'num_joints': num_joints}, variables, _OUT.value,
+        loaded.model_config, loaded.variables, _OUT.value,
         fixed, max_people=grouping.max_people if _DECODE.value else 0,
         nms_kernel=grouping.nms_kernel)
   except ValueError as e:  # ExportError, a bad --fixed_shape

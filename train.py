@@ -101,7 +101,7 @@ def main(argv):
                       'the same command to resume.', summary['final_step'],
                       code)
   except (loop.NonFiniteLossError, config_checks.ConfigError,
-          workdir_lock.WorkdirLockedError, checkpoints.CheckpointError,
+          workdir_lock.WorkdirError, checkpoints.CheckpointError,
           FileNotFoundError, coco.AnnotationError,
           keypoints.KeypointSpecError) as e:  # user errors, data included
     logging.flush()

@@ -1,0 +1,112 @@
+"""How ae_jax drives orbax: its handler for our trees, and the two places
+where orbax's public API cannot give a behaviour we need (each says why).
+
+  pytree_handler()            orbax's PyTree handler, replicated arrays
+                              written whole by one replica (public options)
+  reads_that_fail_quietly()   a failed restore leaves no pending reads
+  drop_orbax_errors           a log filter for orbax's save-thread errors
+  reason(error)               the cause of an orbax error in one line
+"""
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def pytree_handler() -> ocp.PyTreeCheckpointHandler:
+  """orbax's PyTree handler, with jax.Arrays written whole by one replica.
+
+  orbax's default ArrayHandler (replica-parallel on CPU/TPU) has every
+  replica write a slice of each replicated array, cut on its device: one
+  small XLA compile per array shape and device at the first save of a run
+  (264 for configs/tiny.py on 8 devices). Our state is replicated and
+  small; sharded arrays are still written shard by shard. The registry is
+  this handler's own (orbax's global one stays as it is). No ArrayMetadata
+  store: it records PRNG-key types, which our trees never hold.
+  """
+  registry = ocp.type_handlers.create_type_handler_registry(
+      *[(t, ocp.type_handlers.get_type_handler(t))
+        for t in ocp.type_handlers.supported_types() if t is not jax.Array],
+      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def restore_args(target: Any, partial: bool = False
+                 ) -> ocp.args.PyTreeRestore:
+  """Restore into `target` (ShapeDtypeStructs with shardings); `partial`:
+  only its keys of a bigger saved tree."""
+  return ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=partial)
+
+
+def placed(saved: Any, sharding: jax.sharding.Sharding) -> Any:
+  """ShapeDtypeStructs of a saved tree's metadata, placed by `sharding`."""
+  return jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+      saved)
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """Cancels and awaits its pending tasks before closing (as asyncio.run)."""
+
+  def close(self):
+    if not self.is_closed() and not self.is_running():
+      pending = asyncio.all_tasks(self)
+      for task in pending:
+        task.cancel()
+      if pending:
+        self.run_until_complete(
+            asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self):
+    return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def reads_that_fail_quietly():
+  """A restore that fails leaves no reads behind to print tracebacks later.
+
+  orbax restores on a fresh asyncio loop; when one read fails (a truncated
+  file) it closes that loop with the other reads still pending, and they
+  print "Task exception was never retrieved" / "Event loop is closed" later,
+  from wherever the program is by then. orbax has no option for this, so
+  during our restore calls the loops it makes cancel and await their
+  pending tasks before closing (the event-loop policy is set for the call
+  only).
+  """
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
+def drop_orbax_errors(record: logging.LogRecord) -> bool:
+  """A filter for the absl logger while a save may run: orbax logs a failed
+  save with a traceback from each of its save threads (six for a full disk);
+  the save raises that error to us too, and we report it in one line."""
+  return record.levelno < logging.ERROR or '/orbax/' not in record.pathname
+
+
+def reason(error: BaseException) -> str:
+  """The innermost cause's first line, short enough for a one-line message
+  (orbax wraps TensorStore's message, e.g. a truncated zstd stream, in a
+  generic one with a spec dump)."""
+  while True:
+    inner = error.__cause__ or (None if error.__suppress_context__ else
+                                error.__context__)
+    if inner is None:
+      break
+    error = inner
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return text if len(text) <= 240 else text[:237] + '...'
