@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ae_jax.train import checkpoints
+from ae_jax import keypoints
 from ae_jax.deploy import saved_model
 from ae_jax.models import ae_model
+from ae_jax.train import checkpoints
 from tests.conftest import REPO_ROOT
 
 
@@ -109,7 +110,7 @@ def test_saved_model_matches_jax(tmp_path, fixed_shape):
 
 def test_export_cli_reports_bad_checkpoint(tmp_path):
   proc = subprocess.run(
-      [sys.executable, 'saved_model.py', '--config', 'configs/tiny.py',
+      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
        '--ckpt', str(tmp_path / 'missing'), '--out', str(tmp_path / 'sm')],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
@@ -121,7 +122,7 @@ def test_export_cli_writes_saved_model(tmp_path):
   del model
   checkpoints.save_variables(str(tmp_path / 'ckpt'), variables)
   proc = subprocess.run(
-      [sys.executable, 'saved_model.py', '--config', 'configs/tiny.py',
+      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
        '--config.model.num_deconv_filters=(16,16,16)',
        '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'sm'),
        '--nodecode'],  # decoding: test_saved_model_matches_jax
@@ -130,6 +131,36 @@ def test_export_cli_writes_saved_model(tmp_path):
   assert (tmp_path / 'sm' / 'saved_model.pb').exists()
   # Written beside, then renamed: no temporary folder is left.
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt', 'sm']
+
+
+def test_export_cli_takes_the_model_from_the_checkpoint(tmp_path):
+  """A checkpoint that records its model exports with no --config.model
+  flags; a flag that contradicts it is one error line naming both."""
+  _, variables = _tiny_model_and_variables()
+  record = checkpoints.Record({**TINY, 'num_joints': 17, 'dtype': 'float32'},
+                              keypoints.COCO)
+  checkpoints.save_variables(tmp_path / 'ckpt', variables, record=record)
+  args = [sys.executable, 'export.py', '--config', 'configs/coco512.py',
+          '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'sm'),
+          '--nodecode', '--fixed_shape=1,64,64']
+  bad = subprocess.run(args + ['--config.model.widen_factor=0.5'],
+                       cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode == 1 and 'Traceback' not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1] == (
+      f'error: --config.model.widen_factor=0.5 contradicts the checkpoint '
+      f'{tmp_path / "ckpt"}, made with widen_factor=0.25 (leave the flag '
+      'out: the checkpoint records its model)')
+  proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  tf = pytest.importorskip('tensorflow')
+  serve = tf.saved_model.load(str(tmp_path / 'sm')).signatures[
+      'serving_default']
+  x = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
+  want = ae_model.create_model(TINY).apply(variables, jnp.asarray(x))
+  np.testing.assert_allclose(serve(images=tf.constant(x))['heatmaps'].numpy(),
+                             want[..., :17], atol=1e-5)
 
 
 @pytest.mark.parametrize('case', ['under_a_file', 'foreign_folder'])
@@ -142,7 +173,7 @@ def test_export_cli_refuses_unwritable_out_in_one_line(tmp_path, case):
   out = {'under_a_file': tmp_path / 'a_file' / 'sm',
          'foreign_folder': tmp_path / 'mine'}[case]
   proc = subprocess.run(
-      [sys.executable, 'saved_model.py', '--config', 'configs/tiny.py',
+      [sys.executable, 'export.py', '--config', 'configs/tiny.py',
        '--config.model.num_deconv_filters=(16,16,16)',
        '--ckpt', str(tmp_path / 'ckpt'), '--out', str(out)],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -191,10 +191,9 @@ def test_load_pretrained_from_a_train_workdir(state, tmp_path):
   pretrained = variables_of(model, 5)
   trained = state.replace(step=7, params=pretrained['params'],
                           batch_stats=pretrained['batch_stats'])
-  manager = checkpoints.make_train_manager(tmp_path, async_save=False)
-  checkpoints.save_train_state(manager, 7, trained, {
-      'step': 7, 'data_position': 7, 'seed': 0, 'global_batch_size': 8})
-  manager.close()
+  with checkpoints.TrainCheckpoints(tmp_path, async_save=False) as ckpts:
+    ckpts.save(7, trained, {'step': 7, 'data_position': 7, 'seed': 0,
+                            'global_batch_size': 8})
   new, _ = train_state.load_pretrained(
       state, checkpoints.restore_variables(tmp_path), str(tmp_path))
   assert int(new.step) == 0

@@ -13,7 +13,6 @@ none). Writes are orbax's atomic commits; reads take the newest usable step
 
 import contextlib
 import dataclasses
-import logging as std_logging
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 import uuid
 
@@ -120,9 +119,10 @@ class TrainCheckpoints:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          handler_registry=registry)
     self._open = True
+    self._quiet = contextlib.ExitStack()
 
   def __enter__(self):
-    std_logging.getLogger('absl').addFilter(orbax_shims.drop_orbax_errors)
+    self._quiet.enter_context(orbax_shims.failures_reported_once())
     return self
 
   def __exit__(self, exc_type, *unused):
@@ -134,8 +134,7 @@ class TrainCheckpoints:
       if exc_type is None:
         self._failed(e)
     finally:
-      std_logging.getLogger('absl').removeFilter(
-          orbax_shims.drop_orbax_errors)
+      self._quiet.close()
 
   def save(self, step: int, state: Any, meta: Mapping[str, Any],
            record: Optional[Record] = None) -> None:
@@ -233,12 +232,11 @@ class TrainCheckpoints:
             Record.from_json(metadata.custom_metadata))
 
   def _read(self, step: int, args: ocp.args.Composite) -> Any:
-    with orbax_shims.reads_that_fail_quietly():
-      try:
-        return self.manager.restore(step, args=args)
-      except Exception as e:  # pylint: disable=broad-except  # any read error
-        raise _Unusable(f'{self.directory / _STEPS.build_name(step)}: '
-                        f'{reason(e)}') from None
+    try:
+      return self.manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except  # any read error
+      raise _Unusable(f'{self.directory / _STEPS.build_name(step)}: '
+                      f'{reason(e)}') from None
 
   def _newest(self, read: Callable[[int], Restored], move_aside: bool
               ) -> Optional[Restored]:
@@ -306,7 +304,8 @@ def save_variables(directory: PathLike, variables: Variables,
   tmp = _make_tmp_sibling(directory)
   try:
     try:
-      with ocp.Checkpointer(orbax_shims.pytree_handler()) as ckptr:
+      with orbax_shims.failures_reported_once(), ocp.Checkpointer(
+          orbax_shims.pytree_handler()) as ckptr:
         ckptr.save(tmp / 'new', args=ocp.args.PyTreeSave(tree),
                    custom_metadata=record and record.to_json())
     except Exception as e:  # pylint: disable=broad-except  # any write error
@@ -408,7 +407,7 @@ def read_checkpoint(directory: PathLike) -> Restored:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = orbax_shims.placed(dict(saved), device)
     with ocp.Checkpointer(orbax_shims.pytree_handler()) as ckptr, (
-        orbax_shims.reads_that_fail_quietly()):
+        orbax_shims.failures_reported_once()):
       try:
         tree = ckptr.restore(directory,
                              args=orbax_shims.restore_args(target))

@@ -1,10 +1,9 @@
-"""How ae_jax drives orbax: its handler for our trees, and the two places
-where orbax's public API cannot give a behaviour we need (each says why).
+"""How ae_jax drives orbax: its handler for our trees, and the one place
+where orbax's public API cannot give a behaviour we need (it says why).
 
   pytree_handler()            orbax's PyTree handler, replicated arrays
                               written whole by one replica (public options)
-  reads_that_fail_quietly()   a failed restore leaves no pending reads
-  drop_orbax_errors           a log filter for orbax's save-thread errors
+  failures_reported_once()    a failed read or write prints nothing later
   reason(error)               the cause of an orbax error in one line
 """
 
@@ -72,29 +71,33 @@ class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
 
 
 @contextlib.contextmanager
-def reads_that_fail_quietly():
-  """A restore that fails leaves no reads behind to print tracebacks later.
+def failures_reported_once():
+  """While open, a failed orbax read or write is only the exception it
+  raises to us; nothing prints later.
 
-  orbax restores on a fresh asyncio loop; when one read fails (a truncated
-  file) it closes that loop with the other reads still pending, and they
-  print "Task exception was never retrieved" / "Event loop is closed" later,
-  from wherever the program is by then. orbax has no option for this, so
-  during our restore calls the loops it makes cancel and await their
-  pending tasks before closing (the event-loop policy is set for the call
-  only).
+  orbax reads and writes on fresh asyncio loops (in its save threads too).
+  When one operation fails (a truncated file, a full disk) it closes that
+  loop with the others still pending, and they print "Task exception was
+  never retrieved" / "Event loop is closed" tracebacks later, from wherever
+  the program is by then; its save threads also log each failure with a
+  traceback (six for a full disk). orbax has no option for either, so while
+  this is open the loops it makes cancel and await their pending tasks
+  before closing (what asyncio.run does; the event-loop policy is set for
+  this block only) and orbax's ERROR records are dropped from the absl log
+  (the same error reaches the caller, who reports it in one line).
   """
   previous = asyncio.get_event_loop_policy()
   asyncio.set_event_loop_policy(_DrainingPolicy())
+  absl_logger = logging.getLogger('absl')
+  absl_logger.addFilter(_drop_orbax_errors)
   try:
     yield
   finally:
+    absl_logger.removeFilter(_drop_orbax_errors)
     asyncio.set_event_loop_policy(previous)
 
 
-def drop_orbax_errors(record: logging.LogRecord) -> bool:
-  """A filter for the absl logger while a save may run: orbax logs a failed
-  save with a traceback from each of its save threads (six for a full disk);
-  the save raises that error to us too, and we report it in one line."""
+def _drop_orbax_errors(record: logging.LogRecord) -> bool:
   return record.levelno < logging.ERROR or '/orbax/' not in record.pathname
 
 
@@ -109,4 +112,5 @@ def reason(error: BaseException) -> str:
       break
     error = inner
   text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-  return text if len(text) <= 240 else text[:237] + '...'
+  # TensorStore names the file first and the OS error last.
+  return text if len(text) <= 240 else f'{text[:110]} ... {text[-125:]}'
