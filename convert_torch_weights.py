@@ -67,9 +67,10 @@ def main(argv):
   from ae_jax import convert
   from ae_jax.data import coco
   from ae_jax.train import checkpoints
+  from ae_jax.train import variables_checkpoint
   # pylint: enable=g-import-not-at-top
   try:  # before the conversion: refuse early, destroy nothing
-    checkpoints.check_variables_target(output_dir, _OVERWRITE.value)
+    variables_checkpoint.check_variables_target(output_dir, _OVERWRITE.value)
   except checkpoints.CheckpointError as e:
     _fail(str(e))
   config = _CONFIG.value
@@ -96,7 +97,7 @@ def main(argv):
       {**result.model_kwargs, 'dtype': config.model.dtype},
       spec if spec is not None and spec.num_joints == k else None)
   try:
-    checkpoints.save_variables(output_dir, result.variables,
+    variables_checkpoint.save_variables(output_dir, result.variables,
                                overwrite=_OVERWRITE.value, record=record)
   except (checkpoints.CheckpointError, OSError) as e:
     message = e if isinstance(e, checkpoints.CheckpointError) else (

@@ -9,9 +9,10 @@ score and [x, y, value] per joint); a video (by extension: .mp4, .avi, ...)
 becomes <out>/<stem>.mp4 (mp4v) plus <out>/<stem>.json (poses per frame).
 The model config and the keypoints (names, flip pairs, skeleton) come from
 the checkpoint (older checkpoints: from --config, whose keypoints may need
-the annotation file). Output names never collide with each other or overwrite an input: on a
-clash the extension joins the stem (img_gif.png), then a counter. Progress
-is logged; the last line gives the img/s (including the first compile).
+the annotation file). Output names never collide with each other or
+overwrite an input: on a clash the extension joins the stem (img_gif.png),
+then a counter. Progress is logged; the last line gives the img/s (including
+the first compile).
 Inputs that are missing or unreadable are named in one final `error:` line
 (exit 1) after the readable ones are drawn.
 """

@@ -11,9 +11,10 @@ r"""Evaluates a checkpoint on COCO keypoints: AP table + results json.
 --ckpt is a converted-variables directory (convert_torch_weights.py) or a
 training workdir (its newest usable step). The model config and keypoint
 spec come from the checkpoint (older checkpoints: from --config); the
-split's annotation file must list the checkpoint's joints, in order. Images that cannot be read are
-logged by name and skipped (their people count as missed). --output is
-checked (its folder created) before the evaluation and written atomically.
+split's annotation file must list the checkpoint's joints, in order. Images
+that cannot be read are logged by name and skipped (their people count as
+missed). --output is checked (its folder created) before the evaluation and
+written atomically.
 
 Images are batched per shape bucket over the local devices (--batch_size,
 a multiple of their count); host grouping overlaps the device work.

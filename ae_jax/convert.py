@@ -2,9 +2,10 @@
 
 A pure name-and-layout mapping; torch is imported lazily, only by
 `load_torch_checkpoint`; the model's shapes and the config a set of tensors
-implies come from ae_jax.models.shapes. Torch key `backbone.layer2.1.conv.0.bn.weight` is
-Flax `params/backbone/layer2_1/conv_0/bn/scale` (a number after a name joins
-it with '_', as the Flax submodule names in ae_jax/models do).
+implies come from ae_jax.models.shapes. Torch key
+`backbone.layer2.1.conv.0.bn.weight` is Flax
+`params/backbone/layer2_1/conv_0/bn/scale` (a number after a name joins it
+with '_', as the Flax submodule names in ae_jax/models do).
 
 Layouts (torch -> Flax; Flax convs run NHWC with HWIO kernels):
   Conv2d weight [O, I, kh, kw]           -> kernel [kh, kw, I, O]

@@ -21,6 +21,7 @@ from ae_jax import sharding
 from ae_jax.models import shapes
 from ae_jax.models.ae_model import AEModel
 from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 from ae_jax.train import inference_checkpoint
 from ae_jax.train import loop
 from ae_jax.train import state as train_state
@@ -257,7 +258,7 @@ def test_variables_round_trip_through_epath_and_relative_paths(
   monkeypatch.chdir(tmp_path)
   variables = {'params': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)},
                'batch_stats': {'mean': np.ones(3, np.float32)}}
-  checkpoints.save_variables('rel/vars', variables)
+  variables_checkpoint.save_variables('rel/vars', variables)
   assert (tmp_path / 'rel' / 'vars').is_dir()
   restored = checkpoints.restore_variables(epath.Path(tmp_path) / 'rel' /
                                            'vars')
@@ -345,7 +346,7 @@ def test_readers_take_the_newest_complete_step(tmp_path, caplog, full_run):
   assert shapes.mismatch(shapes.shapes_of(variables),
                          shapes.model_shapes(model)) is None
   unrecorded = tmp_path / 'unrecorded'
-  checkpoints.save_variables(unrecorded, variables)
+  variables_checkpoint.save_variables(unrecorded, variables)
   other = small_config()
   other.model.widen_factor, other.model.num_deconv_filters = 0.5, (32,) * 3
   with pytest.raises(checkpoints.CheckpointError,
@@ -361,7 +362,7 @@ def test_readers_take_the_newest_complete_step(tmp_path, caplog, full_run):
                      r'.*OUT_OF_RANGE'):
     checkpoints.restore_variables(workdir)
   saved = tmp_path / 'vars'
-  checkpoints.save_variables(saved, variables)
+  variables_checkpoint.save_variables(saved, variables)
   _truncate_biggest_file(saved)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'vars: OUT_OF_RANGE: .*\(a truncated or '

@@ -12,6 +12,7 @@ from ae_jax import keypoints
 from ae_jax.deploy import saved_model
 from ae_jax.models import ae_model
 from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 from tests.conftest import REPO_ROOT
 
 
@@ -120,7 +121,7 @@ def test_export_cli_reports_bad_checkpoint(tmp_path):
 def test_export_cli_writes_saved_model(tmp_path):
   model, variables = _tiny_model_and_variables()
   del model
-  checkpoints.save_variables(str(tmp_path / 'ckpt'), variables)
+  variables_checkpoint.save_variables(str(tmp_path / 'ckpt'), variables)
   proc = subprocess.run(
       [sys.executable, 'export.py', '--config', 'configs/tiny.py',
        '--config.model.num_deconv_filters=(16,16,16)',
@@ -139,7 +140,7 @@ def test_export_cli_takes_the_model_from_the_checkpoint(tmp_path):
   _, variables = _tiny_model_and_variables()
   record = checkpoints.Record({**TINY, 'num_joints': 17, 'dtype': 'float32'},
                               keypoints.COCO)
-  checkpoints.save_variables(tmp_path / 'ckpt', variables, record=record)
+  variables_checkpoint.save_variables(tmp_path / 'ckpt', variables, record=record)
   args = [sys.executable, 'export.py', '--config', 'configs/coco512.py',
           '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'sm'),
           '--nodecode', '--fixed_shape=1,64,64']
@@ -166,7 +167,7 @@ def test_export_cli_takes_the_model_from_the_checkpoint(tmp_path):
 @pytest.mark.parametrize('case', ['under_a_file', 'foreign_folder'])
 def test_export_cli_refuses_unwritable_out_in_one_line(tmp_path, case):
   _, variables = _tiny_model_and_variables()
-  checkpoints.save_variables(str(tmp_path / 'ckpt'), variables)
+  variables_checkpoint.save_variables(str(tmp_path / 'ckpt'), variables)
   (tmp_path / 'a_file').write_text('keep me')
   (tmp_path / 'mine').mkdir()
   (tmp_path / 'mine' / 'notes.txt').write_text('keep me too')

@@ -21,6 +21,7 @@ from ae_jax.infer import coco_eval
 from ae_jax.infer import draw
 from ae_jax.models import shapes
 from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 from ae_jax.train import inference_checkpoint
 from tests.conftest import REPO_ROOT
 from tests.conftest import small_config
@@ -161,7 +162,7 @@ def test_own_keypoints_train_two_steps(own_root, own_run, tmp_path):
   # Without that record (an older checkpoint), the config's keypoints must
   # have the head's joint count.
   unrecorded = tmp_path / 'unrecorded'
-  checkpoints.save_variables(unrecorded, found.tree)
+  variables_checkpoint.save_variables(unrecorded, found.tree)
   config = _own_config(own_root)
   assert inference_checkpoint.load_for_inference(
       str(unrecorded), config).spec.num_joints == 5

@@ -15,8 +15,8 @@ import pytest
 
 from ae_jax import config_checks
 from ae_jax.models.ae_model import AEModel
-from ae_jax.train import checkpoints
 from ae_jax.train import loop
+from ae_jax.train import variables_checkpoint
 from ae_jax.train import workdir_lock
 from tests.conftest import mounted_tmpfs
 from tests.conftest import random_variables
@@ -155,7 +155,7 @@ def test_unusable_workdirs_are_refused_before_any_work(tmp_path):
   read-only disk: one WorkdirError naming it and why; nothing is written."""
   (tmp_path / 'a_file').write_text('keep me')
   converted = tmp_path / 'converted'
-  checkpoints.save_variables(converted, random_variables(
+  variables_checkpoint.save_variables(converted, random_variables(
       AEModel(**small_config().model)))
   before = sorted(os.listdir(converted))
   cases = [(tmp_path / 'a_file', r'a_file is a file, not a folder'),

@@ -10,6 +10,7 @@ import jax
 import optax
 
 from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 from ae_jax import sharding
 from ae_jax.train import state as train_state
 from ae_jax.keypoints import NUM_JOINTS
@@ -227,7 +228,7 @@ def test_finetune_first_step_loss_equals_torch_reference(tmp_path,
       str(pth), widen_factor=m.widen_factor,
       num_deconv_filters=tuple(m.num_deconv_filters),
       num_joints=NUM_JOINTS)
-  checkpoints.save_variables(tmp_path / 'converted', result.variables)
+  variables_checkpoint.save_variables(tmp_path / 'converted', result.variables)
 
   use_synthetic(monkeypatch)
   config.train.init_checkpoint = str(tmp_path / 'converted')

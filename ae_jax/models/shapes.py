@@ -1,4 +1,4 @@
-"""AEModel's parameter shapes, and which config.model a set of variables implies.
+"""AEModel's parameter shapes; which config.model a set of variables implies.
 
 The one home of "what are the model's shapes" and "does this checkpoint fit":
 the converter (torch -> flax), the train state (pretrained init), the train

@@ -1,7 +1,8 @@
-"""Orbax checkpoints: converted variables and train steps, self-describing.
+"""Orbax checkpoints: train steps, and reading any checkpoint; self-describing.
 
-A variables checkpoint (`save_variables`, convert_torch_weights.py) is one
-orbax PyTree {'params', 'batch_stats'}. A train step is
+A variables checkpoint (variables_checkpoint.save_variables, what
+convert_torch_weights.py writes) is one orbax PyTree {'params',
+'batch_stats'}. A train step is
 `{workdir}/checkpoints/{step}/` of an orbax CheckpointManager
 (`TrainCheckpoints`): item state/ (the TrainState's flax state dict: step,
 params, batch_stats, opt_state) and item meta/ (json: step, data_position,
@@ -14,7 +15,6 @@ none). Writes are orbax's atomic commits; reads take the newest usable step
 import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, Mapping, Optional, Union
-import uuid
 
 from absl import logging
 from etils import epath
@@ -34,10 +34,6 @@ Variables = Dict[str, Any]
 PathLike = Union[str, epath.PathLike]
 STATE_ITEM, META_ITEM = 'state', 'meta'
 _STEPS = ocp.step.standard_name_format()  # step folders named {step}
-# What orbax writes into a PyTree checkpoint folder: a variables checkpoint
-# holds nothing else (`is_variables_checkpoint`, before replacing one).
-_ORBAX_FILES = {'_CHECKPOINT_METADATA', '_METADATA', '_sharding', 'd',
-                'commit_success.txt', 'manifest.ocdbt', 'array_metadatas'}
 
 
 class CheckpointError(ValueError):
@@ -200,16 +196,17 @@ class TrainCheckpoints:
 
   def restore_variables(self) -> Restored:
     """The {'params', 'batch_stats'} of the newest usable step, on this
-    process's first device (whatever topology wrote it)."""
+    process's first device (whatever topology wrote it). The whole step is
+    read, so that readers and a resume agree on which steps are usable."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def read(step: int) -> Restored:
       saved, saved_record = self._saved(step)
-      target = orbax_shims.placed(
-          {k: saved[k] for k in ('params', 'batch_stats')}, device)
       got = self._read(step, ocp.args.Composite(**{
-          STATE_ITEM: orbax_shims.restore_args(target, partial=True)}))
-      return Restored(dict(got[STATE_ITEM]), {}, saved_record, step)
+          STATE_ITEM: orbax_shims.restore_args(
+              orbax_shims.placed(saved, device))}))[STATE_ITEM]
+      return Restored({k: got[k] for k in ('params', 'batch_stats')}, {},
+                      saved_record, step)
 
     found = self._newest(read, move_aside=False)
     if found is None:
@@ -283,106 +280,6 @@ class TrainCheckpoints:
     self.manager.reload()
 
 
-def save_variables(directory: PathLike, variables: Variables,
-                   overwrite: bool = False,
-                   record: Optional[Record] = None) -> None:
-  """Writes {'params', 'batch_stats'} (numpy or jax arrays) and `record`.
-
-  Nothing existing is lost: a non-empty `directory` is refused unless
-  `overwrite` is set and it is a variables checkpoint (never a workdir or
-  another folder). Written into a temporary sibling and renamed into place:
-  a failed save leaves `directory` as it was.
-
-  Raises:
-    CheckpointError: `directory` may not be replaced, or writing failed
-      (the path and the cause).
-  """
-  directory = as_path(directory)
-  check_variables_target(directory, overwrite)
-  tree = {'params': variables['params'],
-          'batch_stats': variables.get('batch_stats', {})}
-  tmp = _make_tmp_sibling(directory)
-  try:
-    try:
-      with orbax_shims.failures_reported_once(), ocp.Checkpointer(
-          orbax_shims.pytree_handler()) as ckptr:
-        ckptr.save(tmp / 'new', args=ocp.args.PyTreeSave(tree),
-                   custom_metadata=record and record.to_json())
-    except Exception as e:  # pylint: disable=broad-except  # any write error
-      raise CheckpointError(f'cannot write {directory}: {reason(e)}'
-                            ) from None
-    if directory.exists():  # empty, or a variables checkpoint to replace
-      directory.rename(tmp / 'old')
-    (tmp / 'new').rename(directory)
-  except BaseException:
-    if not directory.exists() and (tmp / 'old').exists():
-      (tmp / 'old').rename(directory)  # put the previous one back
-    raise
-  finally:
-    tmp.rmtree(missing_ok=True)
-
-
-def check_variables_target(directory: PathLike, overwrite: bool = False
-                           ) -> None:
-  """Raises CheckpointError unless `save_variables` may write `directory`:
-  a missing path whose parent can be created, an empty directory, or (with
-  `overwrite`) a variables checkpoint. Run it before long work."""
-  directory = as_path(directory)
-  if directory.exists():
-    if not directory.is_dir():
-      raise CheckpointError(f'{directory} exists and is not a directory')
-    if any(directory.iterdir()):
-      if not overwrite:
-        raise CheckpointError(
-            f'{directory} exists and is not empty; choose a new directory '
-            '(or overwrite=True / --overwrite to replace a variables '
-            'checkpoint)')
-      if not is_variables_checkpoint(directory):
-        raise CheckpointError(
-            f'{directory} is not a variables checkpoint (a training '
-            'workdir or another folder): refusing to replace it even '
-            'with overwrite')
-  _make_tmp_sibling(directory).rmtree(missing_ok=True)  # parent writable
-
-
-def is_variables_checkpoint(directory: PathLike) -> bool:
-  """True for a folder of orbax's files only, holding a tree of exactly
-  {'params', 'batch_stats'} (a train step's state also has 'step' and
-  'opt_state'; a workdir has 'checkpoints/')."""
-  directory = as_path(directory)
-  names = {p.name for p in directory.iterdir()}
-  if '_CHECKPOINT_METADATA' not in names or any(
-      n not in _ORBAX_FILES and not n.startswith('ocdbt.process_')
-      for n in names):
-    return False
-  return set(_saved_variables(directory)[0] or ()) in (
-      {'params'}, {'params', 'batch_stats'})
-
-
-def _make_tmp_sibling(directory: epath.Path) -> epath.Path:
-  """Creates `.{name}.tmp-{id}` beside `directory` (and missing parents).
-
-  Creating it up front is the writability check: orbax, failing to create
-  its own temporary folder, leaves non-daemon threads waiting for a signal
-  that never comes, and the process hangs at exit.
-  """
-  tmp = directory.parent / f'.{directory.name}.tmp-{uuid.uuid4().hex[:8]}'
-  for parent in directory.parents:
-    if parent.exists():
-      if not parent.is_dir():
-        raise CheckpointError(
-            f'cannot write {directory}: {parent} is not a directory')
-      break
-  try:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
-  except OSError as e:
-    raise CheckpointError(f'cannot write {directory}: {e.strerror or e}' +
-                          (f' ({e.filename})' if e.filename else '')
-                          ) from None
-  return tmp
-
-
 def read_checkpoint(directory: PathLike) -> Restored:
   """The variables (host numpy {'params', 'batch_stats'}) and record of a
   variables checkpoint or of a workdir's newest usable step (each newer
@@ -399,7 +296,7 @@ def read_checkpoint(directory: PathLike) -> Restored:
     with TrainCheckpoints(directory, read_only=True) as ckpts:
       found = ckpts.restore_variables()
   else:
-    saved, metadata = _saved_variables(directory)
+    saved, metadata = saved_tree(directory)
     if not saved or 'params' not in saved:
       raise CheckpointError(
           f'{directory} is not an ae_jax checkpoint (neither converted '
@@ -425,7 +322,7 @@ def restore_variables(directory: PathLike) -> Variables:
   return read_checkpoint(directory).tree
 
 
-def _saved_variables(directory: epath.Path):
+def saved_tree(directory: epath.Path):
   """(the saved tree or None, orbax's StepMetadata) of a PyTree folder."""
   try:
     with ocp.Checkpointer(orbax_shims.pytree_handler()) as ckptr:

@@ -17,9 +17,10 @@ TensorBoard scalars and summary.json are written by process 0 only.
 Resume takes the newest usable checkpoint, read once
 (ae_jax.train.checkpoints.TrainCheckpoints.restore: an empty, half-written
 or truncated newer step is skipped with a warning and moved aside); every
-checkpoint records the model config and keypoint spec of the run. Preemption (SIGTERM to any one
-process) stops every process after the same step, saves it and returns
-with summary['preempted'] (train.py then exits with PREEMPTED_EXIT_CODE).
+checkpoint records the model config and keypoint spec of the run. Preemption
+(SIGTERM to any one process) stops every process after the same step, saves
+it and returns with summary['preempted'] (train.py then exits with
+PREEMPTED_EXIT_CODE).
 """
 
 import contextlib

@@ -34,13 +34,10 @@ def pytree_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-def restore_args(target: Any, partial: bool = False
-                 ) -> ocp.args.PyTreeRestore:
-  """Restore into `target` (ShapeDtypeStructs with shardings); `partial`:
-  only its keys of a bigger saved tree."""
+def restore_args(target: Any) -> ocp.args.PyTreeRestore:
+  """Restore into `target` (ShapeDtypeStructs with shardings)."""
   return ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=partial)
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
 def placed(saved: Any, sharding: jax.sharding.Sharding) -> Any:
