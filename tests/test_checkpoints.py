@@ -68,6 +68,7 @@ def _small_record(**model):
 def test_save_restore_round_trip(tmp_path):
   model = AEModel(widen_factor=0.25, num_deconv_filters=(16, 16, 16))
   mesh = sharding.make_mesh()
+  replicated = sharding.replicated(mesh)
   tx = optax.adam(1e-3)
   state, _ = train_state.create_train_state(
       jax.random.key(0), model, tx, 64, mesh)
@@ -76,7 +77,7 @@ def test_save_restore_round_trip(tmp_path):
   with checkpoints.TrainCheckpoints(str(tmp_path)) as ckpts:
     ckpts.save(7, state, {'data_position': 7}, record)
   with checkpoints.TrainCheckpoints(str(tmp_path)) as ckpts:
-    resumed = ckpts.restore(mesh, record)
+    resumed = ckpts.restore(replicated, record)
   restored, _ = train_state.state_from_checkpoint(resumed.tree, model, tx,
                                                   64, mesh)
   assert resumed.meta == {'data_position': 7} and resumed.step == 7
@@ -93,13 +94,13 @@ def test_save_restore_round_trip(tmp_path):
   # A different model does not silently load.
   with checkpoints.TrainCheckpoints(str(tmp_path)) as ckpts:
     with pytest.raises(checkpoints.CheckpointError, match='does not match'):
-      ckpts.restore(mesh, _small_record(widen_factor=0.5))
+      ckpts.restore(replicated, _small_record(widen_factor=0.5))
     # Nor do other keypoints (another order of the same joints).
     other = keypoints.make_spec(keypoints.COCO.names[::-1])
     with pytest.raises(checkpoints.CheckpointError,
                        match=r'trained on other keypoints .*: names '
                        r"\('nose', .*\) there, \('right_ankle', .*\) here"):
-      ckpts.restore(mesh, checkpoints.Record(record.model, other))
+      ckpts.restore(replicated, checkpoints.Record(record.model, other))
 
 
 def test_first_save_compiles_nothing(tmp_path):
@@ -142,7 +143,8 @@ def test_old_checkpoints_without_a_record_still_load(tmp_path, full_run):
       meta=ocp.args.JsonSave({'step': 4, 'data_position': 4})))
   manager.close()
   with checkpoints.TrainCheckpoints(tmp_path / 'old') as ckpts:
-    resumed = ckpts.restore(sharding.make_mesh(), _small_record())
+    resumed = ckpts.restore(sharding.replicated(sharding.make_mesh()),
+                           _small_record())
   assert resumed.step == 4 and resumed.record is None
   for a, b in zip(jax.tree_util.tree_leaves(state_tree),
                   jax.tree_util.tree_leaves(jax.device_get(resumed.tree))):

@@ -14,7 +14,7 @@ none). Writes are orbax's atomic commits; reads take the newest usable step
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from absl import logging
 from etils import epath
@@ -25,7 +25,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ae_jax import keypoints
-from ae_jax import sharding
 from ae_jax.models import shapes
 from ae_jax.train import orbax_shims
 from ae_jax.train.orbax_shims import reason
@@ -156,88 +155,49 @@ class TrainCheckpoints:
     raise CheckpointError(f'cannot write a checkpoint to {self.directory}: '
                           f'{reason(error)}') from None
 
-  def restore(self, mesh: jax.sharding.Mesh, record: Record
-              ) -> Optional[Restored]:
-    """The newest usable step (None if none), its state dict replicated on
-    `mesh`: every process reads every array (the same verdict everywhere).
+  def restore(self, target_sharding: jax.sharding.Sharding,
+              record: Optional[Record] = None) -> Optional[Restored]:
+    """The newest usable step (None if there is none), the whole state
+    dict read once onto `target_sharding` (a resume: replicated on the
+    mesh, so every process reads every array and all reach one verdict).
 
-    Newer unusable steps get one warning each and are moved aside. A step
-    of another model than `record.model`, or trained on other keypoints
-    than `record.spec`, is a CheckpointError, not skipped; so is a workdir
-    without a usable step (nothing is moved then).
+    Args:
+      target_sharding: where the arrays go.
+      record: a resume's model config and keypoint spec: a step of another
+        model or keypoints is a CheckpointError, not skipped, and newer
+        unusable steps are moved aside. None (readers): nothing is moved.
+
+    Raises:
+      CheckpointError: see `record`; or steps exist and none is usable
+        (nothing is moved then).
     """
-    want = shapes.model_shapes(record.model)
+    want = record and shapes.model_shapes(record.model)
 
     def read(step: int) -> Restored:
-      saved, saved_record = self._saved(step)
       where = self.directory / _STEPS.build_name(step)
-      problem = shapes.mismatch(shapes.shapes_of(
-          {k: v for k, v in saved.items() if k in ('params', 'batch_stats')}),
-                                want)
-      if problem:
-        raise CheckpointError(f'training checkpoint {where} does not match '
-                              f'this model/optimizer config: {problem}')
-      diff = saved_record and saved_record.spec and record.spec and (
-          keypoints.spec_difference(saved_record.spec, record.spec,
-                                    ('names', 'flip_index')))
-      if diff:
-        raise CheckpointError(
-            f'training checkpoint {where} was trained on other keypoints '
-            f'than config.data.keypoints gives: {diff}; resume with the '
-            'same keypoints or train into a new --workdir')
-      target = orbax_shims.placed(saved, sharding.replicated(mesh))
-      got = self._read(step, ocp.args.Composite(**{
-          STATE_ITEM: orbax_shims.restore_args(target),
-          META_ITEM: ocp.args.JsonRestore()}))
+      try:
+        metadata = self.manager.metadata(step)
+        saved = (metadata.item_metadata or {}).get(STATE_ITEM)
+      except Exception as e:  # pylint: disable=broad-except  # orbax: several
+        raise _Unusable(f'{where}: unreadable metadata ({reason(e)})'
+                        ) from None
+      if saved is None:
+        raise _Unusable(f'{where}: no {STATE_ITEM} item (not a finished '
+                        'orbax save)')
+      saved = getattr(saved, 'tree', saved)
+      saved_record = Record.from_json(metadata.custom_metadata)
+      if record:
+        _check_resume(where, saved, saved_record, want, record)
+      try:
+        got = self.manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: orbax_shims.restore_args(
+                orbax_shims.placed(saved, target_sharding)),
+            META_ITEM: ocp.args.JsonRestore()}))
+      except Exception as e:  # pylint: disable=broad-except  # any read error
+        raise _Unusable(f'{where}: {reason(e)}') from None
       return Restored(got[STATE_ITEM], dict(got[META_ITEM]), saved_record,
                       step)
 
-    return self._newest(read, move_aside=True)
-
-  def restore_variables(self) -> Restored:
-    """The {'params', 'batch_stats'} of the newest usable step, on this
-    process's first device (whatever topology wrote it). The whole step is
-    read, so that readers and a resume agree on which steps are usable."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def read(step: int) -> Restored:
-      saved, saved_record = self._saved(step)
-      got = self._read(step, ocp.args.Composite(**{
-          STATE_ITEM: orbax_shims.restore_args(
-              orbax_shims.placed(saved, device))}))[STATE_ITEM]
-      return Restored({k: got[k] for k in ('params', 'batch_stats')}, {},
-                      saved_record, step)
-
-    found = self._newest(read, move_aside=False)
-    if found is None:
-      raise CheckpointError(f'no training checkpoint in {self.directory}')
-    return found
-
-  def _saved(self, step: int):
-    """(the state item's saved tree, the step's Record), or _Unusable."""
-    where = self.directory / _STEPS.build_name(step)
-    try:
-      metadata = self.manager.metadata(step)
-      items = metadata.item_metadata
-      saved = items.get(STATE_ITEM) if items is not None else None
-    except Exception as e:  # pylint: disable=broad-except  # orbax: several
-      raise _Unusable(f'{where}: unreadable metadata ({reason(e)})') from None
-    if saved is None:
-      raise _Unusable(f'{where}: no {STATE_ITEM} item (not a finished '
-                      'orbax save)')
-    return (getattr(saved, 'tree', saved),
-            Record.from_json(metadata.custom_metadata))
-
-  def _read(self, step: int, args: ocp.args.Composite) -> Any:
-    try:
-      return self.manager.restore(step, args=args)
-    except Exception as e:  # pylint: disable=broad-except  # any read error
-      raise _Unusable(f'{self.directory / _STEPS.build_name(step)}: '
-                      f'{reason(e)}') from None
-
-  def _newest(self, read: Callable[[int], Restored], move_aside: bool
-              ) -> Optional[Restored]:
-    """The one scan: `read` from the newest step down to one that reads."""
     bad = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -245,9 +205,9 @@ class TrainCheckpoints:
       except _Unusable as e:
         bad.append((step, e))
         continue
-      if move_aside and bad:
+      if record and bad:
         self._move_aside(bad, step)
-      for bad_step, e in () if move_aside else bad:
+      for bad_step, e in () if record else bad:
         logging.warning('Skipping incomplete checkpoint step %d: %s (using '
                         'step %d).', bad_step, e, step)
       return found
@@ -294,7 +254,11 @@ def read_checkpoint(directory: PathLike) -> Restored:
     raise CheckpointError(f'checkpoint directory not found: {directory}')
   if (directory / 'checkpoints').is_dir():
     with TrainCheckpoints(directory, read_only=True) as ckpts:
-      found = ckpts.restore_variables()
+      found = ckpts.restore(
+          jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    if found is None:
+      raise CheckpointError(f'no training checkpoint in {ckpts.directory}')
+    found.tree = {k: found.tree[k] for k in ('params', 'batch_stats')}
   else:
     saved, metadata = saved_tree(directory)
     if not saved or 'params' not in saved:
@@ -315,6 +279,26 @@ def read_checkpoint(directory: PathLike) -> Restored:
         metadata.custom_metadata), None)
   found.tree = jax.tree_util.tree_map(np.asarray, found.tree)
   return found
+
+
+def _check_resume(where, saved, saved_record: Optional[Record], want,
+                  record: Record) -> None:
+  """A step of another model, or trained on other keypoints, than this
+  run's is an error (not an unusable step to skip)."""
+  problem = shapes.mismatch(shapes.shapes_of(
+      {k: v for k, v in saved.items() if k in ('params', 'batch_stats')}),
+                            want)
+  if problem:
+    raise CheckpointError(f'training checkpoint {where} does not match '
+                          f'this model/optimizer config: {problem}')
+  diff = saved_record and saved_record.spec and record.spec and (
+      keypoints.spec_difference(saved_record.spec, record.spec,
+                                ('names', 'flip_index')))
+  if diff:
+    raise CheckpointError(
+        f'training checkpoint {where} was trained on other keypoints than '
+        f'config.data.keypoints gives: {diff}; resume with the same '
+        'keypoints or train into a new --workdir')
 
 
 def restore_variables(directory: PathLike) -> Variables:

@@ -324,7 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         {**config.model, 'num_joints': spec.num_joints}, spec)
     ckpts = resources.enter_context(checkpoints.TrainCheckpoints(
         workdir, t.keep_checkpoints))
-    resumed = ckpts.restore(mesh, record)  # one scan, each step read once
+    # One scan for the newest usable step, which is read once.
+    resumed = ckpts.restore(sharding.replicated(mesh), record)
     start_step = step = resumed.step if resumed else 0
     dataset = make_dataset(config, start_step, spec)
     num_examples = int(dataset.num_examples)
