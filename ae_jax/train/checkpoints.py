@@ -2,14 +2,14 @@
 
 A variables checkpoint (variables_checkpoint.save_variables, what
 convert_torch_weights.py writes) is one orbax PyTree {'params',
-'batch_stats'}. A train step is
-`{workdir}/checkpoints/{step}/` of an orbax CheckpointManager
-(`TrainCheckpoints`): item state/ (the TrainState's flax state dict: step,
-params, batch_stats, opt_state) and item meta/ (json: step, data_position,
-seed, global_batch_size). Both carry a `Record` of the model config and
-keypoint spec they were made with (orbax's custom metadata; older ones have
-none). Writes are orbax's atomic commits; reads take the newest usable step
-(one scan, each step read once). Paths are etils.epath (local or gs://).
+'batch_stats'}. A train step is `{workdir}/checkpoints/{step}/` of an orbax
+CheckpointManager (`TrainCheckpoints`): item state/ (the TrainState's flax
+state dict: step, params, batch_stats, opt_state) and item meta/ (json:
+step, data_position, seed, global_batch_size). Both carry a `Record` of the
+model config and keypoint spec they were made with (orbax's custom metadata;
+older ones have none). Writes are orbax's atomic commits; reads take the
+newest usable step (one scan, each step read once). Paths are etils.epath
+(local or gs://).
 """
 
 import contextlib
