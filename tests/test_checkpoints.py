@@ -248,8 +248,13 @@ def test_workdir_urls_are_not_turned_into_local_paths(tmp_path, monkeypatch):
       del kwargs
       seen['directory'] = directory
 
+    def close(self):
+      seen['closed'] = True
+
   monkeypatch.setattr(checkpoints.ocp, 'CheckpointManager', Recorder)
-  checkpoints.TrainCheckpoints('gs://bucket/ae')
+  with checkpoints.TrainCheckpoints('gs://bucket/ae'):
+    pass
+  assert seen['closed']
   assert str(seen['directory']) == 'gs://bucket/ae/checkpoints'
 
 

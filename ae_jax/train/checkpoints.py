@@ -86,8 +86,8 @@ def as_path(path: PathLike) -> epath.Path:
 
 
 class TrainCheckpoints:
-  """`{workdir}/checkpoints` (a context manager; leaving it waits for the
-  asynchronous saves).
+  """`{workdir}/checkpoints`, an orbax CheckpointManager opened on entering
+  this context manager; leaving it waits for the asynchronous saves.
 
   A failed save (found then or at the next save) is one CheckpointError
   naming the path and the cause, raised once its half-written step is
@@ -101,23 +101,30 @@ class TrainCheckpoints:
   def __init__(self, workdir: PathLike, max_to_keep: int = 3,
                async_save: bool = True, read_only: bool = False):
     self.directory = as_path(workdir) / 'checkpoints'
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+        create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only, step_name_format=_STEPS)
+    self._quiet = contextlib.ExitStack()
+    self._open = False
+    self.manager: Optional[ocp.CheckpointManager] = None
+
+  def __enter__(self):
+    """Opens the orbax CheckpointManager (while failures are quiet)."""
+    self._quiet.enter_context(orbax_shims.failures_reported_once())
     handler = orbax_shims.pytree_handler()
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.PyTreeSave, ocp.args.PyTreeRestore):
       registry.add(STATE_ITEM, args, handler)
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
       registry.add(META_ITEM, args)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only, step_name_format=_STEPS)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         handler_registry=registry)
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=self._options, handler_registry=registry)
+    except BaseException:
+      self._quiet.close()
+      raise
     self._open = True
-    self._quiet = contextlib.ExitStack()
-
-  def __enter__(self):
-    self._quiet.enter_context(orbax_shims.failures_reported_once())
     return self
 
   def __exit__(self, exc_type, *unused):

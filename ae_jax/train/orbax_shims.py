@@ -48,7 +48,13 @@ def placed(saved: Any, sharding: jax.sharding.Sharding) -> Any:
 
 
 class _DrainingLoop(asyncio.SelectorEventLoop):
-  """Cancels and awaits its pending tasks before closing (as asyncio.run)."""
+  """Cancels and awaits its pending tasks before closing (as asyncio.run),
+  and does not report the exceptions of operations nobody awaited: the
+  operation that failed first has raised to the caller."""
+
+  def __init__(self):
+    super().__init__()
+    self.set_exception_handler(_report_unless_unretrieved)
 
   def close(self):
     if not self.is_closed() and not self.is_running():
@@ -59,6 +65,11 @@ class _DrainingLoop(asyncio.SelectorEventLoop):
         self.run_until_complete(
             asyncio.gather(*pending, return_exceptions=True))
     super().close()
+
+
+def _report_unless_unretrieved(loop, context):
+  if 'exception was never retrieved' not in context.get('message', ''):
+    loop.default_exception_handler(context)
 
 
 class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
@@ -80,8 +91,9 @@ def failures_reported_once():
   traceback (six for a full disk). orbax has no option for either, so while
   this is open the loops it makes cancel and await their pending tasks
   before closing (what asyncio.run does; the event-loop policy is set for
-  this block only) and orbax's ERROR records are dropped from the absl log
-  (the same error reaches the caller, who reports it in one line).
+  this block only; they do not report exceptions nobody retrieved) and
+  orbax's ERROR records are dropped from the absl log (the same error
+  reaches the caller, who reports it in one line).
   """
   previous = asyncio.get_event_loop_policy()
   asyncio.set_event_loop_policy(_DrainingPolicy())
