@@ -9,7 +9,10 @@ mobilenet_v2_batch256_imagenet_20200708-3b2dc3af.pth; backbone only, for
 `--config.train.init_checkpoint`). OUTPUT_DIR receives an orbax variables
 checkpoint that eval.py / train.py read (ae_jax.train.checkpoints). The model
 shape comes from `--config`'s `model` group (the paper model by default);
-`--infer_arch` takes widen_factor and head widths from the checkpoint.
+`--infer_arch` takes widen_factor and head widths from the checkpoint. The
+checkpoint records the model config and the keypoint spec of --config
+(config.data.keypoints, when the head predicts its joints), so eval.py,
+demo.py and export.py need no --config.model overrides.
 
 OUTPUT_DIR must be new or empty: an existing checkpoint is replaced only
 with `--overwrite` and only if it is a variables checkpoint (never a
@@ -63,29 +66,42 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every write at INFO
   # Imported here so --help and flag errors stay fast; torch is lazy inside.
-  from ae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
-  from ae_jax import convert  # pylint: disable=g-import-not-at-top
-
-  from ae_jax import keypoints  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from ae_jax import convert
+  from ae_jax.data import coco
+  from ae_jax.train import checkpoints
+  from ae_jax.train import variables_checkpoint
+  # pylint: enable=g-import-not-at-top
   try:  # before the conversion: refuse early, destroy nothing
-    checkpoints.check_variables_target(output_dir, _OVERWRITE.value)
+    variables_checkpoint.check_variables_target(output_dir, _OVERWRITE.value)
   except checkpoints.CheckpointError as e:
     _fail(str(e))
-  model = _CONFIG.value.model
+  config = _CONFIG.value
+  try:  # the joints (K, names) of the config's keypoint spec
+    spec = coco.resolve_spec(config.data)
+  except (FileNotFoundError, ValueError) as e:
+    spec = None  # --infer_arch: K from the weights, names unknown
+    if not _INFER_ARCH.value:
+      _fail(str(e))
   kwargs = {} if _INFER_ARCH.value else dict(
-      widen_factor=model.widen_factor,
-      num_deconv_filters=tuple(model.num_deconv_filters),
-      num_joints=keypoints.resolve_spec(_CONFIG.value.data).num_joints)
+      widen_factor=config.model.widen_factor,
+      num_deconv_filters=tuple(config.model.num_deconv_filters),
+      num_joints=spec.num_joints)
   try:
     result = convert.convert_checkpoint(input_path, **kwargs)
   except convert.ConversionError as e:
     where = '' if input_path in str(e) else f'{input_path}: '
     hint = ' (or pass --infer_arch)' if 'config.model.' in str(e) else ''
     _fail(f'{where}{e}{hint}')
-
+  # What the checkpoint records (eval/demo/export read it): the model, and
+  # the keypoint spec where the weights predict its joints.
+  k = result.model_kwargs.get('num_joints')
+  record = checkpoints.Record(
+      {**result.model_kwargs, 'dtype': config.model.dtype},
+      spec if spec is not None and spec.num_joints == k else None)
   try:
-    checkpoints.save_variables(output_dir, result.variables,
-                               overwrite=_OVERWRITE.value)
+    variables_checkpoint.save_variables(output_dir, result.variables,
+                               overwrite=_OVERWRITE.value, record=record)
   except (checkpoints.CheckpointError, OSError) as e:
     message = e if isinstance(e, checkpoints.CheckpointError) else (
         f'cannot write {output_dir}: {e}')

@@ -12,10 +12,13 @@ r"""Draws detected skeletons on images, folders of images or videos.
 Images become <out>/<stem>.png plus <out>/poses.json (every image's people:
 score and [x, y, value] per joint); a video (by extension: .mp4, .avi, ...)
 becomes <out>/<stem>.mp4 (mp4v) plus <out>/<stem>.json (poses per frame).
-Output names never collide with each other, an input or (unless
---overwrite) an existing file: on a clash the extension joins the stem
-(img_gif.png), then a counter (img_gif_2.png; poses_2.json). Progress
-is logged; the last line gives the img/s (including the first compile).
+The model config and the keypoints (names, flip pairs, skeleton) come from
+the checkpoint (older checkpoints: from --config, whose keypoints may need
+the annotation file). Output names never collide with each other, an input
+or (unless --overwrite) an existing file: on a clash the extension joins
+the stem (img_gif.png), then a counter (img_gif_2.png; poses_2.json).
+Progress is logged; the last line gives the img/s (including the first
+compile).
 Inputs that are missing or unreadable are named in one final `error:` line
 (exit 1) after the readable ones are drawn.
 """
@@ -68,23 +71,23 @@ def _jax_predictor(config, ckpt):
   """(stream, KeypointSpec) of a checkpoint run with JAX."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from ae_jax import keypoints
+  from ae_jax.train import inference_checkpoint
   from ae_jax.infer import predict
   from ae_jax.models import ae_model
   from ae_jax.train import checkpoints
   try:  # CheckpointError: bad --ckpt; ValueError: bad config values;
-    # FileNotFoundError: the annotation file the keypoints are read from.
-    spec = keypoints.resolve_spec(config.data, 'val')
+    # FileNotFoundError: an annotation file an older checkpoint needs.
+    loaded = inference_checkpoint.load_for_inference(
+        ckpt, config,
+        config_flags.get_override_values(flags.FLAGS['config']))
+    spec = loaded.spec
     model = ae_model.create_model(
-        {**config.model, 'num_joints': spec.num_joints},
-        ae_model.default_kernels(jax.default_backend()))
-    variables = checkpoints.restore_variables(ckpt)
-    logging.info('Read %s.', cli.checkpoint_line(ckpt))
-    keypoints.check_head(variables, spec.num_joints, ckpt)
-    checkpoints.check_fits(variables, {**config.model, 'num_joints':
-                                       spec.num_joints}, ckpt)
-    predictor = predict.Predictor(model, variables, predict.PredictOptions(
-        **config.test, flip_index=spec.flip_index))
+        loaded.model_config, ae_model.default_kernels(jax.default_backend()))
+    logging.info('Read %s.', cli.checkpoint_line(ckpt, loaded.step))
+    predictor = predict.Predictor(model, loaded.variables,
+                                  predict.PredictOptions(
+                                      **config.test,
+                                      flip_index=spec.flip_index))
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   return predictor.stream, spec

@@ -9,9 +9,12 @@ r"""Evaluates a checkpoint on COCO keypoints: AP table + results json.
       --config.test.grouping.detection_threshold=0.1
 
 --ckpt is a converted-variables directory (convert_torch_weights.py) or a
-training workdir (its latest checkpoint). Images that cannot be read are
-logged by name and skipped (their people count as missed). --output is
-checked (its folder created) before the evaluation and written atomically.
+training workdir (its newest usable step). The model config and keypoint
+spec come from the checkpoint (older checkpoints: from --config); the
+split's annotation file must list the checkpoint's joints, in order. Images
+that cannot be read are logged by name and skipped (their people count as
+missed). --output is checked (its folder created) before the evaluation and
+written atomically.
 
 Images are batched per shape bucket over the local devices (--batch_size,
 a multiple of their count); host grouping overlaps the device work.
@@ -59,8 +62,9 @@ def main(argv):
   except ImportError:
     pass
   # pylint: disable=g-import-not-at-top
-  from ae_jax import keypoints, sharding
+  from ae_jax import sharding
   from ae_jax.train import checkpoints
+  from ae_jax.train import inference_checkpoint
   from ae_jax.infer import coco_eval
   from ae_jax.infer import predict
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
@@ -79,30 +83,26 @@ def main(argv):
   except (coco_eval.EvalError, outputs.OutputError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   sharding.log_backend(config.test.input_size)
-  data = dict(config.data, coco_root=coco_root)
-  try:  # FileNotFoundError / ValueError: the keypoint spec's file or keys.
-    spec = keypoints.resolve_spec(data, 'val', split)
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
-  model = ae_model.create_model(
-      {**config.model, 'num_joints': spec.num_joints},
-      ae_model.default_kernels(jax.default_backend()))
-  try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values.
-    variables = checkpoints.restore_variables(_CKPT.value)
-    logging.info('Read %s.', cli.checkpoint_line(_CKPT.value))
-    keypoints.check_head(variables, spec.num_joints, _CKPT.value)
-    checkpoints.check_fits(variables, {**config.model, 'num_joints':
-                                       spec.num_joints}, _CKPT.value)
+  try:  # CheckpointError: bad --ckpt; ValueError: bad config.test values,
+    # joints that differ from the checkpoint's; FileNotFoundError: a file.
+    loaded = inference_checkpoint.load_for_inference(
+        _CKPT.value, config,
+        config_flags.get_override_values(flags.FLAGS['config']),
+        coco_root=coco_root, split=split)
+    logging.info('Read %s.', cli.checkpoint_line(_CKPT.value, loaded.step))
+    spec = loaded.spec
+    model = ae_model.create_model(
+        loaded.model_config, ae_model.default_kernels(jax.default_backend()))
     options = predict.PredictOptions(**config.test,
                                      flip_index=spec.flip_index)
-    predictor = predict.Predictor(model, variables, options,
+    predictor = predict.Predictor(model, loaded.variables, options,
                                   batch_size=_BATCH_SIZE.value)
-  except (checkpoints.CheckpointError, ValueError) as e:
+  except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   try:  # EvalError: an empty split; FileNotFoundError / ValueError: a
     # missing coco_root or annotation file, malformed annotations.
     metrics, info = coco_eval.evaluate(
-        predictor.stream, data['coco_root'], split,
+        predictor.stream, coco_root, split,
         output_path=_OUTPUT.value, max_images=_MAX_IMAGES.value,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -114,7 +114,7 @@ def main(argv):
     return
   print(coco_eval.format_report(
       metrics, info, split,
-      f'{cli.checkpoint_line(_CKPT.value)}, scales '
+      f'{cli.checkpoint_line(_CKPT.value, loaded.step)}, scales '
       f'{list(options.scales)}, flip {options.flip}'))
 
 

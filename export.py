@@ -22,11 +22,11 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging
 from ml_collections import config_flags
 
-from ae_jax.train import checkpoints
 from ae_jax import cli
 from ae_jax import outputs
 from ae_jax.deploy import saved_model as export_lib
-from ae_jax import keypoints
+from ae_jax.train import checkpoints
+from ae_jax.train import inference_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/coco512.py', 'Model config file.', lock_config=True)
@@ -70,18 +70,14 @@ def main(argv):
       onnx_export.check_test_settings(config.test)
     else:
       export_lib.check_out_dir(_OUT.value)
-    variables = checkpoints.restore_variables(_CKPT.value)
-    logging.info('Read %s.', cli.checkpoint_line(_CKPT.value))
-  except (checkpoints.CheckpointError, ValueError,
+    # The model config and keypoints from the checkpoint (older ones:
+    # --config's).
+    loaded = inference_checkpoint.load_for_inference(
+        _CKPT.value, config,
+        config_flags.get_override_values(flags.FLAGS['config']))
+    logging.info('Read %s.', cli.checkpoint_line(_CKPT.value, loaded.step))
+  except (checkpoints.CheckpointError, ValueError, FileNotFoundError,
           outputs.OutputError) as e:  # ExportErrors are ValueErrors
-    raise SystemExit(f'error: {e}') from None
-  try:  # the joint count comes from the config's keypoint spec
-    spec = keypoints.resolve_spec(config.data)
-    num_joints = spec.num_joints
-    keypoints.check_head(variables, num_joints, _CKPT.value)
-    checkpoints.check_fits(variables, {**config.model, 'num_joints':
-                                       num_joints}, _CKPT.value)
-  except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   grouping = config.test.grouping
   try:
@@ -90,12 +86,12 @@ def main(argv):
       raise ValueError(f'--fixed_shape wants B,H,W, got {_FIXED.value}')
     if fmt == 'onnx':
       path = onnx_export.export_onnx(
-          {**config.model, 'num_joints': num_joints}, variables, _OUT.value,
-          spec=spec, test=config.test, fixed_shape=fixed)
+          loaded.model_config, loaded.variables, _OUT.value,
+          spec=loaded.spec, test=config.test, fixed_shape=fixed)
       print(f'ONNX model written to {path}')
       return
     export_lib.export_saved_model(
-        {**config.model, 'num_joints': num_joints}, variables, _OUT.value,
+        loaded.model_config, loaded.variables, _OUT.value,
         fixed, max_people=grouping.max_people if _DECODE.value else 0,
         nms_kernel=grouping.nms_kernel)
   except ValueError as e:  # ExportError, a bad --fixed_shape

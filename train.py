@@ -121,7 +121,7 @@ def main(argv):
                       'Interrupted (Ctrl-C)' if ctrl_c else 'Preempted',
                       summary['final_step'], code)
   except (loop.NonFiniteLossError, config_checks.ConfigError,
-          workdir_lock.WorkdirLockedError, checkpoints.CheckpointError,
+          workdir_lock.WorkdirError, checkpoints.CheckpointError,
           FileNotFoundError, coco.AnnotationError, coco.ImageError,
           keypoints.KeypointSpecError) as e:  # user errors, data included
     logging.flush()

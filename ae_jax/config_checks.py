@@ -11,7 +11,7 @@ seconds instead of after set-up, after the first step (a zero sigma trained
 into a NaN, an even NMS kernel failed inside jit) or never (a zero
 max_people scored an all-zero table; a tiny test scale asked for 39 GB).
 The keypoint keys (config.data.keypoints) are checked where the spec is
-resolved (keypoints.resolve_spec), since some come from the annotation file.
+resolved (coco.resolve_spec), since some come from the annotation file.
 """
 
 import dataclasses
@@ -111,7 +111,7 @@ RULES: Sequence[Rule] = (
     text('data.train_images'),
     text('data.val_annotations'),
     text('data.val_images'),
-    # data.keypoints.*: keypoints.resolve_spec; input_size, heatmap_size and
+    # data.keypoints.*: coco.resolve_spec; input_size, heatmap_size and
     # sigma's upper bound: _check_sizes.
     number('data.sigma', 0, lo_open=True),
     integer('data.max_people', 1),

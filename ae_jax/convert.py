@@ -1,9 +1,11 @@
 """PyTorch (mmpose / mmcls) MobileNetV2 state_dict -> Flax AEModel variables.
 
 A pure name-and-layout mapping; torch is imported lazily, only by
-`load_torch_checkpoint`. Torch key `backbone.layer2.1.conv.0.bn.weight` is
-Flax `params/backbone/layer2_1/conv_0/bn/scale` (a number after a name joins
-it with '_', as the Flax submodule names in ae_jax/models do).
+`load_torch_checkpoint`; the model's shapes and the config a set of tensors
+implies come from ae_jax.models.shapes. Torch key
+`backbone.layer2.1.conv.0.bn.weight` is Flax
+`params/backbone/layer2_1/conv_0/bn/scale` (a number after a name joins it
+with '_', as the Flax submodule names in ae_jax/models do).
 
 Layouts (torch -> Flax; Flax convs run NHWC with HWIO kernels):
   Conv2d weight [O, I, kh, kw]           -> kernel [kh, kw, I, O]
@@ -33,7 +35,6 @@ must be filled, every torch tensor used, every shape equal; otherwise
 """
 
 import dataclasses
-import functools
 import os
 import pickle
 import re
@@ -41,6 +42,8 @@ import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ae_jax.models import shapes
 
 Variables = Dict[str, Any]
 # Flax leaf address: (collection, module path..., leaf name).
@@ -50,8 +53,6 @@ POSE = 'pose'
 IMAGENET = 'imagenet'
 # mmcls classifier and neck prefixes dropped from an ImageNet checkpoint.
 CLASSIFIER_PREFIXES = ('head.', 'neck.')
-# Candidate MobileNetV2 width multipliers tried when inferring the width.
-KNOWN_WIDTHS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MAX_LISTED = 6  # keys listed per category in an error message
 
 
@@ -244,69 +245,35 @@ def torch_shape(path: FlaxPath, shape: Tuple[int, ...]) -> Tuple[int, ...]:
   return (i, o, kh, kw) if is_transposed_conv(path) else (o, i, kh, kw)
 
 
-def expected_shapes(model_kwargs: Mapping[str, Any],
-                    backbone_only: bool = False) -> Dict[FlaxPath, Tuple]:
-  """Leaf shapes of AEModel(**model_kwargs).init, via jax.eval_shape."""
-  key = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                     for k, v in model_kwargs.items()))
-  shapes = _expected_shapes_cached(key)
-  if backbone_only:
-    shapes = {p: s for p, s in shapes.items() if p[1] == 'backbone'}
-  return dict(shapes)
-
-
-@functools.lru_cache(maxsize=16)
-def _expected_shapes_cached(kwargs_key) -> Dict[FlaxPath, Tuple]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
-
-  model = ae_model.AEModel(**dict(kwargs_key))
-  tree = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-  return {tuple(p.key for p in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+def flax_shape(path: FlaxPath, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  """The Flax leaf shape of a torch tensor shape (`convert_tensor`'s)."""
+  if path[-1] != 'kernel' or len(shape) != 4:
+    return tuple(shape)
+  if is_transposed_conv(path):  # [I, O, kh, kw]
+    return (shape[2], shape[3], shape[0], shape[1])
+  return (shape[2], shape[3], shape[1], shape[0])  # [O, I, kh, kw]
 
 
 def infer_model_kwargs(state_dict: Mapping[str, np.ndarray], kind: str,
                        widen_factor: Optional[float] = None
                        ) -> Dict[str, Any]:
-  """Guesses AEModel kwargs (widen_factor, num_deconv_filters, num_joints).
-
-  The width comes from the last block's channels (320 x widen, rounded to a
-  multiple of 8); the candidates are that ratio and the usual MobileNetV2
-  widths, the first one whose backbone shapes all match wins. A given
-  `widen_factor` is kept as is.
+  """The AEModel kwargs the tensors' shapes imply (models.shapes): for a
+  pose checkpoint widen_factor, num_deconv_filters and num_joints, for an
+  ImageNet one widen_factor. A given `widen_factor` is kept as is; where
+  the backbone fits no width, the conversion reports what differs.
   """
+  implied = shapes.implied_config({
+      path: flax_shape(path, np.shape(v)) for path, v in (
+          (torch_to_flax_path(k, np.ndim(v)), v)
+          for k, v in state_dict.items()) if path is not None})
   kwargs: Dict[str, Any] = {}
   if kind == POSE:
-    filters = []
-    for i in range(0, 30, 3):
-      w = state_dict.get(f'keypoint_head.deconv_layers.{i}.weight')
-      if w is None or w.ndim != 4:
-        break
-      filters.append(int(w.shape[1]))
-    kwargs['num_deconv_filters'] = tuple(filters) or (256, 256, 256)
-    final = state_dict.get('keypoint_head.final_layer.weight')
-    if final is not None and final.ndim:
-      kwargs['num_joints'] = int(final.shape[0]) // 2
-  if widen_factor is not None:
-    kwargs['widen_factor'] = widen_factor
-    return kwargs
-  last = state_dict.get('backbone.layer7.0.conv.2.conv.weight')
-  candidates = list(KNOWN_WIDTHS)
-  if last is not None and last.ndim:
-    candidates.insert(0, round(float(last.shape[0]) / 320, 4))
-  backbone = {k: v for k, v in state_dict.items()
-              if k.startswith('backbone.')}
-  kwargs['widen_factor'] = candidates[0]  # if none fits, conversion reports
-  for width in dict.fromkeys(candidates):
-    try:
-      _map_and_check(backbone, {'widen_factor': width}, backbone_only=True)
-    except ConversionError:
-      continue
-    kwargs['widen_factor'] = width
-    break
+    kwargs['num_deconv_filters'] = implied.get('num_deconv_filters',
+                                               (256, 256, 256))
+    if 'num_joints' in implied:
+      kwargs['num_joints'] = implied['num_joints']
+  kwargs['widen_factor'] = (widen_factor if widen_factor is not None else
+                            implied.get('widen_factor', 1.0))
   return kwargs
 
 
@@ -314,7 +281,7 @@ def _map_and_check(state_dict: Mapping[str, np.ndarray],
                    model_kwargs: Mapping[str, Any],
                    backbone_only: bool) -> Tuple[Variables, int]:
   """Maps all tensors and checks them against the expected Flax tree."""
-  expected = expected_shapes(model_kwargs, backbone_only)
+  expected = shapes.model_shapes(model_kwargs, backbone_only)
   filled: Dict[FlaxPath, np.ndarray] = {}
   seen = set()  # leaves the checkpoint has, whatever their shape
   unexpected, mismatched, used = [], [], 0
@@ -423,9 +390,7 @@ def _architecture_error(arrays, kind: str, kwargs: Mapping[str, Any],
   keys = [k for k in sorted(implied) if implied[k] != kwargs.get(k)]
   if not keys:
     return error
-  settings = ', '.join(
-      f'config.model.{k}={implied[k]!r}' if k != 'num_joints' else
-      f'{implied[k]} joints (config.data.keypoints)' for k in keys)
+  settings = ', '.join(shapes.describe_key(k, implied[k]) for k in keys)
   config = ', '.join(f'{k}={kwargs.get(k)!r}' for k in keys)
   first = error.mismatched[0] if error.mismatched else ''
   return ConversionError(

@@ -1,12 +1,14 @@
 """Keypoint metadata in one place: `KeypointSpec` (names, flip, skeleton,
 OKS sigmas), COCO's by default.
 
-The spec is resolved once, at the entry point, by `resolve_spec(config.data)`
-(the config's `data.keypoints` group, plus the person category of the train
-annotation file for `source='annotations'`); its fields then reach the
-pieces as plain arguments: num_joints to the model and the loss, flip_index
-to the train pipeline and the flip test, sigmas to the COCO scoring,
-skeleton to the drawing.
+The spec is resolved once, at the entry point, from the config's
+`data.keypoints` group (`spec_from_config`; ae_jax.data.coco.resolve_spec
+adds the person category of the annotation file for
+`source='annotations'`), or read from a checkpoint, which records the spec
+it was trained with (`spec_to_dict`); its fields then reach the pieces as
+plain arguments: num_joints to the model and the loss, flip_index to the
+train pipeline and the flip test, sigmas to the COCO scoring, skeleton to
+the drawing.
 
 COCO joint order (and mmpose's `dataset_info` for coco):
 0 nose, 1/2 eyes, 3/4 ears, 5/6 shoulders, 7/8 elbows, 9/10 wrists,
@@ -14,13 +16,9 @@ COCO joint order (and mmpose's `dataset_info` for coco):
 """
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-
-MAX_PEOPLE = 30  # mmpose max_num_people (targets and grouping).
 
 # Sigma of a joint that is not one of COCO's (by name): the mean of COCO's
 # 17 sigmas (1.138 / 17 = 0.067), i.e. an unknown joint is scored as strictly
@@ -149,26 +147,14 @@ BUILTIN = {'coco': COCO, 'crowdpose': CROWDPOSE}
 
 # The COCO spec as arrays, for code written against the 17 joints.
 NUM_JOINTS = COCO.num_joints
-JOINT_NAMES = COCO.names
 FLIP_INDEX = np.array(COCO.flip_index, np.int32)
-SKELETON = np.array(COCO.skeleton, np.int32)
-
-
-def person_category(dataset: Mapping[str, Any], ann_file: str
-                    ) -> Mapping[str, Any]:
-  """The keypoint category of a COCO dataset dict (id 1 or the only one)."""
-  cats = [c for c in dataset.get('categories') or () if c.get('keypoints')]
-  if not cats:
-    raise KeypointSpecError(f'{ann_file}: no category lists "keypoints"')
-  if len(cats) > 1:
-    cats = [c for c in cats if c.get('id') == 1] or cats[:1]
-  return cats[0]
 
 
 def spec_from_category(category: Mapping[str, Any], *, flip_pairs=(),
                        sigmas=(), skeleton=(), ann_file: str = ''
                        ) -> KeypointSpec:
-  """Names and 1-based skeleton from a COCO category; flip / sigmas given.
+  """Names and 1-based skeleton from a COCO keypoint category (the dict
+  of an annotation file's `categories`); flip pairs / sigmas as given.
 
   A non-empty `skeleton` (1-based, as COCO) replaces the category's.
   """
@@ -181,46 +167,27 @@ def spec_from_category(category: Mapping[str, Any], *, flip_pairs=(),
     raise KeypointSpecError(f'{ann_file}: keypoint category: {e}') from None
 
 
-def read_category(ann_file: str) -> Mapping[str, Any]:
-  """The keypoint category of an annotation json (one-line errors)."""
-  if not os.path.isfile(ann_file):
-    raise FileNotFoundError(f'annotation file not found: {ann_file}')
-  try:
-    with open(ann_file, 'rb') as f:
-      dataset = json.load(f)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise KeypointSpecError(f'{ann_file}: not valid json ({e})') from None
-  if not isinstance(dataset, dict):
-    raise KeypointSpecError(f'{ann_file}: not a COCO dataset (a json object)')
-  return person_category(dataset, ann_file)
+def spec_from_config(keypoints_config: Mapping[str, Any],
+                     category: Mapping[str, Any] | None = None,
+                     ann_file: str = '') -> KeypointSpec:
+  """config.data.keypoints -> the KeypointSpec.
 
-
-def resolve_spec(data_config: Mapping[str, Any], split: str = 'train',
-                 split_name: str | None = None) -> KeypointSpec:
-  """config.data -> the KeypointSpec (reads the annotation file if needed).
-
-  config.data.keypoints.source: 'coco' / 'crowdpose' (built in) or
-  'annotations': names and skeleton from the person category of the
-  `split` ('train' or 'val') annotation file of config.data
-  (coco.split_paths; `split_name` overrides config.data.{split}_split,
-  e.g. eval.py --split); flip pairs from
-  `flip_pairs` (0-based) else left_/right_ names; sigmas from `sigmas`
-  else COCO's per matching name and DEFAULT_SIGMA otherwise. A non-empty
-  `skeleton` (1-based, as COCO) replaces the file's / built-in one.
+  source 'coco' / 'crowdpose': the built-in spec; 'annotations': names and
+  skeleton from `category`, the person category of the annotation file
+  (ae_jax.data.coco.resolve_spec reads it). Flip pairs from `flip_pairs`
+  (0-based) else left_/right_ names; sigmas from `sigmas` else COCO's per
+  matching name and DEFAULT_SIGMA otherwise; a non-empty `skeleton`
+  (1-based, as COCO) replaces the file's / built-in one.
   """
-  from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
-  kp = data_config.get('keypoints') or {}
+  kp = keypoints_config or {}
   source = kp.get('source', 'coco')
   flip_pairs, sigmas = kp.get('flip_pairs', ()), kp.get('sigmas', ())
   skeleton = kp.get('skeleton', ())
   if source == 'annotations':
-    coco.check_root(data_config['coco_root'])
-    if split not in ('train', 'val'):
-      raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    ann_file, _ = coco.split_paths(
-        data_config['coco_root'], split_name or data_config[f'{split}_split'],
-        data_config.get(f'{split}_annotations', ''))
-    return spec_from_category(read_category(ann_file), flip_pairs=flip_pairs,
+    if category is None:
+      raise KeypointSpecError("config.data.keypoints.source='annotations' "
+                              'needs the annotation file\'s category')
+    return spec_from_category(category, flip_pairs=flip_pairs,
                               sigmas=sigmas, skeleton=skeleton,
                               ann_file=ann_file)
   if source not in BUILTIN:
@@ -239,23 +206,35 @@ def resolve_spec(data_config: Mapping[str, Any], split: str = 'train',
   return spec
 
 
-def head_num_joints(variables: Mapping[str, Any]) -> int | None:
-  """K of a checkpoint's AE head (final_layer bias [2K]); None if absent."""
+def spec_to_dict(spec: KeypointSpec) -> dict:
+  """The spec as json-able lists (what a checkpoint records)."""
+  return {'names': list(spec.names), 'flip_index': list(spec.flip_index),
+          'skeleton': [list(limb) for limb in spec.skeleton],
+          'sigmas': list(spec.sigmas)}
+
+
+def spec_from_dict(record: Mapping[str, Any]) -> KeypointSpec:
+  """Inverse of `spec_to_dict` (KeypointSpecError if it is not one)."""
   try:
-    bias = variables['params']['keypoint_head']['final_layer']['bias']
-  except (KeyError, TypeError):
-    return None
-  return int(np.shape(bias)[0]) // 2
+    return KeypointSpec(
+        tuple(str(n) for n in record['names']),
+        tuple(int(i) for i in record['flip_index']),
+        tuple((int(a), int(b)) for a, b in record['skeleton']),
+        tuple(float(s) for s in record['sigmas']))
+  except (KeyError, TypeError, ValueError) as e:
+    raise KeypointSpecError(f'not a keypoint spec record ({e})') from None
 
 
-def check_head(variables: Mapping[str, Any], num_joints: int,
-               source: str) -> None:
-  """Raises KeypointSpecError if the checkpoint's head has another K."""
-  k = head_num_joints(variables)
-  if k is not None and k != num_joints:
-    raise KeypointSpecError(
-        f'{source}: the checkpoint head predicts {k} joints, the config\'s '
-        f'keypoints have {num_joints} (config.data.keypoints)')
+def spec_difference(have: KeypointSpec, want: KeypointSpec,
+                    fields=('names', 'flip_index', 'skeleton', 'sigmas')
+                    ) -> str | None:
+  """None if the specs agree in `fields`, else '{field} X there, Y here'
+  for the first that differs (`have`: a checkpoint's, `want`: asked for)."""
+  for name in fields:
+    a, b = getattr(have, name), getattr(want, name)
+    if a != b:
+      return f'{name} {a} there, {b} here'
+  return None
 
 
 # ImageNet normalisation of RGB images in [0, 1] (mmpose NormalizeTensor).

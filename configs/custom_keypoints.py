@@ -6,7 +6,7 @@ Run:
   python eval.py --config configs/custom_keypoints.py --ckpt /tmp/ae_own \
       --coco_root /data/own --split val2017
   python demo.py --config configs/custom_keypoints.py --ckpt /tmp/ae_own \
-      --config.data.coco_root=/data/own IMAGE.jpg --out /tmp/own_demo
+      IMAGE.jpg --out /tmp/own_demo  # keypoints from the checkpoint
 
 coco_root holds annotations/person_keypoints_{train2017,val2017}.json and
 train2017/ + val2017/ (other names: config.data.{train,val}_annotations and

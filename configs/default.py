@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   # config key; the entry point picks them for its backend
   # (ae_model.default_kernels: 'cpu' on CPU, plain 'flax' on GPU / TPU).
   # The joint count is not a model key: it comes from config.data.keypoints
-  # (keypoints.resolve_spec), passed as create_model's num_joints.
+  # (ae_jax.data.coco.resolve_spec), passed as create_model's num_joints.
   config.model = ml_collections.ConfigDict()
   config.model.widen_factor = 1.0  # backbone.widen_factor
   config.model.num_deconv_filters = (256, 256, 256)  # AESimpleHead default

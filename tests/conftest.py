@@ -5,8 +5,11 @@ synthetic batch/dataset that follows the data contract, and a persistent
 compile cache.
 """
 
+import contextlib
 import os
 import pathlib
+import shutil
+import subprocess
 
 # Must be set before jax is imported anywhere.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -57,6 +60,21 @@ def coco_mini_root() -> pathlib.Path:
   """The mini COCO (4 val2017 images, 14 person annotations) in the repo."""
   assert (COCO_MINI / 'annotations' / 'person_keypoints_val2017.json').exists()
   return COCO_MINI
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, options: str):
+  """A tmpfs mounted on `path` (e.g. 'size=3m', 'ro'), yields whether it
+  could be (it needs root and a mount binary; tests skip otherwise)."""
+  mounted = os.geteuid() == 0 and bool(shutil.which('mount')) and (
+      subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs',
+                      str(path)], capture_output=True, check=False
+                     ).returncode == 0)
+  try:
+    yield mounted
+  finally:
+    if mounted:
+      subprocess.run(['umount', str(path)], check=False)
 
 
 def random_variables(model, seed: int = 0):

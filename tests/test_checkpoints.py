@@ -1,5 +1,6 @@
-"""Train checkpoints: round trip, exact resume after SIGTERM, NaN stop,
-incomplete steps, workdir paths (local, URLs)."""
+"""Train checkpoints: round trip, records (model config, keypoint spec),
+exact resume after SIGTERM, NaN stop, incomplete steps, failed writes,
+older checkpoints, workdir paths (local, URLs)."""
 
 import asyncio
 import gc
@@ -10,14 +11,20 @@ import signal
 import numpy as np
 import pytest
 
+import flax
 import jax
 import optax
+import orbax.checkpoint as ocp
 
-from ae_jax.train import checkpoints
+from ae_jax import keypoints
 from ae_jax import sharding
+from ae_jax.models import shapes
+from ae_jax.models.ae_model import AEModel
+from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
+from ae_jax.train import inference_checkpoint
 from ae_jax.train import loop
 from ae_jax.train import state as train_state
-from ae_jax.models.ae_model import AEModel
 from tests.conftest import read_train_checkpoint
 from tests.conftest import small_config
 from tests.conftest import use_synthetic
@@ -51,20 +58,31 @@ def _truncate_biggest_file(folder):
   biggest.write_bytes(data[:len(data) // 2])  # a truncated copy/upload
 
 
+def _small_record(**model):
+  """The Record of small_config's model (or of `model` overrides)."""
+  config = dict(small_config().model, num_joints=17)
+  config.update(model)
+  return checkpoints.Record(config, keypoints.COCO)
+
+
 def test_save_restore_round_trip(tmp_path):
   model = AEModel(widen_factor=0.25, num_deconv_filters=(16, 16, 16))
   mesh = sharding.make_mesh()
+  replicated = sharding.replicated(mesh)
+  tx = optax.adam(1e-3)
   state, _ = train_state.create_train_state(
-      jax.random.key(0), model, optax.adam(1e-3), 64, mesh)
+      jax.random.key(0), model, tx, 64, mesh)
   state = state.replace(step=state.step + 7)
-  manager = checkpoints.make_train_manager(str(tmp_path))
-  checkpoints.save_train_state(manager, 7, state, {'data_position': 7})
-  manager.wait_until_finished()
-  fresh, _ = train_state.create_train_state(
-      jax.random.key(1), model, optax.adam(1e-3), 64, mesh)
-  restored, meta = checkpoints.restore_train_state(manager, fresh)
-  manager.close()
-  assert meta == {'data_position': 7} and int(restored.step) == 7
+  record = _small_record()
+  with checkpoints.TrainCheckpoints(str(tmp_path)) as ckpts:
+    ckpts.save(7, state, {'data_position': 7}, record)
+  with checkpoints.TrainCheckpoints(str(tmp_path)) as ckpts:
+    resumed = ckpts.restore(replicated, record)
+  restored, _ = train_state.state_from_checkpoint(resumed.tree, model, tx,
+                                                  64, mesh)
+  assert resumed.meta == {'data_position': 7} and resumed.step == 7
+  assert int(restored.step) == 7
+  assert resumed.record == record  # the checkpoint describes itself
   for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state)),
                   jax.tree_util.tree_leaves(jax.device_get(restored))):
     np.testing.assert_array_equal(a, b)
@@ -74,19 +92,100 @@ def test_save_restore_round_trip(tmp_path):
       variables['params']['keypoint_head']['final_layer']['kernel'],
       jax.device_get(state.params['keypoint_head']['final_layer']['kernel']))
   # A different model does not silently load.
-  other = AEModel(widen_factor=0.5, num_deconv_filters=(16, 16, 16))
+  with checkpoints.TrainCheckpoints(str(tmp_path)) as ckpts:
+    with pytest.raises(checkpoints.CheckpointError, match='does not match'):
+      ckpts.restore(replicated, _small_record(widen_factor=0.5))
+    # Nor do other keypoints (another order of the same joints).
+    other = keypoints.make_spec(keypoints.COCO.names[::-1])
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r'trained on other keypoints .*: names '
+                       r"\('nose', .*\) there, \('right_ankle', .*\) here"):
+      ckpts.restore(replicated, checkpoints.Record(record.model, other))
 
-  def other_init():
-    v = other.init(jax.random.key(0), np.zeros((1, 64, 64, 3)))
-    return train_state.TrainState.create(
-        apply_fn=other.apply, params=v['params'], tx=optax.adam(1e-3),
-        batch_stats=v['batch_stats'])
 
-  other_state = jax.eval_shape(other_init)  # abstract target is enough
-  manager = checkpoints.make_train_manager(str(tmp_path))
-  with pytest.raises(checkpoints.CheckpointError, match='does not match'):
-    checkpoints.restore_train_state(manager, other_state)
+def test_first_save_compiles_nothing(tmp_path):
+  """The replicated state is written whole by one replica: no XLA compile
+  at the first save (orbax's default replica-parallel handler, run here
+  as the reference, compiles one slicing program per array shape)."""
+  model = AEModel(widen_factor=0.25, num_deconv_filters=(16, 16, 16))
+  state, _ = train_state.create_train_state(
+      jax.random.key(0), model, optax.adam(1e-3), 64, sharding.make_mesh())
+  compiles = []
+
+  def count(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    with checkpoints.TrainCheckpoints(tmp_path / 'ours') as ckpts:
+      ckpts.save(1, state, {})
+    ours = len(compiles)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp_path / 'orbax_default',
+                 flax.serialization.to_state_dict(state))
+    default = len(compiles) - ours
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  print(f'compiles at the first save: ours {ours}, orbax default {default}')
+  assert ours == 0 and default > 0
+
+
+def test_old_checkpoints_without_a_record_still_load(tmp_path, full_run):
+  """A step written by plain orbax (StandardSave, no custom metadata), as
+  before checkpoints described themselves: resume and readers take it."""
+  state_tree = read_train_checkpoint(full_run, 4)
+  manager = ocp.CheckpointManager(tmp_path / 'old' / 'checkpoints',
+                                  item_names=('state', 'meta'))
+  manager.save(4, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state_tree),
+      meta=ocp.args.JsonSave({'step': 4, 'data_position': 4})))
   manager.close()
+  with checkpoints.TrainCheckpoints(tmp_path / 'old') as ckpts:
+    resumed = ckpts.restore(sharding.replicated(sharding.make_mesh()),
+                           _small_record())
+  assert resumed.step == 4 and resumed.record is None
+  for a, b in zip(jax.tree_util.tree_leaves(state_tree),
+                  jax.tree_util.tree_leaves(jax.device_get(resumed.tree))):
+    np.testing.assert_array_equal(a, b)
+  found = checkpoints.read_checkpoint(tmp_path / 'old')
+  assert found.record is None and found.step == 4
+  with ocp.StandardCheckpointer() as ckptr:  # an old variables checkpoint
+    ckptr.save(tmp_path / 'vars', {'params': state_tree['params'],
+                                   'batch_stats': state_tree['batch_stats']})
+  found = checkpoints.read_checkpoint(tmp_path / 'vars')
+  assert found.record is None and found.step is None
+  np.testing.assert_array_equal(
+      found.tree['params']['backbone']['conv1']['conv']['kernel'],
+      state_tree['params']['backbone']['conv1']['conv']['kernel'])
+
+
+def test_a_failed_save_is_one_error_and_leaves_no_partial_step(
+    tmp_path, monkeypatch, caplog):
+  """An I/O error while orbax writes (asynchronously): one CheckpointError
+  naming the folder and the cause, no orbax traceback logged, no
+  half-written step left; the steps saved before stay."""
+  model = AEModel(widen_factor=0.25, num_deconv_filters=(16, 16, 16))
+  state, _ = train_state.create_train_state(
+      jax.random.key(0), model, optax.adam(1e-3), 64, sharding.make_mesh())
+  with checkpoints.TrainCheckpoints(tmp_path) as ckpts:
+    ckpts.save(1, state, {})
+  handler = ocp.type_handlers.ArrayHandler
+
+  async def no_space(self, *args, **kwargs):
+    del self, args, kwargs
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(handler, 'serialize', no_space)
+  caplog.set_level('ERROR')
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'^cannot write a checkpoint to .*checkpoints: '
+                     r'.*No space left on device'):
+    with checkpoints.TrainCheckpoints(tmp_path) as ckpts:
+      ckpts.save(2, state, {})
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
+  assert not [r for r in caplog.records if 'orbax' in r.pathname]
 
 
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch,
@@ -149,8 +248,13 @@ def test_workdir_urls_are_not_turned_into_local_paths(tmp_path, monkeypatch):
       del kwargs
       seen['directory'] = directory
 
+    def close(self):
+      seen['closed'] = True
+
   monkeypatch.setattr(checkpoints.ocp, 'CheckpointManager', Recorder)
-  checkpoints.make_train_manager('gs://bucket/ae')
+  with checkpoints.TrainCheckpoints('gs://bucket/ae'):
+    pass
+  assert seen['closed']
   assert str(seen['directory']) == 'gs://bucket/ae/checkpoints'
 
 
@@ -161,7 +265,7 @@ def test_variables_round_trip_through_epath_and_relative_paths(
   monkeypatch.chdir(tmp_path)
   variables = {'params': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)},
                'batch_stats': {'mean': np.ones(3, np.float32)}}
-  checkpoints.save_variables('rel/vars', variables)
+  variables_checkpoint.save_variables('rel/vars', variables)
   assert (tmp_path / 'rel' / 'vars').is_dir()
   restored = checkpoints.restore_variables(epath.Path(tmp_path) / 'rel' /
                                            'vars')
@@ -243,16 +347,21 @@ def test_readers_take_the_newest_complete_step(tmp_path, caplog, full_run):
                   jax.tree_util.tree_leaves(variables['params'])):
     np.testing.assert_array_equal(b, a)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3', '4']
-  # What eval/demo/export check next: the variables fit config.model.
+  # What eval/demo/export check next: the variables fit config.model
+  # (as recorded; an older checkpoint without the record: as configured).
   model = dict(small_config().model, num_joints=17)
-  checkpoints.check_fits(variables, model, 'ckpt')
+  assert shapes.mismatch(shapes.shapes_of(variables),
+                         shapes.model_shapes(model)) is None
+  unrecorded = tmp_path / 'unrecorded'
+  variables_checkpoint.save_variables(unrecorded, variables)
+  other = small_config()
+  other.model.widen_factor, other.model.num_deconv_filters = 0.5, (32,) * 3
   with pytest.raises(checkpoints.CheckpointError,
-                     match=r'^ckpt does not fit config.model: .* arrays '
-                     r'differ\); the checkpoint implies config.model.'
+                     match=r'^.*unrecorded does not fit config.model: .* '
+                     r'arrays differ\); the checkpoint implies config.model.'
                      r'widen_factor=0.25, config.model.num_deconv_filters='
                      r'\(16, 16, 16\)$'):
-    checkpoints.check_fits(variables, dict(
-        model, widen_factor=0.5, num_deconv_filters=(32, 32, 32)), 'ckpt')
+    inference_checkpoint.load_for_inference(str(unrecorded), other)
   for step in ('2', '3'):
     _truncate_biggest_file(workdir / 'checkpoints' / step / 'state')
   with pytest.raises(checkpoints.CheckpointError,
@@ -260,7 +369,7 @@ def test_readers_take_the_newest_complete_step(tmp_path, caplog, full_run):
                      r'.*OUT_OF_RANGE'):
     checkpoints.restore_variables(workdir)
   saved = tmp_path / 'vars'
-  checkpoints.save_variables(saved, variables)
+  variables_checkpoint.save_variables(saved, variables)
   _truncate_biggest_file(saved)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'vars: OUT_OF_RANGE: .*\(a truncated or '
@@ -278,8 +387,8 @@ def test_checkpoint_of_another_model_is_not_skipped(tmp_path, monkeypatch,
   other.model.widen_factor = 0.5
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'checkpoints/4 does not match this model/'
-                     r'optimizer config: \[.*\] is \(8,\) there, \(16,\) '
-                     r'here; the checkpoint implies '
+                     r'optimizer config: \S+ is \(8,\) there, \(16,\) '
+                     r'here \(\d+ arrays differ\); the checkpoint implies '
                      r'config.model.widen_factor=0.25$'):
     loop.train_and_evaluate(other, str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3', '4']

@@ -29,7 +29,7 @@ def test_every_default_key_has_one_rule():
   """The table and configs/default.py stay in step: a new key needs a row
   (or a cross-key check), a removed one loses its row."""
   keys = {k for k in _leaf_keys(default.get_config())
-          if not k.startswith('data.keypoints.')}  # keypoints.resolve_spec
+          if not k.startswith('data.keypoints.')}  # coco.resolve_spec
   rows = [r.key for r in config_checks.RULES]
   assert len(rows) == len(set(rows))
   assert set(rows) | set(config_checks.CROSS_CHECKED) == keys

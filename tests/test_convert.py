@@ -5,7 +5,7 @@ model with mmpose's state_dict names, randomised (weights and BN statistics)
 so that a wrong layout, a swapped mean/var or an unflipped deconv kernel
 shows up.
 
-Legend: B batch, H x W input, K=17 joints; Flax NHWC, torch NCHW.
+Legend: B batch, H x W input, K joints (17: COCO); Flax NHWC, torch NCHW.
 Inputs [B, H, W, 3] float32 ImageNet-normalised RGB (real mini COCO images);
 outputs [B, H/4, W/4, 2K] (heatmaps then tags).
 """
@@ -105,6 +105,11 @@ def test_cli_reports_pose_conversion(pose_checkpoint):
   # 332 tensors = 277 weights/statistics + 55 num_batches_tracked.
   assert '277 used, 55 dropped' in stdout
   assert f'{PARAM_COUNT:,}' in stdout
+  # The checkpoint records the model and --config's keypoints (COCO).
+  record = checkpoints.read_checkpoint(pose_checkpoint['flax_dir']).record
+  assert record == checkpoints.Record(
+      {'widen_factor': 1.0, 'num_deconv_filters': (256, 256, 256),
+       'num_joints': 17, 'dtype': 'float32'}, keypoints.COCO)
 
 
 @pytest.mark.parametrize('height,width', [(512, 512), (512, 768)])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 
 torch = pytest.importorskip('torch')
 from tests.references import torch_model  # pylint: disable=g-import-not-at-top
@@ -106,16 +107,17 @@ def test_cli_unwritable_output_fails_fast(small_pth, tmp_path):
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
   out = tmp_path / 'flax'
   old = {'params': {'w': np.ones(3, np.float32)}, 'batch_stats': {}}
-  checkpoints.save_variables(out, old)
+  variables_checkpoint.save_variables(out, old)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   def broken_save(self, directory, *args, **kwargs):
     del self, args, kwargs
     (directory / 'partial').mkdir(parents=True)
     raise OSError(28, 'No space left on device')
-  monkeypatch.setattr(ocp.StandardCheckpointer, 'save', broken_save)
-  with pytest.raises(OSError, match='No space left'):
-    checkpoints.save_variables(
+  monkeypatch.setattr(ocp.Checkpointer, 'save', broken_save)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'cannot write .*flax: .*No space left'):
+    variables_checkpoint.save_variables(
         out, {'params': {'w': np.zeros(3, np.float32)}}, overwrite=True)
   np.testing.assert_array_equal(
       checkpoints.restore_variables(out)['params']['w'], 1.0)

@@ -15,7 +15,6 @@ import sys
 import cv2
 import pytest
 
-from ae_jax import keypoints
 from ae_jax.data import coco
 from ae_jax.data import eval_input
 from ae_jax.data import pipeline
@@ -90,7 +89,7 @@ def test_missing_coco_root_is_one_line(tmp_path):
   missing = str(tmp_path / 'nowhere')
   for load in (lambda: coco.load_coco_index(missing, 'train2017'),
                lambda: eval_input.EvalImages(missing, 'val2017'),
-               lambda: keypoints.resolve_spec({
+               lambda: coco.resolve_spec({
                    'coco_root': missing, 'train_split': 'train2017',
                    'keypoints': {'source': 'annotations'}})):
     with pytest.raises(FileNotFoundError,

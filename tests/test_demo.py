@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 from ae_jax.infer import draw
 from ae_jax.models import ae_model
 from configs import tiny as tiny_config
@@ -27,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def tiny_ckpt(tmp_path_factory):
   model = ae_model.AEModel(**tiny_config.get_config().model)
   ckpt = tmp_path_factory.mktemp('ckpt') / 'tiny'
-  checkpoints.save_variables(str(ckpt), random_variables(model))
+  variables_checkpoint.save_variables(str(ckpt), random_variables(model))
   return ckpt
 
 

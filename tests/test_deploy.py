@@ -29,7 +29,7 @@ from ae_jax.deploy import onnx_export
 from ae_jax.deploy import predictor as deploy_predictor
 from ae_jax.infer import predict
 from ae_jax.models import ae_model
-from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 from tests.conftest import BLOCK_IMPORTS
 from tests.conftest import COCO_MINI
 from tests.conftest import REPO_ROOT
@@ -235,7 +235,7 @@ def test_demo_runs_the_onnx_model_without_jax(tiny, tmp_path):
 
 def test_export_cli_writes_onnx_and_refuses_multi_scale(tiny, tmp_path):
   variables, _ = tiny
-  checkpoints.save_variables(str(tmp_path / 'ckpt'), variables)
+  variables_checkpoint.save_variables(str(tmp_path / 'ckpt'), variables)
   base = [sys.executable, 'export.py', '--config', 'configs/tiny.py',
           '--ckpt', str(tmp_path / 'ckpt'),
           '--config.test.grouping.detection_threshold=0.2']

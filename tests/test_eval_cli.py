@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 from ae_jax.models import ae_model
 from configs import tiny as tiny_config
 from tests.conftest import foreign_info_lines
@@ -26,7 +26,7 @@ def tiny_ckpt(tmp_path_factory):
   model = ae_model.AEModel(**config.model)
   variables = random_variables(model)  # BN statistics at identity
   ckpt = tmp_path_factory.mktemp('ckpt') / 'tiny'
-  checkpoints.save_variables(str(ckpt), variables)
+  variables_checkpoint.save_variables(str(ckpt), variables)
   return ckpt
 
 

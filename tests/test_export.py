@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ae_jax.train import checkpoints
+from ae_jax import keypoints
 from ae_jax.deploy import saved_model
 from ae_jax.models import ae_model
+from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 from tests.conftest import REPO_ROOT
 from tests.conftest import foreign_info_lines
 
@@ -128,7 +130,7 @@ def test_export_cli_reports_bad_checkpoint(tmp_path):
 def test_export_cli_writes_saved_model(tmp_path):
   model, variables = _tiny_model_and_variables()
   del model
-  checkpoints.save_variables(str(tmp_path / 'ckpt'), variables)
+  variables_checkpoint.save_variables(str(tmp_path / 'ckpt'), variables)
   proc = subprocess.run(
       [sys.executable, 'export.py', '--config', 'configs/tiny.py',
        '--config.model.num_deconv_filters=(16,16,16)',
@@ -147,10 +149,40 @@ def test_export_cli_writes_saved_model(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt', 'sm']
 
 
+def test_export_cli_takes_the_model_from_the_checkpoint(tmp_path):
+  """A checkpoint that records its model exports with no --config.model
+  flags; a flag that contradicts it is one error line naming both."""
+  _, variables = _tiny_model_and_variables()
+  record = checkpoints.Record({**TINY, 'num_joints': 17, 'dtype': 'float32'},
+                              keypoints.COCO)
+  variables_checkpoint.save_variables(tmp_path / 'ckpt', variables, record=record)
+  args = [sys.executable, 'export.py', '--config', 'configs/coco512.py',
+          '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'sm'),
+          '--nodecode', '--fixed_shape=1,64,64']
+  bad = subprocess.run(args + ['--config.model.widen_factor=0.5'],
+                       cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode == 1 and 'Traceback' not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1] == (
+      f'error: --config.model.widen_factor=0.5 contradicts the checkpoint '
+      f'{tmp_path / "ckpt"}, made with widen_factor=0.25 (leave the flag '
+      'out: the checkpoint records its model)')
+  proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  tf = pytest.importorskip('tensorflow')
+  serve = tf.saved_model.load(str(tmp_path / 'sm')).signatures[
+      'serving_default']
+  x = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
+  want = ae_model.create_model(TINY).apply(variables, jnp.asarray(x))
+  np.testing.assert_allclose(serve(images=tf.constant(x))['heatmaps'].numpy(),
+                             want[..., :17], atol=1e-5)
+
+
 @pytest.mark.parametrize('case', ['under_a_file', 'foreign_folder'])
 def test_export_cli_refuses_unwritable_out_in_one_line(tmp_path, case):
   _, variables = _tiny_model_and_variables()
-  checkpoints.save_variables(str(tmp_path / 'ckpt'), variables)
+  variables_checkpoint.save_variables(str(tmp_path / 'ckpt'), variables)
   (tmp_path / 'a_file').write_text('keep me')
   (tmp_path / 'mine').mkdir()
   (tmp_path / 'mine' / 'notes.txt').write_text('keep me too')

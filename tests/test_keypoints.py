@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 from pycocotools import cocoeval
 
+from ae_jax import keypoints
+from ae_jax.data import coco
 from ae_jax.infer import coco_eval
 from ae_jax.infer import decode
 from ae_jax.infer import draw
-from ae_jax import keypoints
-from ae_jax.data import coco
+from ae_jax.models import shapes
+from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
+from ae_jax.train import inference_checkpoint
 from tests.conftest import REPO_ROOT
 from tests.conftest import small_config
 from tests.references import host_grouping
@@ -106,14 +110,14 @@ def test_crowdpose_spec_is_mmpose():
 
 def test_spec_defaults_and_config_overrides(own_root):
   config = _own_config(own_root)
-  spec = keypoints.resolve_spec(config.data)
+  spec = coco.resolve_spec(config.data)
   assert spec.names == _NAMES and spec.num_joints == 5
   assert spec.flip_index == (0, 2, 1, 4, 3)  # left_/right_ names
   assert spec.skeleton == tuple((a - 1, b - 1) for a, b in _SKELETON_1)
   assert spec.sigmas == (keypoints.DEFAULT_SIGMA,) * 5  # no COCO name
   config.data.keypoints.flip_pairs = ((3, 4),)
   config.data.keypoints.sigmas = (0.1, 0.2, 0.2, 0.3, 0.3)
-  spec = keypoints.resolve_spec(config.data)
+  spec = coco.resolve_spec(config.data)
   assert spec.flip_index == (0, 1, 2, 4, 3)
   assert spec.sigmas == (0.1, 0.2, 0.2, 0.3, 0.3)
   # COCO names keep COCO's sigmas, unknown ones get the default.
@@ -121,7 +125,7 @@ def test_spec_defaults_and_config_overrides(own_root):
       0.026, keypoints.DEFAULT_SIGMA)
   config.data.keypoints.sigmas = (0.1,)
   with pytest.raises(keypoints.KeypointSpecError, match='1 sigmas'):
-    keypoints.resolve_spec(config.data)
+    coco.resolve_spec(config.data)
 
 
 def test_bad_specs_fail_in_one_line():
@@ -131,7 +135,7 @@ def test_bad_specs_fail_in_one_line():
     keypoints.make_spec(('a', 'b'), skeleton=[(1, 3)],
                         one_based_skeleton=True)
   with pytest.raises(keypoints.KeypointSpecError, match='source'):
-    keypoints.resolve_spec({'keypoints': {'source': 'horses'}})
+    coco.resolve_spec({'keypoints': {'source': 'horses'}})
 
 
 @pytest.fixture(scope='module')
@@ -143,7 +147,7 @@ def own_run(own_root, tmp_path_factory):
   return workdir, summary
 
 
-def test_own_keypoints_train_two_steps(own_run):
+def test_own_keypoints_train_two_steps(own_root, own_run, tmp_path):
   workdir, summary = own_run
   assert [h['step'] for h in summary['history']] == [1, 2]
   for h in summary['history']:
@@ -151,22 +155,93 @@ def test_own_keypoints_train_two_steps(own_run):
                         h['pull_loss'], h['lr']]).all()
   assert json.loads((workdir / 'summary.json').read_text())['history'] == (
       summary['history'])
-  from ae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
-  variables = checkpoints.restore_variables(str(workdir))
-  assert keypoints.head_num_joints(variables) == 5
-  keypoints.check_head(variables, 5, str(workdir))
+  found = checkpoints.read_checkpoint(str(workdir))
+  assert shapes.implied_config(shapes.shapes_of(found.tree))[
+      'num_joints'] == 5
+  # The checkpoint records the model and the keypoints it was trained on.
+  assert found.record.spec == coco.resolve_spec(_own_config(own_root).data)
+  assert found.record.model['num_joints'] == 5
+  # Without that record (an older checkpoint), the config's keypoints must
+  # have the head's joint count.
+  unrecorded = tmp_path / 'unrecorded'
+  variables_checkpoint.save_variables(unrecorded, found.tree)
+  config = _own_config(own_root)
+  assert inference_checkpoint.load_for_inference(
+      str(unrecorded), config).spec.num_joints == 5
+  config.data.keypoints.source = 'coco'
   with pytest.raises(keypoints.KeypointSpecError,
                      match='head predicts 5 joints.*have 17'):
-    keypoints.check_head(variables, 17, str(workdir))
+    inference_checkpoint.load_for_inference(str(unrecorded), config)
+
+
+def test_recorded_checkpoint_needs_no_config_and_refuses_contradictions(
+    own_root, own_run, coco_mini_root, tmp_path):
+  """eval/demo/export's loader: the recorded model and keypoints win over
+  the config file; a flag that contradicts them, or an annotation file
+  listing the joints in another order, is one error naming both."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()  # 1.0 wide, 256 filters, COCO keypoints
+  loaded = inference_checkpoint.load_for_inference(str(own_run[0]), config)
+  assert loaded.spec.names == _NAMES and loaded.recorded
+  assert loaded.model_config['widen_factor'] == 0.25
+  assert tuple(loaded.model_config['num_deconv_filters']) == (16, 16, 16)
+  assert loaded.step == 2
+  loaded = inference_checkpoint.load_for_inference(
+      str(own_run[0]), config, {'model.dtype': 'bfloat16',
+                                'model.widen_factor': 0.25})
+  assert loaded.model_config['dtype'] == 'bfloat16'  # compute precision
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'--config.model.widen_factor=0.5 contradicts the '
+                     r'checkpoint .*, made with widen_factor=0.25'):
+    inference_checkpoint.load_for_inference(
+        str(own_run[0]), config, {'model.widen_factor': 0.5})
+  config = _own_config(own_root)
+  config.data.keypoints.sigmas = (0.1,) * 5
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'--config.data.keypoints.sigmas contradicts the '
+                     r'checkpoint .*: sigmas \(0.067, .*\) there, \(0.1, .*\) '
+                     'here'):
+    inference_checkpoint.load_for_inference(
+        str(own_run[0]), config, {'data.keypoints.sigmas': (0.1,) * 5})
+  # The val file of another root lists the same joints in another order.
+  order = (0, 2, 1, 3, 4)
+  dataset = _subset_dataset(_mini_dataset(coco_mini_root),
+                            [_KEEP[i] for i in order],
+                            [_NAMES[i] for i in order], _SKELETON_1)
+  swapped = _write_root(tmp_path / 'swapped', coco_mini_root, dataset,
+                        ['person_keypoints_val2017.json'], ['val2017'])
+  with pytest.raises(keypoints.KeypointSpecError,
+                     match=r"person_keypoints_val2017.json does not list the "
+                     r"joints of the checkpoint .*: joint 1 is 'right_arm' "
+                     r"there, 'left_arm' in the checkpoint"):
+    inference_checkpoint.load_for_inference(
+        str(own_run[0]), _own_config(own_root), coco_root=str(swapped),
+        split='val2017')
+
+
+def test_demo_draws_own_keypoints_without_their_annotations(own_run,
+                                                            coco_mini_root,
+                                                            tmp_path):
+  """The own-keypoint checkpoint draws a photo with its recorded skeleton:
+  no annotation file (coco_root unset), no --config.model overrides."""
+  image = coco_mini_root / 'val2017' / '000000000785.jpg'
+  proc = subprocess.run(
+      [sys.executable, 'demo.py', '--config', 'configs/custom_keypoints.py',
+       '--ckpt', str(own_run[0]), '--out', str(tmp_path / 'demo'),
+       '--config.test.input_size=64', str(image)], cwd=REPO_ROOT,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  poses = json.loads((tmp_path / 'demo' / 'poses.json').read_text())
+  assert all(len(p['keypoints']) == 5 for e in poses for p in e['people'])
+  assert (tmp_path / 'demo' / '000000000785.png').exists()
 
 
 def test_own_checkpoint_evaluates_and_draws(own_root, own_run, tmp_path):
   """The trained 5-joint model through eval and drawing (flip test on)."""
-  from ae_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   from ae_jax.infer import predict  # pylint: disable=g-import-not-at-top
   from ae_jax.models import ae_model  # pylint: disable=g-import-not-at-top
   config = _own_config(own_root)
-  spec = keypoints.resolve_spec(config.data, 'val')
+  spec = coco.resolve_spec(config.data, 'val')
   model = ae_model.create_model(
       {**config.model, 'num_joints': spec.num_joints}, 'cpu')
   predictor = predict.Predictor(
@@ -216,7 +291,7 @@ def _ground_truth_predictor(coco_api):
 
 
 def test_own_keypoints_ground_truth_scores_ap_one(own_root, tmp_path):
-  spec = keypoints.resolve_spec(_own_config(own_root).data)
+  spec = coco.resolve_spec(_own_config(own_root).data)
   gt = coco.load_coco(str(own_root), 'val2017', num_joints=5)
   sizes = {(i['height'], i['width']) for i in gt.imgs.values()}
   assert len(sizes) == len(gt.imgs)  # the predictor keys on the size
@@ -231,7 +306,7 @@ def test_own_keypoints_ground_truth_scores_ap_one(own_root, tmp_path):
 
 
 def test_own_skeleton_is_drawn(own_root, tmp_path):
-  spec = keypoints.resolve_spec(_own_config(own_root).data)
+  spec = coco.resolve_spec(_own_config(own_root).data)
   canvas = np.zeros((100, 100, 3), np.uint8)
   # head, left/right arm, left/right leg as a little figure.
   pose = np.array([[[50, 10, 1], [30, 40, 1], [70, 40, 1], [40, 90, 1],
@@ -255,7 +330,7 @@ def test_coco_config_refuses_other_keypoints(own_root):
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.data.coco_root = str(own_root)
-  spec = keypoints.resolve_spec(config.data)  # 'coco': 17 joints
+  spec = coco.resolve_spec(config.data)  # 'coco': 17 joints
   with pytest.raises(coco.AnnotationError,
                      match='person_keypoints_train2017.json.*5 joints.*17'):
     coco.load_coco_index(str(own_root), 'train2017',
@@ -288,7 +363,7 @@ def test_crowdpose_format_loads_with_14_joints(coco_mini_root, tmp_path):
   config.data.coco_root = str(root)
   config.data.input_size, config.data.heatmap_size = 64, 16
   config.train.global_batch_size = 2
-  spec = keypoints.resolve_spec(config.data)
+  spec = coco.resolve_spec(config.data)
   assert spec is keypoints.CROWDPOSE
   ds = loop.make_dataset(config, 0, spec)
   batch = next(iter(ds))

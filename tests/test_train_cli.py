@@ -17,6 +17,7 @@ import jax
 import pytest
 
 from tests.conftest import foreign_info_lines
+from tests.conftest import mounted_tmpfs
 from tests.conftest import run_signalled
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
@@ -179,6 +180,30 @@ def test_truncated_newest_checkpoint_is_one_warning(trained, tmp_path):
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['start_step'] == 1 and summary['final_step'] == 2
   assert {'2', '2.incomplete'} <= set(os.listdir(workdir / 'checkpoints'))
+
+
+def test_full_disk_is_one_error_line_and_leaves_no_partial_step(tmp_path):
+  """A 3 MB disk fills up at the first save: one `error:` line naming the
+  checkpoint folder and the cause, exit 1, no traceback (orbax's save
+  threads log each failure), no half-written step left behind."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  with mounted_tmpfs(disk, 'size=3m') as mounted:
+    if not mounted:
+      pytest.skip('mounting a 3 MB tmpfs needs root')
+    result = run_train(SMALL + [
+        f'--config.data.coco_root={REPO_ROOT / "data" / "coco_mini"}',
+        '--config.train.num_steps=2',
+        '--config.train.checkpoint_every_steps=1'], disk / 'w')
+    left = sorted(os.listdir(disk / 'w' / 'checkpoints'))
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert not _orbax_noise(result.stderr), result.stderr[-3000:]
+  [line] = _error_lines(result.stderr)
+  assert line.startswith(
+      f'error: cannot write a checkpoint to {disk / "w" / "checkpoints"}: ')
+  assert line.endswith("No space left on device [os_error_code='28']")
+  assert left == []  # the temporary folder of step 1 was removed
 
 
 def test_user_errors_are_one_line(tmp_path):

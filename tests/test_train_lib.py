@@ -1,5 +1,5 @@
 """The train loop: NaN check, metric writer, summary.json, mini COCO run,
-config checks and the workdir lock.
+config checks, the workdir lock and unusable workdirs.
 
 Resume, SIGTERM and the NaN stop of the loop: test_checkpoints.py.
 """
@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 
 from ae_jax import config_checks
+from ae_jax.models.ae_model import AEModel
 from ae_jax.train import loop
+from ae_jax.train import variables_checkpoint
 from ae_jax.train import workdir_lock
+from tests.conftest import mounted_tmpfs
+from tests.conftest import random_variables
 from tests.conftest import small_config
 from tests.conftest import use_synthetic
 
@@ -179,6 +183,33 @@ def test_train_and_evaluate_checks_before_any_work(tmp_path):
                      match='checkpoint_every_steps = 0'):
     loop.train_and_evaluate(config, tmp_path / 'w')
   assert not (tmp_path / 'w').exists()
+
+
+def test_unusable_workdirs_are_refused_before_any_work(tmp_path):
+  """A workdir that is a file, lies under a file, holds converted weights
+  (a variables checkpoint: an init_checkpoint, not a workdir) or is on a
+  read-only disk: one WorkdirError naming it and why; nothing is written."""
+  (tmp_path / 'a_file').write_text('keep me')
+  converted = tmp_path / 'converted'
+  variables_checkpoint.save_variables(converted, random_variables(
+      AEModel(**small_config().model)))
+  before = sorted(os.listdir(converted))
+  cases = [(tmp_path / 'a_file', r'a_file is a file, not a folder'),
+           (tmp_path / 'a_file' / 'w',
+            r'cannot write --workdir .*a_file/w: Not a directory'),
+           (converted, r'converted holds a variables checkpoint \(converted '
+            r'weights\): .*--config.train.init_checkpoint')]
+  read_only = tmp_path / 'read_only'
+  read_only.mkdir()
+  with mounted_tmpfs(read_only, 'ro,size=1m') as mounted:
+    if mounted:
+      cases.append((read_only / 'w', 'cannot write --workdir .*read_only/w: '
+                    'Read-only file system'))
+    for workdir, match in cases:
+      with pytest.raises(workdir_lock.WorkdirError, match=match):
+        loop.train_and_evaluate(small_config(), workdir)
+  assert (tmp_path / 'a_file').read_text() == 'keep me'
+  assert sorted(os.listdir(converted)) == before
 
 
 def _dead_pid() -> int:

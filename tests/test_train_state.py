@@ -10,6 +10,7 @@ import jax
 import optax
 
 from ae_jax.train import checkpoints
+from ae_jax.train import variables_checkpoint
 from ae_jax import sharding
 from ae_jax.train import state as train_state
 from ae_jax.keypoints import NUM_JOINTS
@@ -191,10 +192,9 @@ def test_load_pretrained_from_a_train_workdir(state, tmp_path):
   pretrained = variables_of(model, 5)
   trained = state.replace(step=7, params=pretrained['params'],
                           batch_stats=pretrained['batch_stats'])
-  manager = checkpoints.make_train_manager(tmp_path, async_save=False)
-  checkpoints.save_train_state(manager, 7, trained, {
-      'step': 7, 'data_position': 7, 'seed': 0, 'global_batch_size': 8})
-  manager.close()
+  with checkpoints.TrainCheckpoints(tmp_path, async_save=False) as ckpts:
+    ckpts.save(7, trained, {'step': 7, 'data_position': 7, 'seed': 0,
+                            'global_batch_size': 8})
   new, _ = train_state.load_pretrained(
       state, checkpoints.restore_variables(tmp_path), str(tmp_path))
   assert int(new.step) == 0
@@ -228,7 +228,7 @@ def test_finetune_first_step_loss_equals_torch_reference(tmp_path,
       str(pth), widen_factor=m.widen_factor,
       num_deconv_filters=tuple(m.num_deconv_filters),
       num_joints=NUM_JOINTS)
-  checkpoints.save_variables(tmp_path / 'converted', result.variables)
+  variables_checkpoint.save_variables(tmp_path / 'converted', result.variables)
 
   use_synthetic(monkeypatch)
   config.train.init_checkpoint = str(tmp_path / 'converted')

@@ -1,14 +1,15 @@
 """COCO person keypoints -> raw examples, and image decoding (host side).
 
 The one place for the files of a COCO root (`split_paths`: the annotation
-json and image folder of a split) and for decoding an image file
-(`decode_image`, used by the train pipeline, evaluation and the demo).
+json and image folder of a split), for decoding an image file
+(`decode_image`, used by the train pipeline, evaluation and the demo) and
+for the keypoint names / skeleton an annotation file lists (`resolve_spec`,
+`check_spec_matches`).
 
 Reads a COCO-format root (by default `annotations/person_keypoints_{split}
 .json` and `{split}/*.jpg`; other file names via `split_paths`), checked
 up front (`check_annotations`: one line naming the file and annotation id),
-the way mmpose 0.x `BottomUpCocoDataset` (test_mode False)
-does:
+the way mmpose 0.x `BottomUpCocoDataset` (test_mode False) does:
   * image ids: those with at least one annotation (`getAnnIds(iscrowd=None)`);
   * people kept for targets: `iscrowd == 0 or num_keypoints > 0`;
   * ignore regions (`_get_mask`): crowd segmentations and the segmentations
@@ -39,6 +40,8 @@ import cv2
 import numpy as np
 from pycocotools import coco as coco_lib
 from pycocotools import mask as mask_utils
+
+from ae_jax import keypoints
 
 
 # Skip reasons reported by the index (static) and by the pipeline (runtime).
@@ -301,6 +304,67 @@ def _unique_ids(items: list, what: str, ann_file: str) -> set:
                             'twice')
     ids.add(item['id'])
   return ids
+
+
+def read_category(ann_file: str) -> dict:
+  """The keypoint category (id 1 or the only one) of an annotation file."""
+  if not os.path.isfile(ann_file):
+    raise FileNotFoundError(f'annotation file not found: {ann_file}')
+  cats = [c for c in read_annotations(ann_file).get('categories') or ()
+          if c.get('keypoints')]
+  if not cats:
+    raise keypoints.KeypointSpecError(
+        f'{ann_file}: no category lists "keypoints"')
+  return ([c for c in cats if c.get('id') == 1] or cats)[0]
+
+
+def resolve_spec(data_config, split: str = 'train',
+                 split_name: str | None = None) -> keypoints.KeypointSpec:
+  """config.data -> the KeypointSpec (`keypoints.spec_from_config`).
+
+  For config.data.keypoints.source 'annotations' the names and skeleton
+  come from the person category of the `split` ('train' or 'val')
+  annotation file (`split_paths`; `split_name` overrides
+  config.data.{split}_split, e.g. eval.py --split).
+  """
+  kp = data_config.get('keypoints') or {}
+  if kp.get('source', 'coco') != 'annotations':
+    return keypoints.spec_from_config(kp)
+  ann_file = _annotation_file(data_config, split, split_name)
+  return keypoints.spec_from_config(kp, read_category(ann_file), ann_file)
+
+
+def check_spec_matches(data_config, split_name: str,
+                       spec: keypoints.KeypointSpec, source: str) -> None:
+  """Raises KeypointSpecError unless the `split_name` annotation file lists
+  `spec`'s joints, by name and in order (the model's channel order).
+
+  `source` names where `spec` came from (a checkpoint) in the message.
+  """
+  ann_file = _annotation_file(data_config, 'val', split_name)
+  names = tuple(read_category(ann_file)['keypoints'])
+  if names == spec.names:
+    return
+  i = next((i for i, (a, b) in enumerate(zip(names, spec.names)) if a != b),
+           None)
+  where = (f'joint {i} is {names[i]!r} there, {spec.names[i]!r} in the '
+           'checkpoint' if len(names) == spec.num_joints else
+           f'{len(names)} joints ({", ".join(names)}), the checkpoint head '
+           f'predicts {spec.num_joints} joints')
+  raise keypoints.KeypointSpecError(
+      f'{ann_file} does not list the joints of {source}: {where} '
+      f'({", ".join(spec.names)}); its predictions would be scored against '
+      'other joints')
+
+
+def _annotation_file(data_config, split: str, split_name: str | None) -> str:
+  if split not in ('train', 'val'):
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  check_root(data_config['coco_root'])
+  ann_file, _ = split_paths(
+      data_config['coco_root'], split_name or data_config[f'{split}_split'],
+      data_config.get(f'{split}_annotations', ''))
+  return ann_file
 
 
 def check_annotations(dataset: dict, ann_file: str,

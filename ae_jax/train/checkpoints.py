@@ -1,470 +1,324 @@
-"""Orbax checkpoints: model variables (converted weights) and train state.
+"""Orbax checkpoints: train steps, and reading any checkpoint; self-describing.
 
-A *variables checkpoint* is a directory written by `save_variables` holding
-{'params': ..., 'batch_stats': ...} for `AEModel` (what
-convert_torch_weights.py writes and what eval.py/demo.py/train.py's
-`init_checkpoint` read). `restore_variables` also accepts a training
-workdir and then takes the variables of its latest step.
-
-A *training checkpoint* is one step of an orbax CheckpointManager under
-`{workdir}/checkpoints/{step}/` with two items:
-  state/  {'step', 'params', 'batch_stats', 'opt_state'} (flax state dict
-          of the TrainState; opt_state tuples become {'0': ..., '1': ...})
-  meta/   json {'step', 'data_position', 'seed', 'global_batch_size'}: the
-          train pipeline is deterministic from (seed, step), so the data
-          position equals the step; it is recorded explicitly anyway.
-
-A step folder that cannot be read (empty, half-copied, a truncated data
-file) is *incomplete*: `newest_complete_step` (resume) skips it with one
-warning naming it and the reason, and moves it aside to `{step}.incomplete`
-so that the resumed run can write that step again; `restore_variables`
-(eval, demo, export) skips it with the same warning and moves nothing.
-Items are read in full by `orbax_items.read_item` before orbax restores
-them.
-
-Paths are `etils.epath` paths (`as_path`), so a workdir may be a local
-directory or a URL orbax writes to (gs://, s3://); nothing here applies
-os.path to it.
+A variables checkpoint (variables_checkpoint.save_variables, what
+convert_torch_weights.py writes) is one orbax PyTree {'params',
+'batch_stats'}. A train step is `{workdir}/checkpoints/{step}/` of an orbax
+CheckpointManager (`TrainCheckpoints`): item state/ (the TrainState's flax
+state dict: step, params, batch_stats, opt_state) and item meta/ (json:
+step, data_position, seed, global_batch_size). Both carry a `Record` of the
+model config and keypoint spec they were made with (orbax's custom metadata;
+older ones have none). Writes are orbax's atomic commits; reads take the
+newest usable step (one scan, each step read once). Paths are etils.epath
+(local or gs://).
 """
 
-import logging as std_logging
-from typing import Any, Dict, Optional, Tuple, Union
-import uuid
+import contextlib
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Union
 
 from absl import logging
 from etils import epath
 import flax
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ae_jax.models import model_fit
-from ae_jax.train import orbax_items
+from ae_jax import keypoints
+from ae_jax.models import shapes
+from ae_jax.train import orbax_shims
+from ae_jax.train.orbax_shims import reason
 
 Variables = Dict[str, Any]
 PathLike = Union[str, epath.PathLike]
-
-STATE_ITEM = 'state'
-META_ITEM = 'meta'
+STATE_ITEM, META_ITEM = 'state', 'meta'
+_STEPS = ocp.step.standard_name_format()  # step folders named {step}
 
 
 class CheckpointError(ValueError):
-  """A checkpoint path that does not hold what was asked for."""
+  """A checkpoint that cannot be written, read or used as asked."""
 
 
-class IncompleteCheckpointError(CheckpointError):
-  """A training step that cannot be read (empty, half-written, truncated)."""
+class _Unusable(Exception):
+  """A step that cannot be read (message: its folder and the cause)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """What a checkpoint was made with: `model`, the AEModel keyword
+  arguments known (widen_factor, num_deconv_filters, dtype, num_joints),
+  and `spec`, the keypoint spec (None where unknown: an ImageNet backbone).
+  """
+  model: Mapping[str, Any]
+  spec: Optional[keypoints.KeypointSpec] = None
+
+  def to_json(self) -> Dict[str, Any]:
+    return {'model': {k: list(v) if isinstance(v, tuple) else v
+                      for k, v in self.model.items()},
+            'keypoints': self.spec and keypoints.spec_to_dict(self.spec)}
+
+  @classmethod
+  def from_json(cls, custom: Optional[Mapping[str, Any]]
+                ) -> Optional['Record']:
+    if not custom or not isinstance(custom.get('model'), Mapping):
+      return None  # written before checkpoints described themselves
+    spec = custom.get('keypoints')
+    return cls({k: tuple(v) if isinstance(v, list) else v
+                for k, v in custom['model'].items()},
+               spec and keypoints.spec_from_dict(spec))
+
+
+@dataclasses.dataclass
+class Restored:
+  """A checkpoint read: `tree` (a train state dict, or the variables), its
+  json `meta` ({} for variables), its `record` (None if it has none) and
+  `step` (None for a variables checkpoint)."""
+  tree: Dict[str, Any]
+  meta: Dict[str, Any]
+  record: Optional[Record]
+  step: Optional[int]
 
 
 def as_path(path: PathLike) -> epath.Path:
-  """A workdir/checkpoint path: URLs (gs://...) as given, local absolute.
-
-  orbax wants absolute paths; a relative local path is taken from the
-  current directory, a URL is left exactly as it is.
-  """
+  """A workdir/checkpoint path: URLs (gs://...) as given, local absolute."""
   path = epath.Path(path).expanduser()
   return path if path.is_absolute() else path.absolute()
 
 
-def save_variables(directory: PathLike, variables: Variables,
-                   overwrite: bool = False) -> None:
-  """Writes {'params', 'batch_stats'} (numpy or jax arrays) to `directory`.
+class TrainCheckpoints:
+  """`{workdir}/checkpoints`, an orbax CheckpointManager opened on entering
+  this context manager; leaving it waits for the asynchronous saves.
 
-  Nothing existing is lost: a non-empty `directory` is refused
-  (CheckpointError) unless `overwrite` is set and it is a variables
-  checkpoint (`is_variables_checkpoint`); a workdir or any other folder is
-  always refused. The checkpoint is written into a temporary sibling and
-  renamed into place, so a failed save leaves `directory` as it was.
-
-  Raises:
-    CheckpointError: `directory` may not be replaced, or its parent is not
-      writable (checked before anything is written).
+  A failed save (found then or at the next save) is one CheckpointError
+  naming the path and the cause, raised once its half-written step is
+  removed (orbax's logs of it are dropped while this is open). A step that
+  cannot be read (empty, half-copied, a truncated file) is skipped with one
+  warning naming it and the cause; a resume moves it aside to
+  `{step}.incomplete` so the run can write that step again. `read_only`:
+  for readers (eval, demo, export: nothing is created, moved or cleaned).
   """
-  directory = as_path(directory)
-  check_variables_target(directory, overwrite)
-  tree = {'params': variables['params'],
-          'batch_stats': variables.get('batch_stats', {})}
-  tmp = _make_tmp_sibling(directory)
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp / 'new', tree)
-    if directory.exists():  # empty, or a variables checkpoint to replace
-      directory.rename(tmp / 'old')
-    (tmp / 'new').rename(directory)
-  except BaseException:
-    if not directory.exists() and (tmp / 'old').exists():
-      (tmp / 'old').rename(directory)  # put the previous one back
-    raise
-  finally:
-    tmp.rmtree(missing_ok=True)
+
+  def __init__(self, workdir: PathLike, max_to_keep: int = 3,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = as_path(workdir) / 'checkpoints'
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+        create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only, step_name_format=_STEPS)
+    self._quiet = contextlib.ExitStack()
+    self._open = False
+    self.manager: Optional[ocp.CheckpointManager] = None
+
+  def __enter__(self):
+    """Opens the orbax CheckpointManager (while failures are quiet)."""
+    self._quiet.enter_context(orbax_shims.failures_reported_once())
+    handler = orbax_shims.pytree_handler()
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.PyTreeSave, ocp.args.PyTreeRestore):
+      registry.add(STATE_ITEM, args, handler)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+      registry.add(META_ITEM, args)
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=self._options, handler_registry=registry)
+    except BaseException:
+      self._quiet.close()
+      raise
+    self._open = True
+    return self
+
+  def __exit__(self, exc_type, *unused):
+    try:
+      if self._open:
+        self._open = False
+        self.manager.close()  # waits for the asynchronous saves
+    except Exception as e:  # pylint: disable=broad-except  # any write error
+      if exc_type is None:
+        self._failed(e)
+    finally:
+      self._quiet.close()
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any],
+           record: Optional[Record] = None) -> None:
+    """Saves a flax TrainState and json `meta` at `step` (asynchronously)."""
+    args = ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.PyTreeSave(flax.serialization.to_state_dict(
+            state)), META_ITEM: ocp.args.JsonSave(dict(meta))})
+    try:
+      self.manager.save(step, args=args,
+                        custom_metadata=record and record.to_json())
+    except Exception as e:  # pylint: disable=broad-except  # any write error
+      self._failed(e)
+
+  def _failed(self, error: BaseException):
+    """Closes, removes the half-written step, raises one CheckpointError."""
+    self._open = False
+    with contextlib.suppress(Exception):
+      self.manager.close()
+    if jax.process_index() == 0:
+      with contextlib.suppress(Exception):
+        for tmp in ocp.step.all_temporary_paths(self.directory):
+          tmp.get().rmtree(missing_ok=True)
+    raise CheckpointError(f'cannot write a checkpoint to {self.directory}: '
+                          f'{reason(error)}') from None
+
+  def restore(self, target_sharding: jax.sharding.Sharding,
+              record: Optional[Record] = None) -> Optional[Restored]:
+    """The newest usable step (None if there is none), the whole state
+    dict read once onto `target_sharding` (a resume: replicated on the
+    mesh, so every process reads every array and all reach one verdict).
+
+    Args:
+      target_sharding: where the arrays go.
+      record: a resume's model config and keypoint spec: a step of another
+        model or keypoints is a CheckpointError, not skipped, and newer
+        unusable steps are moved aside. None (readers): nothing is moved.
+
+    Raises:
+      CheckpointError: see `record`; or steps exist and none is usable
+        (nothing is moved then).
+    """
+    want = record and shapes.model_shapes(record.model)
+
+    def read(step: int) -> Restored:
+      where = self.directory / _STEPS.build_name(step)
+      try:
+        metadata = self.manager.metadata(step)
+        saved = (metadata.item_metadata or {}).get(STATE_ITEM)
+      except Exception as e:  # pylint: disable=broad-except  # orbax: several
+        raise _Unusable(f'{where}: unreadable metadata ({reason(e)})'
+                        ) from None
+      if saved is None:
+        raise _Unusable(f'{where}: no {STATE_ITEM} item (not a finished '
+                        'orbax save)')
+      saved = getattr(saved, 'tree', saved)
+      saved_record = Record.from_json(metadata.custom_metadata)
+      if record:
+        _check_resume(where, saved, saved_record, want, record)
+      try:
+        got = self.manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: orbax_shims.restore_args(
+                orbax_shims.placed(saved, target_sharding)),
+            META_ITEM: ocp.args.JsonRestore()}))
+      except Exception as e:  # pylint: disable=broad-except  # any read error
+        raise _Unusable(f'{where}: {reason(e)}') from None
+      return Restored(got[STATE_ITEM], dict(got[META_ITEM]), saved_record,
+                      step)
+
+    bad = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        found = read(step)
+      except _Unusable as e:
+        bad.append((step, e))
+        continue
+      if record and bad:
+        self._move_aside(bad, step)
+      for bad_step, e in () if record else bad:
+        logging.warning('Skipping incomplete checkpoint step %d: %s (using '
+                        'step %d).', bad_step, e, step)
+      return found
+    if bad:
+      raise CheckpointError(
+          f'no complete training checkpoint in {self.directory} ('
+          + '; '.join(f'step {s}: {e}' for s, e in bad) + '); move the '
+          'folder away to start afresh')
+    return None
+
+  def _move_aside(self, bad, step: int) -> None:
+    """Renames unusable steps to {step}.incomplete (by process 0; every
+    process has read the same files and agrees)."""
+    multi = jax.process_count() > 1
+    if multi:
+      multihost_utils.sync_global_devices('ae_jax_checked_steps')
+    for bad_step, e in bad:
+      step_dir = self.directory / _STEPS.build_name(bad_step)
+      aside, n = step_dir.parent / f'{bad_step}.incomplete', 1
+      while aside.exists():
+        n += 1
+        aside = step_dir.parent / f'{bad_step}.incomplete{n}'
+      logging.warning('Skipping incomplete checkpoint step %d: %s (moved to '
+                      '%s; resuming from step %d).', bad_step, e, aside.name,
+                      step)
+      if jax.process_index() == 0:
+        step_dir.rename(aside)
+    if multi:
+      multihost_utils.sync_global_devices('ae_jax_moved_steps')
+    self.manager.reload()
 
 
-def check_variables_target(directory: PathLike, overwrite: bool = False
-                           ) -> None:
-  """Raises CheckpointError unless `save_variables` may write `directory`.
-
-  Fine: a missing path whose parent can be created, an empty directory, or
-  (with `overwrite`) a variables checkpoint. Callers run it before long
-  work (convert_torch_weights.py checks before converting).
-  """
-  directory = as_path(directory)
-  if directory.exists():
-    if not directory.is_dir():
-      raise CheckpointError(f'{directory} exists and is not a directory')
-    if any(directory.iterdir()):
-      if not overwrite:
-        raise CheckpointError(
-            f'{directory} exists and is not empty; choose a new directory '
-            '(or overwrite=True / --overwrite to replace a variables '
-            'checkpoint)')
-      if not is_variables_checkpoint(directory):
-        raise CheckpointError(
-            f'{directory} is not a variables checkpoint (a training '
-            'workdir or another folder): refusing to replace it even '
-            'with overwrite')
-  tmp = _make_tmp_sibling(directory)  # proves the parent is writable
-  tmp.rmtree(missing_ok=True)
-
-
-_ORBAX_ENTRIES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding',
-                  'commit_success.txt', 'd', 'manifest.ocdbt', 'descriptor')
-
-
-def is_variables_checkpoint(directory: PathLike) -> bool:
-  """True for a directory `save_variables` wrote (and nothing else).
-
-  Only orbax's own files, and a tree of exactly {'params', 'batch_stats'}
-  (a train step's state item also has 'step' and 'opt_state').
-  """
-  directory = as_path(directory)
-  names = [p.name for p in directory.iterdir()]
-  if '_CHECKPOINT_METADATA' not in names or not all(
-      n in _ORBAX_ENTRIES or n.startswith('ocdbt.process_') for n in names):
-    return False
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      meta = ckptr.metadata(directory).item_metadata
-  except Exception:  # pylint: disable=broad-except  # not an orbax item
-    return False
-  keys = set(getattr(meta, 'tree', meta) or ())
-  return 'params' in keys and keys <= {'params', 'batch_stats'}
-
-
-def _make_tmp_sibling(directory: epath.Path) -> epath.Path:
-  """Creates `.{name}.tmp-{id}` beside `directory` (and missing parents).
-
-  Creating it up front is the writability check: orbax, failing to create
-  its own tmp folder, leaves non-daemon threads waiting for a signal that
-  never comes, and the process hangs at exit.
-  """
-  tmp = directory.parent / f'.{directory.name}.tmp-{uuid.uuid4().hex[:8]}'
-  for parent in directory.parents:
-    if parent.exists():
-      if not parent.is_dir():
-        raise CheckpointError(
-            f'cannot write {directory}: {parent} is not a directory')
-      break
-  try:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
-  except OSError as e:
-    where = f' ({e.filename})' if e.filename else ''
-    raise CheckpointError(
-        f'cannot write {directory}: {e.strerror or e}{where}') from None
-  return tmp
-
-
-def restore_variables(directory: PathLike) -> Variables:
-  """Reads model variables from a variables checkpoint or a train workdir.
-
-  Returns host numpy arrays {'params': ..., 'batch_stats': ...}. Of a
-  workdir, the newest *complete* step is read (each newer, incomplete one
-  gets one warning naming it; nothing is moved: readers leave the workdir
-  as it is).
+def read_checkpoint(directory: PathLike) -> Restored:
+  """The variables (host numpy {'params', 'batch_stats'}) and record of a
+  variables checkpoint or of a workdir's newest usable step (each newer
+  step gets one warning; nothing is moved).
 
   Raises:
     CheckpointError: naming the path, when nothing usable is there (also a
-      truncated variables checkpoint, or a workdir without a complete step).
+      truncated variables checkpoint, or a workdir without a usable step).
   """
   directory = as_path(directory)
   if not directory.is_dir():
     raise CheckpointError(f'checkpoint directory not found: {directory}')
-  ckpt_root = directory / 'checkpoints'
-  steps = sorted((int(d.name) for d in ckpt_root.iterdir()
-                  if d.name.isdigit()), reverse=True) if ckpt_root.is_dir(
-                      ) else []
-  if steps:
-    return _restore_newest_complete(ckpt_root, steps)
-  if not (directory / '_METADATA').exists():
-    raise CheckpointError(
-        f'{directory} is not an ae_jax checkpoint (neither converted '
-        'variables nor a training workdir)')
-  try:
-    saved = orbax_items.read_item(directory)
-  except orbax_items.UnreadableItemError as e:
-    raise CheckpointError(f'{e} (a truncated or corrupt copy?)') from None
-  if 'params' not in saved:
-    raise CheckpointError(f'{directory} holds no "params"')
-  return jax.tree_util.tree_map(np.asarray,
-                                dict(_restore_on_this_host(directory, saved)))
-
-
-def check_fits(variables: Variables, model_kwargs: Dict[str, Any],
-               source: str) -> None:
-  """Raises CheckpointError unless `variables` are AEModel(**model_kwargs)'s.
-
-  The message names the first differing array and the config.model values
-  the checkpoint implies (`model_fit.mismatch`).
-  """
-  problem = model_fit.mismatch(variables, model_kwargs)
-  if problem:
-    raise CheckpointError(f'{source} does not fit config.model: {problem}')
-
-
-def _restore_newest_complete(ckpt_root: epath.Path, steps) -> Variables:
-  """The variables of the newest of `steps` whose state reads fully."""
-  bad = []
-  for step in steps:
-    step_dir = ckpt_root / str(step)
-    try:
-      saved = _read_state_item(step_dir)
-    except IncompleteCheckpointError as e:
-      bad.append((step, e))
-      continue
-    for bad_step, e in bad:
-      logging.warning('Skipping incomplete checkpoint step %d: %s (using '
-                      'step %d).', bad_step, e, step)
-    tree = _restore_on_this_host(step_dir / STATE_ITEM, saved)
-    return jax.tree_util.tree_map(
-        np.asarray, {'params': tree['params'],
-                     'batch_stats': tree['batch_stats']})
-  raise CheckpointError(
-      f'no complete training checkpoint in {ckpt_root} ('
-      + '; '.join(f'step {s}: {e}' for s, e in bad) + ')')
-
-
-def _restore_on_this_host(directory: epath.Path,
-                          saved: Optional[Dict[str, Any]] = None
-                          ) -> Dict[str, Any]:
-  """A StandardCheckpointer item, read onto this process's first device.
-
-  Whatever topology wrote it: a checkpoint saved by 2 processes x 4 devices
-  (or a pod) names devices this process does not have, so the saved
-  shardings are replaced by one local device. `saved`: its metadata tree,
-  if already read.
-  """
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  if saved is None:
-    saved = orbax_items.item_metadata(directory)
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      saved)
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(directory, target)
-
-
-def make_train_manager(workdir: PathLike, max_to_keep: int = 3,
-                       async_save: bool = True) -> ocp.CheckpointManager:
-  """CheckpointManager for `{workdir}/checkpoints` (items 'state', 'meta').
-
-  Saves are asynchronous by default: `save_train_state` returns once the
-  arrays are copied off the device; call `manager.wait_until_finished()`
-  before relying on the files (done on exit, NaN stop and SIGTERM).
-  """
-  directory = as_path(workdir) / 'checkpoints'
-  _save_replicated_arrays_once()
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-      create=True)
-  return ocp.CheckpointManager(directory, options=options,
-                               item_names=(STATE_ITEM, META_ITEM))
-
-
-def _save_replicated_arrays_once() -> None:
-  """orbax writes each replicated array from one replica (no slicing).
-
-  orbax's default on CPU/TPU ("replica-parallel") has every replica write
-  a slice of each replicated array, cut on its device: one small XLA
-  compile per array shape and device at the first save of each run (264
-  compiles, ~16 s of a 2-core CPU for configs/tiny.py; the end of a
-  2-process test launch waited 20-40 s on them). The train state is
-  replicated and small: replica 0 writes it whole, sharded arrays are
-  written shard by shard as before. Sets orbax's global jax.Array handler.
-  """
-  current = ocp.type_handlers.get_type_handler(jax.Array)
-  if getattr(current, '_use_replica_parallel', True):
-    handler = ocp.type_handlers.ArrayHandler(
-        use_replica_parallel=False,
-        array_metadata_store=getattr(current, '_array_metadata_store', None))
-    # orbax warns on every override ('Type handler registry type ...
-    # overriding jax.Array'); this one is ours and deliberate.
-    absl_logger = std_logging.getLogger('absl')
-    ours = lambda record: 'overriding' not in str(record.msg)
-    absl_logger.addFilter(ours)
-    try:
-      ocp.type_handlers.register_type_handler(jax.Array, handler,
-                                              override=True)
-    finally:
-      absl_logger.removeFilter(ours)
-
-
-def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any,
-                     meta: Dict[str, Any]) -> None:
-  """Saves a flax TrainState (with batch_stats) and json `meta` at `step`."""
-  tree = flax.serialization.to_state_dict(state)
-  manager.save(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardSave(tree),
-      META_ITEM: ocp.args.JsonSave(dict(meta))}))
-
-
-def restore_train_state(manager: ocp.CheckpointManager, state: Any,
-                        step: Optional[int] = None) -> Tuple[Any, Dict]:
-  """Restores a training checkpoint into the structure of `state`.
-
-  Args:
-    manager: from `make_train_manager`.
-    state: a TrainState (concrete or of jax.ShapeDtypeStructs with
-      shardings) giving the structure, dtypes and placement.
-    step: the step to restore; default the latest.
-
-  Returns:
-    (restored TrainState, meta dict).
-
-  Raises:
-    CheckpointError: no checkpoint, or one that does not fit `state`
-      (e.g. a different model config).
-  """
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f'no training checkpoint in {manager.directory}')
-  target = _abstract(state)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(target),
-        META_ITEM: ocp.args.JsonRestore()}))
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(
-        f'training checkpoint {manager.directory}/{step} does not match '
-        f'this model/optimizer config: {e}') from None
-  return (flax.serialization.from_state_dict(state, restored[STATE_ITEM]),
-          dict(restored[META_ITEM]))
-
-
-def _abstract(state: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a TrainState's state dict."""
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=getattr(x, 'sharding', None)),
-      flax.serialization.to_state_dict(state))
-
-
-def _shape(leaf: Any):
-  """A metadata/abstract leaf's shape, or 'missing' for None."""
-  return 'missing' if leaf is None else tuple(leaf.shape)
-
-
-def _read_state_item(step_dir: epath.Path) -> Dict[str, Any]:
-  """Reads a train step's state item in full; its metadata tree.
-
-  Raises:
-    IncompleteCheckpointError: not a finished save, or a file of it cannot
-      be read (`orbax_items.read_item`).
-  """
-  for name in ('_CHECKPOINT_METADATA', STATE_ITEM, META_ITEM):
-    if not (step_dir / name).exists():
-      raise IncompleteCheckpointError(f'{step_dir}: no {name} (not a '
-                                      'finished orbax save)')
-  try:
-    return orbax_items.read_item(step_dir / STATE_ITEM)
-  except orbax_items.UnreadableItemError as e:
-    raise IncompleteCheckpointError(str(e)) from None
-
-
-def check_train_step(manager: ocp.CheckpointManager, step: int,
-                     state: Any) -> None:
-  """Checks that step `step` reads fully into the structure of `state`.
-
-  Every array is read (`orbax_items.read_item`: no orbax restore, which
-  prints tracebacks long after a failed read) and the meta item parsed; the
-  caller then restores a step known to be complete.
-
-  Raises:
-    IncompleteCheckpointError: the step cannot be read (not finalised,
-      empty or half-written folder, a truncated or corrupt data file).
-    CheckpointError: the step is readable but holds another model or
-      optimizer (names the first differing array).
-  """
-  step_dir = epath.Path(manager.directory) / str(step)
-  saved = _read_state_item(step_dir)
-  flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
-  flat_target = dict(
-      jax.tree_util.tree_flatten_with_path(_abstract(state))[0])
-  for path in list(flat_target) + [p for p in flat_saved
-                                   if p not in flat_target]:
-    have, want = flat_saved.get(path), flat_target.get(path)
-    if have is None or want is None or _shape(have) != _shape(want):
-      raise CheckpointError(
-          f'training checkpoint {step_dir} does not match this model/'
-          f'optimizer config: {jax.tree_util.keystr(path)} is '
-          f'{_shape(have)} there, {_shape(want)} here' +
-          model_fit.implied_hint(flat_saved, flat_target))
-  try:
-    manager.restore(step, args=ocp.args.Composite(**{
-        META_ITEM: ocp.args.JsonRestore()}))
-  except Exception as e:  # pylint: disable=broad-except
-    raise IncompleteCheckpointError(f'{step_dir}: unreadable {META_ITEM} '
-                                    f'({orbax_items.reason(e)})') from None
-
-
-def newest_complete_step(manager: ocp.CheckpointManager,
-                         state: Any) -> Optional[int]:
-  """The newest step of `manager` that reads fully into `state`.
-
-  Every newer, incomplete step gets one warning naming it and the reason
-  and is moved aside to `{step}.incomplete` (by process 0; all processes
-  check the same shared files and agree), so the resumed run can save that
-  step again. Steps are read in full (the data files too): a truncated
-  array is found here, not half-way through the resume. Nothing is moved
-  unless a complete step is found. Call `make_train_manager` again after a
-  move (the manager caches its step list).
-
-  Returns:
-    The step, or None when the manager has no steps.
-
-  Raises:
-    CheckpointError: the newest readable step holds another model, or no
-      step is complete (nothing is moved then).
-  """
-  bad = []
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      check_train_step(manager, step, state)
-      break
-    except IncompleteCheckpointError as e:
-      bad.append((step, e))
+  if (directory / 'checkpoints').is_dir():
+    with TrainCheckpoints(directory, read_only=True) as ckpts:
+      found = ckpts.restore(
+          jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    if found is None:
+      raise CheckpointError(f'no training checkpoint in {ckpts.directory}')
+    found.tree = {k: found.tree[k] for k in ('params', 'batch_stats')}
   else:
-    if not bad:
-      return None
+    saved, metadata = saved_tree(directory)
+    if not saved or 'params' not in saved:
+      raise CheckpointError(
+          f'{directory} is not an ae_jax checkpoint (neither converted '
+          'variables nor a training workdir)')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = orbax_shims.placed(dict(saved), device)
+    with ocp.Checkpointer(orbax_shims.pytree_handler()) as ckptr, (
+        orbax_shims.failures_reported_once()):
+      try:
+        tree = ckptr.restore(directory,
+                             args=orbax_shims.restore_args(target))
+      except Exception as e:  # pylint: disable=broad-except  # any read error
+        raise CheckpointError(f'{directory}: {reason(e)} (a truncated or '
+                              'corrupt copy?)') from None
+    found = Restored(dict(tree), {}, Record.from_json(
+        metadata.custom_metadata), None)
+  found.tree = jax.tree_util.tree_map(np.asarray, found.tree)
+  return found
+
+
+def _check_resume(where, saved, saved_record: Optional[Record], want,
+                  record: Record) -> None:
+  """A step of another model, or trained on other keypoints, than this
+  run's is an error (not an unusable step to skip)."""
+  problem = shapes.mismatch(shapes.shapes_of(
+      {k: v for k, v in saved.items() if k in ('params', 'batch_stats')}),
+                            want)
+  if problem:
+    raise CheckpointError(f'training checkpoint {where} does not match '
+                          f'this model/optimizer config: {problem}')
+  diff = saved_record and saved_record.spec and record.spec and (
+      keypoints.spec_difference(saved_record.spec, record.spec,
+                                ('names', 'flip_index')))
+  if diff:
     raise CheckpointError(
-        f'no complete training checkpoint in {manager.directory} ('
-        + '; '.join(f'step {s}: {e}' for s, e in bad) + '); move the '
-        'folder away to start afresh')
-  sync = lambda name: None  # pylint: disable=unnecessary-lambda-assignment
-  if bad and jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    sync = multihost_utils.sync_global_devices
-  sync('ae_jax_checked_steps')
-  for bad_step, e in bad:
-    step_dir = epath.Path(manager.directory) / str(bad_step)
-    aside = step_dir.parent / f'{bad_step}.incomplete'
-    n = 1
-    while aside.exists():
-      n += 1
-      aside = step_dir.parent / f'{bad_step}.incomplete{n}'
-    logging.warning('Skipping incomplete checkpoint step %d: %s (moved to '
-                    '%s; resuming from step %d).', bad_step, e, aside.name,
-                    step)
-    if jax.process_index() == 0:
-      step_dir.rename(aside)
-  sync('ae_jax_moved_steps')
-  return step
+        f'training checkpoint {where} was trained on other keypoints than '
+        f'config.data.keypoints gives: {diff}; resume with the same '
+        'keypoints or train into a new --workdir')
+
+
+def restore_variables(directory: PathLike) -> Variables:
+  """`read_checkpoint(directory).tree`: {'params', 'batch_stats'}."""
+  return read_checkpoint(directory).tree
+
+
+def saved_tree(directory: epath.Path):
+  """(the saved tree or None, orbax's StepMetadata) of a PyTree folder."""
+  try:
+    with ocp.Checkpointer(orbax_shims.pytree_handler()) as ckptr:
+      metadata = ckptr.metadata(directory)
+  except Exception:  # pylint: disable=broad-except  # not an orbax folder
+    return None, None
+  saved = metadata.item_metadata
+  return getattr(saved, 'tree', saved), metadata

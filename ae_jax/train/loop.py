@@ -14,11 +14,13 @@ through etils.epath):
   train.lock            pid/host of the running trainer (ae_jax.train.workdir_lock)
 TensorBoard scalars and summary.json are written by process 0 only.
 
-Resume takes the newest *complete* checkpoint (ae_jax.train.checkpoints
-.newest_complete_step: an empty, half-written or truncated newest step is
-skipped with a warning and moved aside). Preemption (SIGTERM to any one
-process) stops every process after the same step, saves it and returns
-with summary['preempted'] (train.py then exits with PREEMPTED_EXIT_CODE).
+Resume takes the newest usable checkpoint, read once
+(ae_jax.train.checkpoints.TrainCheckpoints.restore: an empty, half-written
+or truncated newer step is skipped with a warning and moved aside); every
+checkpoint records the model config and keypoint spec of the run. Preemption
+(SIGTERM to any one process) stops every process after the same step, saves
+it and returns with summary['preempted'] (train.py then exits with
+PREEMPTED_EXIT_CODE).
 """
 
 import contextlib
@@ -40,6 +42,7 @@ from ae_jax.train import checkpoints
 from ae_jax import config_checks
 from ae_jax import keypoints
 from ae_jax import sharding
+from ae_jax.data import coco
 from ae_jax.train import state as train_state
 from ae_jax.train import step as train_step
 from ae_jax.train import workdir_lock
@@ -219,7 +222,6 @@ def skipped_images(dataset) -> Dict[str, int]:
   """
   counts = dict(getattr(dataset, 'skipped', None) or {})
   if jax.process_count() > 1:
-    from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     runtime = [coco.MISSING, coco.CORRUPT]
     skips = getattr(dataset, 'skips', None)
@@ -231,23 +233,28 @@ def skipped_images(dataset) -> Dict[str, int]:
   return {k: int(v) for k, v in sorted(counts.items()) if v}
 
 
-def _resume_or_init(state, manager, resume_step, init_checkpoint: str):
-  """The state of the latest checkpoint, else `init_checkpoint`'s weights."""
-  if resume_step is not None:
-    state, meta = checkpoints.restore_train_state(manager, state,
-                                                  resume_step)
-    if int(meta['data_position']) != resume_step:
+def _start_state(config, resumed, model, tx, mesh, rng):
+  """(state, shardings): the resumed step's, else a new one (initialised
+  from config.train.init_checkpoint's weights if set)."""
+  args = (model, tx, config.data.input_size, mesh,
+          config.optim.shard_opt_state)
+  if resumed is not None:
+    if int(resumed.meta['data_position']) != resumed.step:
       raise checkpoints.CheckpointError(
-          f'checkpoint {resume_step}: data_position '
-          f'{meta["data_position"]} != step')
-    logging.info('Resumed from %s at step %d.', manager.directory,
-                 resume_step)
-  elif init_checkpoint:
+          f'checkpoint {resumed.step}: data_position '
+          f'{resumed.meta["data_position"]} != step')
+    return train_state.state_from_checkpoint(resumed.tree, *args)
+  state, shardings = train_state.create_train_state(rng, *args)
+  # A strong int32 step (flax's is weak-typed), as a restored one: fresh
+  # and resumed runs then compile the same step (one persistent-cache
+  # entry, which the reruns of a preempted job load).
+  state = state.replace(step=sharding.put_replicated(np.int32(0), mesh))
+  if config.train.init_checkpoint:
     state, loaded = train_state.load_pretrained(
-        state, checkpoints.restore_variables(init_checkpoint),
-        init_checkpoint)
+        state, checkpoints.restore_variables(config.train.init_checkpoint),
+        config.train.init_checkpoint)
     logging.info('%s', loaded)
-  return state
+  return state, shardings
 
 
 _MEETINGS = [0]  # barriers so far in this process (their ids must differ)
@@ -323,9 +330,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Raises:
     config_checks.ConfigError: a config value that cannot work (names it).
-    workdir_lock.WorkdirLockedError: another trainer uses `workdir`.
-    checkpoints.CheckpointError: the newest complete checkpoint holds
-      another model.
+    workdir_lock.WorkdirError: another trainer uses `workdir`, or it
+      cannot be used (a file, converted weights, not writable).
+    checkpoints.CheckpointError: the newest usable checkpoint holds
+      another model or keypoints; a checkpoint could not be written.
     NonFiniteLossError: a NaN/inf metric; the last good checkpoint stays.
   """
   workdir = checkpoints.as_path(workdir)
@@ -335,45 +343,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   config_checks.check_train_config(config, mesh.size, jax.process_count())
   global_batch = t.global_batch_size
   # Every resource is closed here, in reverse order, also on errors; the
-  # manager's close waits for the asynchronous saves.
+  # checkpoints' close waits for the asynchronous saves.
   with contextlib.ExitStack() as resources:
     resources.enter_context(workdir_lock.WorkdirLock(workdir))
-    manager = checkpoints.make_train_manager(workdir,
-                                             t.keep_checkpoints)
-    resources.callback(lambda: manager.close())  # the current one
-    resume_step = manager.latest_step()
-    start_step = step = resume_step or 0
-    spec = keypoints.resolve_spec(config.data)  # the one source of K
+    spec = coco.resolve_spec(config.data)  # the one source of K
     if is_main:
       logging.info('Keypoints (%s): %s', config.data.keypoints.source,
                    describe_spec(spec))
+    record = checkpoints.Record(
+        {**config.model, 'num_joints': spec.num_joints}, spec)
+    ckpts = resources.enter_context(checkpoints.TrainCheckpoints(
+        workdir, t.keep_checkpoints))
+    # One scan for the newest usable step, which is read once.
+    resumed = ckpts.restore(sharding.replicated(mesh), record)
+    start_step = step = resumed.step if resumed else 0
     dataset = make_dataset(config, start_step, spec)
     num_examples = int(dataset.num_examples)
     epoch_steps = train_state.steps_per_epoch(num_examples, global_batch)
     total_steps = config_checks.total_steps(t, epoch_steps)
     lr_fn = _lr_schedule(config.optim, global_batch, epoch_steps)
-    model = ae_model.create_model(
-        {**config.model, 'num_joints': spec.num_joints}, kernels)
+    model = ae_model.create_model(record.model, kernels)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     # torch Adam defaults: betas (0.9, 0.999), eps 1e-8.
-    state, state_shardings = train_state.create_train_state(
-        init_rng, model, optax.adam(lr_fn), config.data.input_size, mesh,
-        config.optim.shard_opt_state)
-    # A strong int32 step (flax's is weak-typed), as a restored one: fresh
-    # and resumed runs then compile the same step (one persistent-cache
-    # entry, which the reruns of a preempted job load).
-    state = state.replace(step=sharding.put_replicated(np.int32(0), mesh))
-    if resume_step is not None:
-      complete = checkpoints.newest_complete_step(manager, state)
-      if complete != resume_step:  # incomplete steps were moved aside
-        manager.close()
-        manager = checkpoints.make_train_manager(workdir,
-                                                 t.keep_checkpoints)
-        resume_step = complete
-        start_step = step = resume_step or 0
-        dataset = make_dataset(config, start_step, spec)
-    state = _resume_or_init(state, manager, resume_step, t.init_checkpoint)
-    last_good = resume_step
+    state, state_shardings = _start_state(config, resumed, model,
+                                          optax.adam(lr_fn), mesh, init_rng)
+    if resumed:
+      logging.info('Resumed from %s at step %d.', ckpts.directory,
+                   start_step)
+    last_good = resumed.step if resumed else None
     step_fn = train_step.make_train_step(
         mesh, state_shardings, model=model, lr_fn=lr_fn,
         num_joints=spec.num_joints, sigma=config.data.sigma,
@@ -422,9 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           writer.write_scalars(step, mean)
           writer.flush()
         if save:
-          checkpoints.save_train_state(manager, step, state, {
+          ckpts.save(step, state, {
               'step': step, 'data_position': step, 'seed': config.seed,
-              'global_batch_size': global_batch})
+              'global_batch_size': global_batch}, record)
           last_good = step
     except NonFiniteLossError as e:
       kept = (f'last good checkpoint: step {last_good} in '

@@ -9,17 +9,18 @@ import math
 from typing import Any, Dict, Sequence, Tuple
 
 from absl import logging
+import flax
 from flax.training import train_state as flax_train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ae_jax.train import checkpoints
-from ae_jax import convert
 from ae_jax import sharding
 from ae_jax.data import transforms
+from ae_jax.models import shapes
 from ae_jax.models.ae_model import AEModel
+from ae_jax.train import checkpoints
 
 
 class TrainState(flax_train_state.TrainState):
@@ -106,6 +107,49 @@ def create_train_state(rng: jax.Array, model: AEModel,
   Returns:
     (state, state_shardings).
   """
+  init, abstract, shardings = _init_fn(rng, model, tx, input_size, mesh,
+                                       shard_opt_state)
+  # XLA:CPU spends 10-30 s optimising the ~150 random initialisers of a
+  # program that runs once; unoptimised code initialises in milliseconds.
+  on_cpu = mesh.devices.flat[0].platform == 'cpu'
+  options = {'xla_backend_optimization_level': 0} if on_cpu else None
+  init_fn = jax.jit(init, out_shardings=shardings)
+  state = init_fn.lower(rng).compile(compiler_options=options)(rng)
+  return state, shardings
+
+
+def state_from_checkpoint(tree: Dict[str, Any], model: AEModel,
+                          tx: optax.GradientTransformation, input_size,
+                          mesh: jax.sharding.Mesh,
+                          shard_opt_state: bool = False
+                          ) -> Tuple[TrainState, Any]:
+  """A TrainState from a checkpoint's state dict, placed as
+  `create_train_state` places a new one (nothing is initialised).
+
+  Args:
+    tree: flax state dict {'step', 'params', 'batch_stats', 'opt_state'}
+      of jax arrays (checkpoints.TrainCheckpoints.restore).
+    model, tx, input_size, mesh, shard_opt_state: as create_train_state.
+
+  Returns:
+    (state, state_shardings).
+
+  Raises:
+    checkpoints.CheckpointError: `tree` is another optimizer's state.
+  """
+  _, abstract, shardings = _init_fn(jax.random.key(0), model, tx,
+                                    input_size, mesh, shard_opt_state)
+  try:
+    state = flax.serialization.from_state_dict(abstract, tree)
+  except (ValueError, KeyError, TypeError) as e:
+    raise checkpoints.CheckpointError(
+        f'the checkpoint does not match this model/optimizer config: {e}'
+    ) from None
+  return jax.device_put(state, shardings), shardings
+
+
+def _init_fn(rng, model, tx, input_size, mesh, shard_opt_state):
+  """(init(key) -> TrainState, its abstract state, the state shardings)."""
   width, height = transforms.as_wh(input_size)
 
   def init(key):
@@ -116,14 +160,8 @@ def create_train_state(rng: jax.Array, model: AEModel,
                              batch_stats=variables['batch_stats'])
 
   abstract = jax.eval_shape(init, rng)
-  shardings = sharding.state_shardings(abstract, mesh, shard_opt_state)
-  # XLA:CPU spends 10-30 s optimising the ~150 random initialisers of a
-  # program that runs once; unoptimised code initialises in milliseconds.
-  on_cpu = mesh.devices.flat[0].platform == 'cpu'
-  options = {'xla_backend_optimization_level': 0} if on_cpu else None
-  init_fn = jax.jit(init, out_shardings=shardings)
-  state = init_fn.lower(rng).compile(compiler_options=options)(rng)
-  return state, shardings
+  return init, abstract, sharding.state_shardings(abstract, mesh,
+                                                  shard_opt_state)
 
 
 def load_pretrained(state: TrainState, variables: Dict[str, Any],
@@ -153,24 +191,26 @@ def load_pretrained(state: TrainState, variables: Dict[str, Any],
     checkpoints.CheckpointError: the backbone does not fit the model; the
       message names the widen_factor the checkpoint implies.
   """
-  have = {c: variables.get(c) or {} for c in ('params', 'batch_stats')}
-  want = {'params': state.params, 'batch_stats': state.batch_stats}
-  if not _fits(want, have, 'backbone'):
-    got, mine = _model_kwargs(have), _model_kwargs(want)
+  have = shapes.shapes_of({c: variables.get(c) or {}
+                           for c in ('params', 'batch_stats')})
+  want = shapes.shapes_of({'params': state.params,
+                           'batch_stats': state.batch_stats})
+  fits = lambda *under: not shapes.differing(have, want, under)
+  got, mine = shapes.implied_config(have), shapes.implied_config(want)
+  if not fits('backbone'):
     raise checkpoints.CheckpointError(
         f'init checkpoint {source}: its backbone does not fit the model '
         f'(checkpoint widen_factor={got.get("widen_factor", "?")}, '
         f'config.model.widen_factor={mine.get("widen_factor")})')
   load = ['backbone']
-  if 'keypoint_head' not in have['params']:
+  if not any(p[1] == 'keypoint_head' for p in have):
     what = 'backbone (backbone-only checkpoint; head initialised)'
-  elif _fits(want, have, 'keypoint_head'):
+  elif fits('keypoint_head'):
     load.append('keypoint_head')
     what = 'backbone and head'
   else:
-    got, mine = _model_kwargs(have), _model_kwargs(want)
-    deconv = want['params']['keypoint_head'].keys() - {'final_layer'}
-    if all(_fits(want, have, 'keypoint_head', n) for n in deconv):
+    deconv = state.params['keypoint_head'].keys() - {'final_layer'}
+    if all(fits('keypoint_head', n) for n in deconv):
       load += [('keypoint_head', n) for n in deconv]
       part, key = 'keypoint_head.final_layer', 'num_joints'
     else:
@@ -182,15 +222,16 @@ def load_pretrained(state: TrainState, variables: Dict[str, Any],
         'init checkpoint %s: %s re-initialised: the checkpoint has %s=%s, '
         '%s has %s.', source, part, key, got.get(key), where, mine.get(key))
   new = {}
-  for col, tree in want.items():
+  for col, tree in (('params', state.params),
+                    ('batch_stats', state.batch_stats)):
     tree = dict(tree)
     for where in load:
       top, *sub = (where,) if isinstance(where, str) else where
       if sub and sub[0] in tree[top]:
         tree[top] = {**tree[top], sub[0]: _put(tree[top][sub[0]],
-                                               have[col][top][sub[0]])}
+                                               variables[col][top][sub[0]])}
       elif not sub and top in tree:
-        tree[top] = _put(tree[top], have[col][top])
+        tree[top] = _put(tree[top], variables[col][top])
     new[col] = tree
   state = state.replace(params=new['params'], batch_stats=new['batch_stats'])
   return state, (f'Initialised {what} (params and BatchNorm statistics) '
@@ -198,55 +239,8 @@ def load_pretrained(state: TrainState, variables: Dict[str, Any],
                  f'{int(state.step)} with fresh Adam moments.')
 
 
-def _fits(want, have, *where) -> bool:
-  """Whether `have` has `want`'s tree and shapes below `where`, both
-  collections (a module without BatchNorm has no batch_stats entry)."""
-  for col in ('params', 'batch_stats'):
-    a, b = want[col], have[col]
-    for name in where:
-      a, b = a.get(name), (b or {}).get(name)
-    if a is None:
-      continue
-    if b is None or (jax.tree_util.tree_structure(a) !=
-                     jax.tree_util.tree_structure(b)):
-      return False
-    if any(tuple(x.shape) != tuple(np.shape(y)) for x, y in
-           zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))):
-      return False
-  return True
-
-
 def _put(current, new):
   """Host arrays `new` placed like `current` (same dtype and sharding)."""
   return jax.tree_util.tree_map(
       lambda c, n: jax.device_put(np.asarray(n, c.dtype), c.sharding),
       current, new)
-
-
-def _model_kwargs(variables) -> Dict[str, Any]:
-  """widen_factor, num_deconv_filters, num_joints of AEModel variables,
-  read off their shapes (for messages; absent where unknown)."""
-  params = variables['params']
-  head = params.get('keypoint_head', {})
-  out: Dict[str, Any] = {}
-  deconvs = sorted((int(n.rsplit('_', 1)[1]), n) for n in head
-                   if n.startswith('deconv_layers_') and 'kernel' in head[n])
-  filters = [int(np.shape(head[n]['kernel'])[-1]) for _, n in deconvs]
-  if filters:
-    out['num_deconv_filters'] = tuple(filters)
-  if 'kernel' in head.get('final_layer', {}):
-    out['num_joints'] = int(np.shape(head['final_layer']['kernel'])[-1]) // 2
-  backbone = {col: {'backbone': variables[col].get('backbone', {})}
-              for col in ('params', 'batch_stats')}
-  shapes = {tuple(k.key for k in path): tuple(np.shape(x)) for path, x in
-            jax.tree_util.tree_leaves_with_path(backbone)}
-  last = shapes.get(('params', 'backbone', 'layer7_0', 'conv_2', 'conv',
-                     'kernel'))
-  candidates = list(convert.KNOWN_WIDTHS)
-  if last:
-    candidates.insert(0, round(last[-1] / 320, 4))
-  for width in dict.fromkeys(candidates):
-    if convert.expected_shapes({'widen_factor': width}, True) == shapes:
-      out['widen_factor'] = width
-      break
-  return out

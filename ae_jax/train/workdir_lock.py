@@ -1,5 +1,10 @@
 """One trainer per workdir: `{workdir}/train.lock` holds its pid and host.
 
+Taking the lock is also where the workdir is checked before any work: a
+file, a folder holding a variables checkpoint (converted weights belong in
+config.train.init_checkpoint) or one that cannot be written is one
+WorkdirError naming the path and the cause.
+
 A second train.py on the same workdir stops with one line naming the
 holder instead of both writing the same checkpoints. The lock file is json
 {'pid', 'host', 'time'}; it is removed when training ends (also on errors
@@ -28,11 +33,17 @@ from typing import Optional
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 LOCK_NAME = 'train.lock'
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirError(RuntimeError):
+  """A --workdir this run cannot use (message: the path and why)."""
+
+
+class WorkdirLockedError(WorkdirError):
   """Another live trainer holds the workdir."""
 
 
@@ -87,16 +98,28 @@ class WorkdirLock:
     self.path = epath.Path(workdir) / LOCK_NAME
     self._mine: Optional[str] = None
 
-  def _acquire(self) -> Optional[str]:
-    """Takes the lock; returns the refusal message if it cannot."""
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+  def _acquire(self) -> None:
+    """Checks the workdir and takes the lock (WorkdirError if it cannot)."""
+    workdir = self.path.parent
+    if workdir.exists() and not workdir.is_dir():
+      raise WorkdirError(f'--workdir {workdir} is a file, not a folder')
+    if (workdir / '_CHECKPOINT_METADATA').exists():  # orbax's, at the top
+      raise WorkdirError(
+          f'--workdir {workdir} holds a variables checkpoint (converted '
+          'weights): train into a new --workdir and pass this one as '
+          '--config.train.init_checkpoint')
     host = socket.gethostname()
     mine = json.dumps({'pid': os.getpid(), 'host': host,
                        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
     for _ in range(3):  # a stale lock removed by us, or a race lost
-      if _write_new(self.path, mine):
-        self._mine = mine
-        return None
+      try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if _write_new(self.path, mine):
+          self._mine = mine
+          return
+      except OSError as e:
+        raise WorkdirError(f'cannot write --workdir {workdir}: '
+                           f'{e.strerror or e}') from None
       holder = _holder(self.path)
       if holder is None:
         continue  # released meanwhile
@@ -107,24 +130,28 @@ class WorkdirLock:
                         '(no longer running).', self.path, pid, host)
         self.path.unlink(missing_ok=True)
         continue
-      return (f'workdir {self.path.parent} is in use by another trainer '
-              f'(pid {pid} on host {where}, since {holder.get("time")}); '
-              f'wait for it, use another --workdir, or delete {self.path} '
-              'if that job is gone')
-    return f'could not take the lock {self.path} (it keeps changing)'
+      raise WorkdirLockedError(
+          f'workdir {workdir} is in use by another trainer (pid {pid} on '
+          f'host {where}, since {holder.get("time")}); wait for it, use '
+          f'another --workdir, or delete {self.path} if that job is gone')
+    raise WorkdirLockedError(
+        f'could not take the lock {self.path} (it keeps changing)')
 
   def __enter__(self):
-    message = self._acquire() if jax.process_index() == 0 else None
+    error = None
+    if jax.process_index() == 0:
+      try:
+        self._acquire()
+      except WorkdirError as e:
+        error = e
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      import numpy as np  # pylint: disable=g-import-not-at-top
       refused = int(multihost_utils.broadcast_one_to_all(
-          np.int32(message is not None)))
-      if refused and message is None:
-        message = (f'workdir {self.path.parent} is in use by another '
-                   f'trainer (see process 0: {self.path})')
-    if message:
-      raise WorkdirLockedError(message)
+          np.int32(error is not None)))
+      if refused and error is None:
+        error = WorkdirError(f'workdir {self.path.parent} cannot be taken '
+                             f'(see process 0: {self.path})')
+    if error:
+      raise error
     return self
 
   def __exit__(self, *exc):
