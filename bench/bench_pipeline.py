@@ -259,18 +259,19 @@ def sized_root(num_images: int, folder: str) -> str:
 def gil_profile(num: int):
   """Host loader CPU ms per example: total and inside GIL-free cv2 calls.
 
-  Calls pipeline.make_loader's loader directly (one thread) with the
+  Calls example_loader.make_loader's loader directly (one thread) with the
   augmentation the pipeline draws, and accumulates the thread CPU time
   spent inside cv2.imdecode / warpAffine / flip, which release the GIL.
   The rest holds it.
   """
-  from ae_jax.data import coco, pipeline  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import coco, example_loader, pipeline
   index = coco.load_coco_index(ROOT, SPLIT)
-  load = pipeline.make_loader(
+  load = example_loader.make_loader(
       coco.ExampleSource(index.examples, index.image_dir), input_wh=(S, S),
       heatmap_wh=(H, H), scale_type='short', trans_factor=40.0,
       max_people=M)
-  skips = pipeline.SkipCounter()
+  skips = example_loader.SkipCounter()
   spent = [0.0]
   originals = {n: getattr(cv2, n) for n in ('imdecode', 'warpAffine', 'flip')}
 

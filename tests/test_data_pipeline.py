@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from ae_jax.data import coco
+from ae_jax.data import example_loader
 from ae_jax.data import pipeline
 from ae_jax.data import transforms
 
@@ -114,14 +115,15 @@ def test_the_stream_is_the_tf_pipelines(coco_mini_root):
   for e, perm in perms.items():
     np.testing.assert_array_equal(pipeline.epoch_permutation(11, e, 4), perm)
   index = coco.load_coco_index(str(coco_mini_root), 'val2017')
-  load = pipeline.make_loader(
+  load = example_loader.make_loader(
       coco.ExampleSource(index.examples, index.image_dir), input_wh=(64, 64),
       heatmap_wh=(16, 16), scale_type='short', trans_factor=40.0,
       max_people=30)
   batches = _take(_make(coco_mini_root, seed=11, global_batch_size=3), 2)
   for g in range(6):
     b = batches[g // 3]
-    example = load(perms[g // 4][g % 4], want[g], pipeline.SkipCounter())
+    example = load(perms[g // 4][g % 4], want[g],
+                   example_loader.SkipCounter())
     for key, value in zip(('image', 'mask', 'keypoints'), example):
       np.testing.assert_array_equal(b[key][g % 3], value)
 
@@ -250,7 +252,8 @@ def test_unreadable_dataset_fails_clearly(coco_mini_root, tmp_path,
   shutil.copytree(coco_mini_root, root)
   for f in (root / 'val2017').iterdir():
     f.write_bytes(b'')
-  with pytest.raises(pipeline.InputDataError, match='could not be read'):
+  with pytest.raises(example_loader.InputDataError,
+                     match='could not be read'):
     _take(_make(root, workers=workers), 1)
 
 

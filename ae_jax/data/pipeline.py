@@ -19,10 +19,10 @@ would shift every later batch and break resume): the example is replaced
 by the next usable image in index order, with its own annotations, so
 targets stay right. The worker returns the replacements of a batch with
 it; the training process counts them per reason and logs each file once
-(`SkipCounter`).
+(example_loader.SkipCounter).
 
 Where the work runs: the whole host batch, per example read and decode,
-ignore mask, the two warps, the flip (`ExampleLoader`), and the batch
+ignore mask, the two warps, the flip (example_loader.py), and the batch
 assembly, runs in one of `workers` processes (grain `mp_prefetch` over a
 `MapDataset` of batch indices; worker w makes batches w, w + n, ... and
 grain hands them back in order through shared memory). The training
@@ -50,10 +50,8 @@ heatmap size is the input size / 4, checked by transforms.train_sizes):
               (device_targets.render_targets)
 """
 
-import collections
 import functools
 import os
-import threading
 import weakref
 
 from absl import flags
@@ -63,11 +61,11 @@ import numpy as np
 
 from ae_jax import keypoints as keypoints_lib
 from ae_jax.data import coco as coco_lib
+from ae_jax.data import example_loader
 from ae_jax.data import stateless_random
 from ae_jax.data import transforms
 from ae_jax.data import workers as workers_lib
 
-_MAX_REPLACEMENTS = 64  # consecutive unreadable images before giving up
 _SALT_PERMUTATION = 0x5EED
 _SALT_AUGMENT = 0xA06
 _END_STEP = 2**62  # the stream is infinite; grain's range needs an end
@@ -77,128 +75,6 @@ _MAX_AUTO_WORKERS = 32  # workers = -1: enough for an 8-chip TPU host
 def auto_workers() -> int:
   """workers = -1: the CPUs this process may use, minus one, 1 to 32."""
   return max(1, min(_MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) - 1))
-
-
-class InputDataError(RuntimeError):
-  """Too many consecutive images could not be used (the data is broken)."""
-
-
-class SkipCounter:
-  """Thread-safe counts of replaced examples by reason (logs each file once).
-
-  Attributes:
-    counts: reason -> replacements so far.
-    files: file name -> reason, every file replaced so far.
-  """
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self.counts = collections.Counter()
-    self.files: dict[str, str] = {}
-
-  def add(self, reason: str, name: str, n: int = 1, detail: str = '') -> None:
-    with self._lock:
-      self.counts[reason] += n
-      if name not in self.files:
-        self.files[name] = reason
-        logging.warning('Skipping %s (%s%s): replaced by the next image.',
-                        name, reason, f': {detail}' if detail else '')
-
-
-class ExampleLoader:
-  """Index + augmentation draws -> one train example (picklable, host cv2).
-
-  Decode, affine and flip run in cv2/numpy (GIL-free in the heavy calls,
-  the decoder and warps mmpose uses, so images and masks match it
-  exactly); the targets are rendered on device from the keypoints.
-  """
-
-  def __init__(self, source: coco_lib.ExampleSource, *,
-               input_wh: tuple[int, int], heatmap_wh: tuple[int, int],
-               scale_type: str, trans_factor: float, max_people: int,
-               flip_index=keypoints_lib.COCO.flip_index):
-    """See make_loader."""
-    self.source = source
-    self.input_wh, self.heatmap_wh = tuple(input_wh), tuple(heatmap_wh)
-    self.scale_type, self.trans_factor = scale_type, trans_factor
-    self.max_people = max_people
-    self.flip_index = tuple(int(j) for j in flip_index)
-
-  def _read(self, i: int, skips, step: int):
-    """(index, example, decoded image) of the first usable image from i."""
-    for _ in range(_MAX_REPLACEMENTS):
-      ex = self.source.examples[i]
-      workers_lib.note(step, ex.file_name)
-      try:
-        image = coco_lib.decode_image(self.source.image(i), ex.file_name)
-        if image.shape[:2] == (ex.height, ex.width):
-          return ex, image
-        # Not the annotated image: its keypoints and masks would land
-        # elsewhere (or outside), so it is replaced like an unreadable one.
-        skips.add(coco_lib.SIZE_MISMATCH, ex.file_name, detail=(
-            f'{image.shape[1]}x{image.shape[0]} file, {ex.width}x'
-            f'{ex.height} in the annotations'))
-      except coco_lib.ImageError as e:
-        skips.add(e.reason, ex.file_name)
-      i = (i + 1) % len(self.source)
-    raise InputDataError(
-        f'{_MAX_REPLACEMENTS} consecutive COCO images could not be read or '
-        f'had the wrong size (last: {ex.file_name}); check the data.')
-
-  def __call__(self, index: int, params, skips, step: int = -1):
-    """Loads example `index` (or its replacement) with draws `params`.
-
-    Args:
-      index: example index in the source.
-      params: [5] (rot, scale, u_dx, u_dy, flip), `sample_augmentation`.
-      skips: `.add(reason, name, detail=...)` for each replaced image.
-      step: the batch being made (named if the process dies here).
-
-    Returns:
-      image [H, W, 3] uint8, mask [h, w] uint8, keypoints [M, K, 3]
-      float32 in heatmap pixels.
-    """
-    ex, image = self._read(int(index), skips, step)
-    height, width = image.shape[:2]
-    ignore = coco_lib.decode_ignore_mask(ex.ignore_rle, ex.height, ex.width)
-    rot, scale, u_dx, u_dy, flip = (float(v) for v in params)
-    aug = transforms.AugParams(
-        rot=rot, scale=scale,
-        dx=transforms.shift_from_uniform(u_dx, width, scale,
-                                         self.trans_factor),
-        dy=transforms.shift_from_uniform(u_dy, height, scale,
-                                         self.trans_factor),
-        flip=flip > 0.5)
-    out, mask, joints = transforms.transform_example(
-        image, ignore, ex.keypoints[:self.max_people], aug, self.input_wh,
-        self.heatmap_wh, self.scale_type, self.flip_index)
-    keypoints = np.zeros((self.max_people, len(self.flip_index), 3),
-                         np.float32)
-    keypoints[:joints.shape[0]] = joints
-    return out, mask, keypoints
-
-
-def make_loader(source: coco_lib.ExampleSource, *, input_wh, heatmap_wh,
-                scale_type: str, trans_factor: float, max_people: int,
-                flip_index=keypoints_lib.COCO.flip_index) -> ExampleLoader:
-  """The per-example host work (what the workers run for each example).
-
-  Args:
-    source: the examples.
-    input_wh: network input (W, H).
-    heatmap_wh: target map (w, h).
-    scale_type: 'short' or 'long'.
-    trans_factor: max center shift (mmpose units), 0 = none.
-    max_people: M, the people kept (the first M of the image).
-    flip_index: [K] mirrored joint of each joint (KeypointSpec.flip_index).
-
-  Returns:
-    load(index, params, skips, step=-1) -> (image [H, W, 3] uint8,
-    mask [h, w] uint8, keypoints [M, K, 3] float32 in heatmap pixels).
-  """
-  return ExampleLoader(source, input_wh=input_wh, heatmap_wh=heatmap_wh,
-                       scale_type=scale_type, trans_factor=trans_factor,
-                       max_people=max_people, flip_index=flip_index)
 
 
 def sample_augmentation(seed: int, positions, rot_factor: float,
@@ -242,16 +118,6 @@ def epoch_permutation(seed: int, epoch: int, num: int) -> np.ndarray:
       num, *stateless_random.fold_in(seed, _SALT_PERMUTATION, epoch))
 
 
-class _SkipLog:
-  """The replacements made while loading one batch (in a worker)."""
-
-  def __init__(self):
-    self.entries = []
-
-  def add(self, reason: str, name: str, n: int = 1, detail: str = ''):
-    self.entries.extend([(reason, name, detail)] * n)
-
-
 class HostBatches:
   """Step s -> (this host's batch s, its replacements); picklable.
 
@@ -259,7 +125,7 @@ class HostBatches:
   replacement is (reason, file name, detail).
   """
 
-  def __init__(self, load: ExampleLoader, *, seed: int,
+  def __init__(self, load: example_loader.ExampleLoader, *, seed: int,
                global_batch_size: int, process_index: int,
                local_batch: int, augmentation: dict):
     self._load, self._seed = load, seed
@@ -287,7 +153,7 @@ class HostBatches:
         'mask': np.empty((self._local, hh, hw), np.uint8),
         'keypoints': np.empty((self._local, self._load.max_people,
                                len(self._load.flip_index), 3), np.float32)}
-    skips = _SkipLog()
+    skips = example_loader.SkipLog()
     for i, g in enumerate(positions.tolist()):
       epoch, j = divmod(g, num)
       example = self._load(self._permutation(epoch)[j], params[i], skips,
@@ -309,7 +175,7 @@ class HostBatchIterator:
   `close()` (also when garbage collected) stops the workers.
   """
 
-  def __init__(self, iterator, skips: SkipCounter,
+  def __init__(self, iterator, skips: example_loader.SkipCounter,
                status: workers_lib.WorkerStatus | None):
     self._iterator, self._skips, self._status = iterator, skips, status
     self._finalizer = weakref.finalize(self, _close, iterator, status)
@@ -354,7 +220,7 @@ class TrainDataset:
     self._batches, self._start = batches, int(start_step)
     self.num_examples = num_examples
     self.skipped_in_index = skipped_in_index
-    self.skips = SkipCounter()
+    self.skips = example_loader.SkipCounter()
     self.workers, self._buffer = workers, worker_buffer
 
   @property
@@ -475,10 +341,10 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
   for reason, ids in skipped_in_index.items():
     logging.info('COCO %s: skipped %d images (%s).', split, len(ids), reason)
   logging.info('COCO %s: %d training images.', split, len(src))
-  load = make_loader(src, input_wh=(in_w, in_h), heatmap_wh=(hm_w, hm_h),
-                     scale_type=scale_type,
-                     trans_factor=trans_factor if augment else 0.0,
-                     max_people=max_people, flip_index=flip_index)
+  load = example_loader.make_loader(
+      src, input_wh=(in_w, in_h), heatmap_wh=(hm_w, hm_h),
+      scale_type=scale_type, trans_factor=trans_factor if augment else 0.0,
+      max_people=max_people, flip_index=flip_index)
   batches = HostBatches(
       load, seed=seed, global_batch_size=global_batch_size,
       process_index=process_index, local_batch=local_batch,
