@@ -18,7 +18,8 @@ with the same --workdir resumes from the newest complete checkpoint. One
 trainer per workdir (train.lock). Exit codes:
   0    done (num_steps reached)
   1    an `error: ...` line: bad flag/config value, workdir in use,
-       unusable checkpoint, NaN/inf loss (the last good checkpoint stays)
+       unusable checkpoint, NaN/inf loss, unreadable images, an input
+       worker process that died (the last good checkpoint stays)
   143  preempted: SIGTERM to any process saved the same step on all of
        them; rerun the same command to resume (schedulers: requeue)
   134  (multi-process) another process died; rerun resumes from the last
@@ -91,6 +92,8 @@ def main(argv):
   from ae_jax import keypoints  # pylint: disable=g-import-not-at-top
   from ae_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
   from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import example_loader  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import workers  # pylint: disable=g-import-not-at-top
   code = 0
   try:
     summary = loop.train_and_evaluate(config, _WORKDIR.value,
@@ -103,7 +106,8 @@ def main(argv):
   except (loop.NonFiniteLossError, config_checks.ConfigError,
           workdir_lock.WorkdirLockedError, checkpoints.CheckpointError,
           FileNotFoundError, coco.AnnotationError,
-          keypoints.KeypointSpecError) as e:  # user errors, data included
+          keypoints.KeypointSpecError, example_loader.InputDataError,
+          workers.InputWorkerError) as e:  # user errors, data included
     logging.flush()
     print(f'error: {e}', file=sys.stderr)
     code = 1

@@ -179,6 +179,12 @@ def make_global_batch(host_batch: Dict[str, np.ndarray],
   """
   sharding = batch_sharding(mesh)
   local = len(mesh.local_devices)
+  # The CPU backend aliases a page-aligned host array instead of copying
+  # it, so a batch in the input workers' shared memory (data/pipeline.py)
+  # would stay mapped, and its block unreleased, as long as the device
+  # array lives (blocks still held at exit are reported as leaked): copy
+  # it there. GPU/TPU copy to the device and release the host array.
+  private = mesh.local_devices[0].platform == 'cpu'
   out = {}
   for name, value in host_batch.items():
     if value.shape[0] % local:
@@ -186,7 +192,8 @@ def make_global_batch(host_batch: Dict[str, np.ndarray],
           f'host batch "{name}" has {value.shape[0]} examples, not a '
           f'multiple of the {local} local devices; choose a global batch '
           f'size divisible by {mesh.size}')
-    out[name] = jax.make_array_from_process_local_data(sharding, value)
+    out[name] = jax.make_array_from_process_local_data(
+        sharding, np.array(value) if private else value)
   return out
 
 

@@ -1,6 +1,6 @@
 """Train input throughput with N worker processes (and vs mmpose-style).
 
-Run:  python -m bench.bench_pipeline --workers N [--examples 384]
+Run:  python -m bench.bench_pipeline --workers N [--seconds 12]
       python -m bench.bench_pipeline --workers N --index_size 64115
       python -m bench.bench_pipeline --profile   (the loader's GIL split)
       python -m bench.bench_pipeline --reference [--out report.md]
@@ -8,20 +8,23 @@ Run:  python -m bench.bench_pipeline --workers N [--examples 384]
 `--workers N` times the training input exactly as train.py builds it
 (loop.make_dataset on configs/default.py, 512/128, full augmentation,
 config.data.workers = N, then sharding.prefetch_to_mesh onto this host's
-JAX devices) on the mini COCO (val2017, repeated). After 2 x N (at least 2)
-warm-up batches it times a fixed number of examples and prints
+JAX devices) on the mini COCO (val2017, repeated). After the warm-up (the
+workers' start and the batches buffered ahead) it consumes batches for a
+window of `--seconds` and prints
   * img/s: wall-clock images per second (what a train loop would see);
   * cpu-ms/img: CPU time of every process (training process + workers)
     per example;
   * train-cpu-ms/img: CPU time of the training process alone (all its
     threads), an upper bound of its GIL-held time;
-  * GIL-ms/img: time the training process held its GIL, per example, by
-    sampling: `py-spy record --gil --nonblocking` (the `bench` extra)
-    attached to this process over the timed window counts the samples
-    in which one of its threads held the GIL; held time = samples / rate.
-    Without py-spy the upper bound above is printed in its place, marked.
-    1 / GIL-ms bounds what one training process can feed;
-  * RSS and private (USS) MB per worker process at the end;
+  * GIL-ms/img: time the training process held its GIL, per example,
+    sampled: `py-spy record --gil --nonblocking` (the `bench` extra)
+    attached to this process; the window is py-spy's (from its first
+    sample to its exit), each sample in which one of this process's
+    threads holds the GIL counts 1 / rate seconds. Without py-spy the
+    upper bound above is printed in its place, marked. 1 / GIL-ms is the
+    most one training process can feed, however many workers;
+  * RSS and private (USS: pages no other process shares) MB per worker
+    process at the end, and the training process's RSS;
   * MB/img host->device (all arrays of a batch, / B).
 Its last line is `workers=N ... <X> img/s ... <Y> GIL-ms/img`. The
 machine's load average is printed beside the figures: on a shared machine
@@ -40,9 +43,10 @@ tests/references/mmpose_pipeline.py: mmcv decode, `_get_mask`, 3-point
 get_affine_transform, cv2.warpAffine, `image[:, ::-1] - zeros` flip,
 ToTensor + NormalizeTensor on the host and the HeatmapGenerator /
 JointsEncoder loops, with np.random draws in mmpose's order; ours then
-runs with one worker, compared by CPU time per example.
+runs with one worker on the same core, compared by CPU time per example
+(`--examples` of each).
 
-Smoke run: python -m bench.bench_pipeline --workers 1 --examples 8 --batch 4
+Smoke run: python -m bench.bench_pipeline --workers 1 --seconds 2 --batch 4
 """
 
 import argparse
@@ -149,82 +153,108 @@ def _memory_mb(pid: int) -> tuple[float, float]:
 
 
 class GilSampler:
-  """py-spy --gil on this process: seconds some thread held the GIL."""
+  """py-spy --gil on this process for `seconds`: the timed window.
 
-  def __init__(self, rate: int = 250):
-    self.rate = rate
-    self.exe = shutil.which('py-spy') or os.path.join(
+  The window opens when py-spy reports that it samples and closes when it
+  exits (after `seconds`), so the samples and the examples counted cover
+  the same time. Each sample in which a thread of this process holds the
+  GIL is one line of py-spy's raw output (weight = count); held time =
+  samples / rate.
+  """
+
+  def __init__(self, seconds: float, rate: int = 200):
+    self.seconds, self.rate = seconds, rate
+    exe = shutil.which('py-spy') or os.path.join(
         os.path.dirname(sys.executable), 'py-spy')
-    self.available = os.access(self.exe, os.X_OK)
+    self.exe = exe if os.access(exe, os.X_OK) else None
     self._proc = self._out = None
 
-  def start(self):
-    if not self.available:
+  def start(self) -> None:
+    """Starts py-spy; returns once it samples (or at once without it)."""
+    if self.exe is None:
+      self._end = time.perf_counter() + self.seconds
       return
     self._out = tempfile.NamedTemporaryFile(suffix='.txt', delete=False).name
     self._proc = subprocess.Popen(
         [self.exe, 'record', '--pid', str(os.getpid()), '--gil',
-         '--nonblocking', '--rate', str(self.rate), '--format', 'raw',
-         '--output', self._out], stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # attached
+         '--nonblocking', '--rate', str(self.rate), '--duration',
+         str(int(self.seconds)), '--format', 'raw', '--output', self._out],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in self._proc.stdout:  # py-spy reports on stdout
+      if 'Sampling process' in line:
+        return
+    raise RuntimeError(f'py-spy did not start: {self._proc.wait()}')
 
   @property
   def pid(self):
     return self._proc.pid if self._proc else None
 
-  def stop(self) -> tuple[float | None, str]:
-    """(GIL-held seconds, py-spy's last message)."""
+  def open(self) -> bool:
+    """Whether the window is still open."""
+    if self._proc is None:
+      return time.perf_counter() < self._end
+    return self._proc.poll() is None
+
+  def held_seconds(self) -> tuple[float | None, str]:
+    """(GIL-held seconds in the window, py-spy's note) once closed."""
     if self._proc is None:
       return None, 'py-spy not installed'
-    self._proc.send_signal(signal.SIGINT)
-    _, err = self._proc.communicate(timeout=60)
-    samples = 0
+    err = self._proc.stdout.read()
+    self._proc.wait()
     with open(self._out) as f:
-      for line in f:
-        samples += int(line.rsplit(' ', 1)[1])
+      samples = sum(int(line.rsplit(' ', 1)[1]) for line in f if line.strip())
     os.unlink(self._out)
-    last = [l for l in err.splitlines() if l.strip()][-1:] or ['']
-    return samples / self.rate, last[0]
+    notes = [l for l in err.splitlines() if 'behind' in l or 'Error' in l]
+    return samples / self.rate, '; '.join(notes[-2:]) or 'kept its rate'
 
 
-def time_batches(it, num_batches: int, batch: int, warmup: int = 2,
-                 details: dict | None = None):
-  """(wall img/s, CPU ms per image of all processes, bytes per image).
-
-  `details`, if given, receives the training process's own CPU ms per
-  image ('train_cpu_ms'), the GIL sampler's result ('gil_ms', None
-  without py-spy, 'gil_note'), memory per worker ('workers_mb': (RSS,
-  USS) pairs) and the training process's RSS ('train_rss_mb').
-  """
+def time_batches(it, num_batches: int, batch: int, warmup: int = 2):
+  """(wall img/s, CPU ms per image of all processes, bytes per image)."""
   import jax  # pylint: disable=g-import-not-at-top
   for _ in range(warmup):  # workers start, caches, buffers fill
     jax.block_until_ready(next(it))
-  sampler = GilSampler() if details is not None else None
-  if sampler:
-    sampler.start()
-  skip = {sampler.pid} if sampler and sampler.pid else set()
-  kids = [p for p in _children(os.getpid()) if p not in skip]
+  kids = _children(os.getpid())
   t, own = time.perf_counter(), _own_cpu_s()
   others = {p: _cpu_s(p) for p in kids}
   nbytes = 0
   for _ in range(num_batches):
-    b = jax.block_until_ready(next(it))
-    nbytes += sum(v.nbytes for v in b.values())
-  wall = time.perf_counter() - t
-  own = _own_cpu_s() - own
-  others = sum(_cpu_s(p) - c for p, c in others.items())
+    nbytes += sum(v.nbytes for v in jax.block_until_ready(next(it)).values())
   n = num_batches * batch
-  if details is not None:
-    gil_s, note = sampler.stop()
-    workers = [p for p in _children(os.getpid())
-               if p not in skip and 'resource_tracker' not in _cmdline(p)]
-    details.update(
-        train_cpu_ms=own / n * 1e3,
-        gil_ms=None if gil_s is None else gil_s / n * 1e3, gil_note=note,
-        workers_mb=[_memory_mb(p) for p in workers],
-        train_rss_mb=_memory_mb(os.getpid())[0])
-  return n / wall, (own + others) / n * 1e3, nbytes / n
+  cpu = _own_cpu_s() - own + sum(_cpu_s(p) - c for p, c in others.items())
+  return n / (time.perf_counter() - t), cpu / n * 1e3, nbytes / n
+
+
+def measure(it, batch: int, seconds: float, warmup: int) -> dict:
+  """The bench's figures over a `seconds` window (GilSampler's).
+
+  Returns:
+    images_per_sec, cpu_ms (all processes), train_cpu_ms (this process),
+    gil_ms (None without py-spy), gil_note, bytes (per example), workers_mb
+    ((RSS, USS) per worker), train_rss_mb.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  for _ in range(warmup):  # workers start; their first batches drained
+    jax.block_until_ready(next(it))
+  sampler = GilSampler(seconds)
+  sampler.start()
+  kids = [p for p in _children(os.getpid()) if p != sampler.pid]
+  t, own = time.perf_counter(), _own_cpu_s()
+  others = {p: _cpu_s(p) for p in kids}
+  n = nbytes = 0
+  while sampler.open():
+    b = jax.block_until_ready(next(it))
+    n += batch
+    nbytes += sum(v.nbytes for v in b.values())
+  wall, own = time.perf_counter() - t, _own_cpu_s() - own
+  cpu = own + sum(_cpu_s(p) - c for p, c in others.items())
+  gil_s, note = sampler.held_seconds()
+  workers = [p for p in kids if 'resource_tracker' not in _cmdline(p)]
+  return dict(images_per_sec=n / wall, cpu_ms=cpu / n * 1e3,
+              train_cpu_ms=own / n * 1e3,
+              gil_ms=None if gil_s is None else gil_s / n * 1e3,
+              gil_note=note, bytes=nbytes / n, examples=n,
+              workers_mb=[_memory_mb(p) for p in workers],
+              train_rss_mb=_memory_mb(os.getpid())[0])
 
 
 def _cmdline(pid: int) -> str:
@@ -366,8 +396,10 @@ def _reference_report(args, ours, load):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--workers', type=int, default=1)
+  parser.add_argument('--seconds', type=float, default=12.0,
+                      help='timed window (py-spy samples over it)')
   parser.add_argument('--examples', type=int, default=384,
-                      help='timed examples (rounded down to whole batches)')
+                      help='--reference: timed examples')
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--index_size', type=int, default=0,
                       help='images in the annotation file (0: the mini 4)')
@@ -382,8 +414,6 @@ def main():
   if args.reference:
     limit_cores(1)
     args.workers = 1
-  num_batches = max(1, args.examples // args.batch)
-  details = {}
   with contextlib.ExitStack() as stack:
     root = ROOT
     if args.index_size:
@@ -392,29 +422,34 @@ def main():
                         '/coco')
     it = train_input(args.workers, args.batch, root=root)
     stack.callback(it.close)
-    ours = time_batches(it, num_batches, args.batch,
-                        warmup=max(2, 2 * args.workers), details=details)
+    # Past the start and the batches buffered ahead (2 in the prefetcher,
+    # up to 3 per worker: in grain's queues and being made).
+    got = measure(it, args.batch, args.seconds,
+                  warmup=2 + 3 * max(1, args.workers))
+    if args.reference:
+      ours = time_batches(it, max(1, args.examples // args.batch),
+                          args.batch, warmup=0)
   load = os.getloadavg()[0]
   if args.profile:
-    total, free = gil_profile(args.examples)
+    total, free = gil_profile(256)
     print(f'loader alone, one thread: {total:.2f} cpu-ms/img, {free:.2f} in '
           f'GIL-free cv2 calls, {total - free:.2f} holding the GIL')
   if args.reference:
     _reference_report(args, ours, load)
-  mem = details['workers_mb']
+  mem = got['workers_mb']
   rss = (f'{np.mean([m[0] for m in mem]):.0f} MB RSS '
          f'({np.mean([m[1] for m in mem]):.0f} private) per worker'
          if mem else 'no worker')
-  gil, marked = details['gil_ms'], ''
+  gil, marked = got['gil_ms'], ''
   if gil is None:
-    gil, marked = details['train_cpu_ms'], ' (upper bound: no py-spy)'
-  print(f'py-spy: {details["gil_note"]}')
-  print(f'workers={args.workers} examples={num_batches * args.batch} '
+    gil, marked = got['train_cpu_ms'], ' (upper bound: no py-spy)'
+  print(f'py-spy: {got["gil_note"]}')
+  print(f'workers={args.workers} examples={got["examples"]} '
         f'batch={args.batch} index={args.index_size or 4} load={load:.1f}: '
-        f'{ours[0]:.0f} img/s wall, {ours[1]:.2f} cpu-ms/img all processes, '
-        f'{details["train_cpu_ms"]:.3f} train-cpu-ms/img, '
-        f'{ours[2] / 1e6:.3f} MB/img host->device, {rss}, training '
-        f'process {details["train_rss_mb"]:.0f} MB RSS; '
+        f'{got["images_per_sec"]:.0f} img/s wall, {got["cpu_ms"]:.2f} '
+        f'cpu-ms/img all processes, {got["train_cpu_ms"]:.3f} '
+        f'train-cpu-ms/img, {got["bytes"] / 1e6:.3f} MB/img host->device, '
+        f'{rss}, training process {got["train_rss_mb"]:.0f} MB RSS; '
         f'{gil:.3f} GIL-ms/img{marked}')
 
 
