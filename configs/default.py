@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.augment = True  # False: no affine jitter or flip (overfit runs)
   # Input worker processes per training process (each makes whole host
   # batches; 0 = in the training process; -1 = the usable CPUs - 1, at
-  # most 32). README "Input workers" says how many for a TPU host or a
+  # most 64). README "Input workers" says how many for a TPU host or a
   # GPU node (one process per GPU: set it).
   config.data.workers = -1
 

@@ -69,11 +69,11 @@ from ae_jax.data import workers as workers_lib
 _SALT_PERMUTATION = 0x5EED
 _SALT_AUGMENT = 0xA06
 _END_STEP = 2**62  # the stream is infinite; grain's range needs an end
-_MAX_AUTO_WORKERS = 32  # workers = -1: enough for an 8-chip TPU host
+_MAX_AUTO_WORKERS = 64  # workers = -1 (README "Input workers": per host)
 
 
 def auto_workers() -> int:
-  """workers = -1: the CPUs this process may use, minus one, 1 to 32."""
+  """workers = -1: the CPUs this process may use, minus one, 1 to 64."""
   return max(1, min(_MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) - 1))
 
 
