@@ -185,16 +185,16 @@ def make_global_batch(host_batch: Dict[str, np.ndarray],
   # array lives (blocks still held at exit are reported as leaked): copy
   # it there. GPU/TPU copy to the device and release the host array.
   private = mesh.local_devices[0].platform == 'cpu'
-  out = {}
   for name, value in host_batch.items():
     if value.shape[0] % local:
       raise ValueError(
           f'host batch "{name}" has {value.shape[0]} examples, not a '
           f'multiple of the {local} local devices; choose a global batch '
           f'size divisible by {mesh.size}')
-    out[name] = jax.make_array_from_process_local_data(
-        sharding, np.array(value) if private else value)
-  return out
+  # One call for the whole batch: one batched transfer (one process).
+  return jax.make_array_from_process_local_data(sharding, {
+      name: np.array(value) if private else value
+      for name, value in host_batch.items()})
 
 
 

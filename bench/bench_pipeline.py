@@ -26,7 +26,11 @@ window of `--seconds` and prints
   * RSS and private (USS: pages no other process shares) MB per worker
     process at the end, and the training process's RSS;
   * MB/img host->device (all arrays of a batch, / B).
-Its last line is `workers=N ... <X> img/s ... <Y> GIL-ms/img`. The
+Before it, the same pipeline with workers = 0 (everything in the training
+process) is measured the same way over `--reference_seconds`, the
+side-by-side reference: its GIL-ms/img is what the training process held
+before the work moved to workers. Its last line is
+`workers=N ... <X> img/s ... <Y> GIL-ms/img`. The
 machine's load average is printed beside the figures: on a shared machine
 wall-clock img/s drops with the load while cpu-ms/img stays close to the
 cost of the work.
@@ -46,7 +50,8 @@ JointsEncoder loops, with np.random draws in mmpose's order; ours then
 runs with one worker on the same core, compared by CPU time per example
 (`--examples` of each).
 
-Smoke run: python -m bench.bench_pipeline --workers 1 --seconds 2 --batch 4
+Smoke run: python -m bench.bench_pipeline --workers 1 --seconds 2 \
+    --reference_seconds 2 --batch 4
 """
 
 import argparse
@@ -204,8 +209,9 @@ class GilSampler:
     with open(self._out) as f:
       samples = sum(int(line.rsplit(' ', 1)[1]) for line in f if line.strip())
     os.unlink(self._out)
-    notes = [l for l in err.splitlines() if 'behind' in l or 'Error' in l]
-    return samples / self.rate, '; '.join(notes[-2:]) or 'kept its rate'
+    notes = [l.replace('py-spy> ', '') for l in err.splitlines()
+             if 'behind' in l or 'Samples:' in l]
+    return samples / self.rate, '; '.join(notes[-2:])
 
 
 def time_batches(it, num_batches: int, batch: int, warmup: int = 2):
@@ -393,11 +399,19 @@ def _reference_report(args, ours, load):
     print('\n'.join(lines))
 
 
+def _gil(got: dict) -> tuple[float, str]:
+  if got['gil_ms'] is None:
+    return got['train_cpu_ms'], ' (upper bound: no py-spy)'
+  return got['gil_ms'], ''
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--workers', type=int, default=1)
   parser.add_argument('--seconds', type=float, default=12.0,
                       help='timed window (py-spy samples over it)')
+  parser.add_argument('--reference_seconds', type=float, default=8.0,
+                      help='window of the in-process reference (0: none)')
   parser.add_argument('--examples', type=int, default=384,
                       help='--reference: timed examples')
   parser.add_argument('--batch', type=int, default=32)
@@ -420,6 +434,13 @@ def main():
       root = sized_root(args.index_size,
                         stack.enter_context(tempfile.TemporaryDirectory()) +
                         '/coco')
+    base = None
+    if args.reference_seconds and args.workers:
+      # The same pipeline with workers = 0, all in the training process:
+      # the side-by-side reference for the training process's GIL.
+      it = train_input(0, args.batch, root=root)
+      base = measure(it, args.batch, args.reference_seconds, warmup=2)
+      it.close()
     it = train_input(args.workers, args.batch, root=root)
     stack.callback(it.close)
     # Past the start and the batches buffered ahead (2 in the prefetcher,
@@ -440,10 +461,16 @@ def main():
   rss = (f'{np.mean([m[0] for m in mem]):.0f} MB RSS '
          f'({np.mean([m[1] for m in mem]):.0f} private) per worker'
          if mem else 'no worker')
-  gil, marked = got['gil_ms'], ''
-  if gil is None:
-    gil, marked = got['train_cpu_ms'], ' (upper bound: no py-spy)'
+  gil, marked = _gil(got)
   print(f'py-spy: {got["gil_note"]}')
+  if base:
+    base_gil, base_marked = _gil(base)
+    print(f'reference, workers=0 (all in the training process): '
+          f'{base["images_per_sec"]:.0f} img/s, {base["cpu_ms"]:.2f} '
+          f'cpu-ms/img, {base_gil:.3f} GIL-ms/img{base_marked}; '
+          f'workers={args.workers}: {gil:.3f} GIL-ms/img, '
+          f'{base_gil / gil:.0f}x less held in the training process, '
+          f'{got["images_per_sec"] / base["images_per_sec"]:.2f}x img/s')
   print(f'workers={args.workers} examples={got["examples"]} '
         f'batch={args.batch} index={args.index_size or 4} load={load:.1f}: '
         f'{got["images_per_sec"]:.0f} img/s wall, {got["cpu_ms"]:.2f} '

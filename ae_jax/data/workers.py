@@ -161,7 +161,7 @@ def death_error(error: Exception,
   if not isinstance(error, RuntimeError) or not found:
     return None
   cause = _signal_text(int(found[1]))
-  where = ''
+  where = ' (its own output, if any, is above)'
   if status is not None:
     dead = [s for s in status.read() if s[0] and not _alive(s[0])]
     if dead:
