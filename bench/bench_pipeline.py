@@ -59,11 +59,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -76,11 +71,11 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 # pylint: disable=g-import-not-at-top
 from bench import common
+from bench import process_probe
 
 ROOT = 'data/coco_mini'
 SPLIT = 'val2017'
 S, H, SIGMA, M = 512, 128, 2, 30
-_TICK = os.sysconf('SC_CLK_TCK')
 
 
 def limit_cores(cores: int) -> list[int]:
@@ -108,125 +103,20 @@ def train_input(workers: int, batch: int, seed: int = 0, root: str = ROOT):
   return sharding.prefetch_to_mesh(iter(ds), sharding.make_mesh(), size=2)
 
 
-def _children(pid: int) -> list[int]:
-  """Live descendants of `pid` (from /proc)."""
-  parents = {}
-  for entry in os.listdir('/proc'):
-    if entry.isdigit():
-      try:
-        with open(f'/proc/{entry}/stat') as f:
-          parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
-      except (OSError, IndexError, ValueError):
-        continue
-  found, frontier = [], [pid]
-  while frontier:
-    p = frontier.pop()
-    kids = [c for c, parent in parents.items() if parent == p]
-    found.extend(kids)
-    frontier.extend(kids)
-  return found
-
-
-def _cpu_s(pid: int) -> float:
-  """utime + stime of a process (0 if it is gone)."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      fields = f.read().rsplit(')', 1)[1].split()
-  except OSError:
-    return 0.0
-  return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _own_cpu_s() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
-
-
-def _memory_mb(pid: int) -> tuple[float, float]:
-  """(RSS, private = USS) of a process in MB."""
-  values = {}
-  try:
-    with open(f'/proc/{pid}/smaps_rollup') as f:
-      for line in f:
-        parts = line.split()
-        if len(parts) >= 2 and parts[1].isdigit():
-          values[parts[0].rstrip(':')] = int(parts[1]) / 1024
-  except OSError:
-    return 0.0, 0.0
-  return values.get('Rss', 0.0), (values.get('Private_Clean', 0.0) +
-                                  values.get('Private_Dirty', 0.0))
-
-
-class GilSampler:
-  """py-spy --gil on this process for `seconds`: the timed window.
-
-  The window opens when py-spy reports that it samples and closes when it
-  exits (after `seconds`), so the samples and the examples counted cover
-  the same time. Each sample in which a thread of this process holds the
-  GIL is one line of py-spy's raw output (weight = count); held time =
-  samples / rate.
-  """
-
-  def __init__(self, seconds: float, rate: int = 200):
-    self.seconds, self.rate = seconds, rate
-    exe = shutil.which('py-spy') or os.path.join(
-        os.path.dirname(sys.executable), 'py-spy')
-    self.exe = exe if os.access(exe, os.X_OK) else None
-    self._proc = self._out = None
-
-  def start(self) -> None:
-    """Starts py-spy; returns once it samples (or at once without it)."""
-    if self.exe is None:
-      self._end = time.perf_counter() + self.seconds
-      return
-    self._out = tempfile.NamedTemporaryFile(suffix='.txt', delete=False).name
-    self._proc = subprocess.Popen(
-        [self.exe, 'record', '--pid', str(os.getpid()), '--gil',
-         '--nonblocking', '--rate', str(self.rate), '--duration',
-         str(int(self.seconds)), '--format', 'raw', '--output', self._out],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in self._proc.stdout:  # py-spy reports on stdout
-      if 'Sampling process' in line:
-        return
-    raise RuntimeError(f'py-spy did not start: {self._proc.wait()}')
-
-  @property
-  def pid(self):
-    return self._proc.pid if self._proc else None
-
-  def open(self) -> bool:
-    """Whether the window is still open."""
-    if self._proc is None:
-      return time.perf_counter() < self._end
-    return self._proc.poll() is None
-
-  def held_seconds(self) -> tuple[float | None, str]:
-    """(GIL-held seconds in the window, py-spy's note) once closed."""
-    if self._proc is None:
-      return None, 'py-spy not installed'
-    err = self._proc.stdout.read()
-    self._proc.wait()
-    with open(self._out) as f:
-      samples = sum(int(line.rsplit(' ', 1)[1]) for line in f if line.strip())
-    os.unlink(self._out)
-    notes = [l.replace('py-spy> ', '') for l in err.splitlines()
-             if 'behind' in l or 'Samples:' in l]
-    return samples / self.rate, '; '.join(notes[-2:])
-
-
 def time_batches(it, num_batches: int, batch: int, warmup: int = 2):
   """(wall img/s, CPU ms per image of all processes, bytes per image)."""
   import jax  # pylint: disable=g-import-not-at-top
   for _ in range(warmup):  # workers start, caches, buffers fill
     jax.block_until_ready(next(it))
-  kids = _children(os.getpid())
-  t, own = time.perf_counter(), _own_cpu_s()
-  others = {p: _cpu_s(p) for p in kids}
+  kids = process_probe.children(os.getpid())
+  t, own = time.perf_counter(), process_probe.own_cpu_s()
+  others = {p: process_probe.cpu_s(p) for p in kids}
   nbytes = 0
   for _ in range(num_batches):
     nbytes += sum(v.nbytes for v in jax.block_until_ready(next(it)).values())
   n = num_batches * batch
-  cpu = _own_cpu_s() - own + sum(_cpu_s(p) - c for p, c in others.items())
+  cpu = process_probe.own_cpu_s() - own + sum(
+      process_probe.cpu_s(p) - c for p, c in others.items())
   return n / (time.perf_counter() - t), cpu / n * 1e3, nbytes / n
 
 
@@ -241,34 +131,27 @@ def measure(it, batch: int, seconds: float, warmup: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   for _ in range(warmup):  # workers start; their first batches drained
     jax.block_until_ready(next(it))
-  sampler = GilSampler(seconds)
+  sampler = process_probe.GilSampler(seconds)
   sampler.start()
-  kids = [p for p in _children(os.getpid()) if p != sampler.pid]
-  t, own = time.perf_counter(), _own_cpu_s()
-  others = {p: _cpu_s(p) for p in kids}
+  kids = [p for p in process_probe.children(os.getpid()) if p != sampler.pid]
+  t, own = time.perf_counter(), process_probe.own_cpu_s()
+  others = {p: process_probe.cpu_s(p) for p in kids}
   n = nbytes = 0
   while sampler.open():
     b = jax.block_until_ready(next(it))
     n += batch
     nbytes += sum(v.nbytes for v in b.values())
-  wall, own = time.perf_counter() - t, _own_cpu_s() - own
-  cpu = own + sum(_cpu_s(p) - c for p, c in others.items())
+  wall, own = time.perf_counter() - t, process_probe.own_cpu_s() - own
+  cpu = own + sum(process_probe.cpu_s(p) - c for p, c in others.items())
   gil_s, note = sampler.held_seconds()
-  workers = [p for p in kids if 'resource_tracker' not in _cmdline(p)]
+  workers = [p for p in kids
+             if 'resource_tracker' not in process_probe.cmdline(p)]
   return dict(images_per_sec=n / wall, cpu_ms=cpu / n * 1e3,
               train_cpu_ms=own / n * 1e3,
               gil_ms=None if gil_s is None else gil_s / n * 1e3,
               gil_note=note, bytes=nbytes / n, examples=n,
-              workers_mb=[_memory_mb(p) for p in workers],
-              train_rss_mb=_memory_mb(os.getpid())[0])
-
-
-def _cmdline(pid: int) -> str:
-  try:
-    with open(f'/proc/{pid}/cmdline', 'rb') as f:
-      return f.read().replace(b'\0', b' ').decode(errors='replace')
-  except OSError:
-    return ''
+              workers_mb=[process_probe.memory_mb(p) for p in workers],
+              train_rss_mb=process_probe.memory_mb(os.getpid())[0])
 
 
 def sized_root(num_images: int, folder: str) -> str:
