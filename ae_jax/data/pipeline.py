@@ -56,6 +56,7 @@ import weakref
 
 from absl import flags
 from absl import logging
+import cloudpickle
 import grain
 import numpy as np
 
@@ -133,6 +134,20 @@ class HostBatches:
     self._first = process_index * local_batch
     self._augmentation = augmentation  # sample_augmentation's factors
     self._permutations = {}  # epoch -> order; this worker's last two
+    self._load_pickle = None
+
+  def __getstate__(self):
+    # grain pickles the dataset once per worker it starts; the loader holds
+    # the whole annotation index (~50 MB for train2017), so it is pickled
+    # once and the bytes are sent to every worker.
+    if self._load_pickle is None:
+      self._load_pickle = cloudpickle.dumps(self._load)
+    state = dict(self.__dict__, _load=None, _permutations={})
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._load = cloudpickle.loads(self._load_pickle)
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._permutations:
