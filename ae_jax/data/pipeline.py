@@ -142,12 +142,12 @@ class HostBatches:
     # once and the bytes are sent to every worker.
     if self._load_pickle is None:
       self._load_pickle = cloudpickle.dumps(self._load)
-    state = dict(self.__dict__, _load=None, _permutations={})
-    return state
+    return dict(self.__dict__, _load=None, _permutations={})
 
   def __setstate__(self, state):
     self.__dict__.update(state)
     self._load = cloudpickle.loads(self._load_pickle)
+    self._load_pickle = None  # a worker keeps the objects, not the bytes
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._permutations:
