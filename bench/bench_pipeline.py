@@ -100,7 +100,11 @@ def train_input(workers: int, batch: int, seed: int = 0, root: str = ROOT):
   config.train.global_batch_size = batch
   config.seed = seed
   ds = loop.make_dataset(config, 0)
-  return sharding.prefetch_to_mesh(iter(ds), sharding.make_mesh(), size=2)
+  import jax  # pylint: disable=g-import-not-at-top
+  # The devices the batch splits over evenly (all of them in a real run).
+  devices = max(d for d in range(1, jax.device_count() + 1) if batch % d == 0)
+  return sharding.prefetch_to_mesh(iter(ds), sharding.make_mesh(devices),
+                                   size=2)
 
 
 def time_batches(it, num_batches: int, batch: int, warmup: int = 2):
