@@ -157,24 +157,36 @@ class HostBatches:
           self._seed, epoch, len(self._load.source))
     return self._permutations[epoch]
 
+  def _new_batch(self) -> dict[str, np.ndarray]:
+    (w, h), (hw, hh) = self._load.input_wh, self._load.heatmap_wh
+    specs = {'image': ((self._local, h, w, 3), np.uint8),
+             'mask': ((self._local, hh, hw), np.uint8),
+             'keypoints': ((self._local, self._load.max_people,
+                            len(self._load.flip_index), 3), np.float32)}
+    # In a worker the batch is made in the shared memory grain hands to
+    # the training process as is (no copy on the way).
+    new = (grain.multiprocessing.SharedMemoryArray
+           if workers_lib.in_worker() else np.empty)
+    return {key: new(shape, dtype) for key, (shape, dtype) in specs.items()}
+
   def __call__(self, step: int):
     num = len(self._load.source)
     positions = (int(step) * self._global + self._first +
                  np.arange(self._local, dtype=np.int64))
     params = sample_augmentation(self._seed, positions, **self._augmentation)
-    (w, h), (hw, hh) = self._load.input_wh, self._load.heatmap_wh
-    batch = {
-        'image': np.empty((self._local, h, w, 3), np.uint8),
-        'mask': np.empty((self._local, hh, hw), np.uint8),
-        'keypoints': np.empty((self._local, self._load.max_people,
-                               len(self._load.flip_index), 3), np.float32)}
-    skips = example_loader.SkipLog()
-    for i, g in enumerate(positions.tolist()):
-      epoch, j = divmod(g, num)
-      example = self._load(self._permutation(epoch)[j], params[i], skips,
-                           int(step))
-      for key, value in zip(('image', 'mask', 'keypoints'), example):
-        batch[key][i] = value
+    batch, skips = self._new_batch(), example_loader.SkipLog()
+    try:
+      for i, g in enumerate(positions.tolist()):
+        epoch, j = divmod(g, num)
+        example = self._load(self._permutation(epoch)[j], params[i], skips,
+                             int(step))
+        for key, value in zip(('image', 'mask', 'keypoints'), example):
+          batch[key][i] = value
+    except BaseException:
+      for value in batch.values():  # a block never sent: remove it here
+        if isinstance(value, grain.multiprocessing.SharedMemoryArray):
+          value.unlink_on_del()
+      raise
     return batch, tuple(skips.entries)
 
 

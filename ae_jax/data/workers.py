@@ -114,6 +114,11 @@ def init_worker(status_name: str, index: int, count: int) -> None:
   _STATUS, _INDEX = WorkerStatus.attach(status_name), index
 
 
+def in_worker() -> bool:
+  """Whether this process is an input worker (init_worker ran)."""
+  return _STATUS is not None
+
+
 def note(step: int, file_name: str) -> None:
   """Records what this worker is loading (a no-op outside the workers)."""
   if _STATUS is not None:
