@@ -330,10 +330,10 @@ def main():
       it.close()
     it = train_input(args.workers, args.batch, root=root)
     stack.callback(it.close)
-    # Past the start and the batches buffered ahead (2 in the prefetcher,
-    # up to 3 per worker: in grain's queues and being made).
+    # Past the start and the batches made ahead (2 in the prefetcher, up
+    # to 2 per worker: its free slots).
     got = measure(it, args.batch, args.seconds,
-                  warmup=2 + 3 * max(1, args.workers))
+                  warmup=2 + 2 * max(1, args.workers))
     if args.reference:
       ours = time_batches(it, max(1, args.examples // args.batch),
                           args.batch, warmup=0)

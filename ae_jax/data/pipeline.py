@@ -23,18 +23,14 @@ it; the training process counts them per reason and logs each file once
 
 Where the work runs: the whole host batch, per example read and decode,
 ignore mask, the two warps, the flip (example_loader.py), and the batch
-assembly, runs in one of `workers` processes (grain `mp_prefetch` over a
-`MapDataset` of batch indices; worker w makes batches w, w + n, ... and
-grain hands them back in order through shared memory). The training
-process only maps each finished batch and puts it on the devices, so its
-GIL is no longer the ceiling (bench/RESULTS_pipeline.md: the tf.data
-threads of one process held it ~0.9 ms per example, ~1.1k img/s at most).
-Why grain and not another process design (measured there): grain keeps the
-order whatever the worker count, reports a crashed worker (exit code) in
-~1 s, and is the JAX stack's loader; tf.data service cannot run this
-pipeline (its workers cannot call the cv2 `numpy_function`), and a hand-made
-pool saves nothing measurable in the training process. workers = 0 runs
-the same pipeline in the training process (tests, debugging).
+assembly, runs in one of `workers` processes (workers.py: worker w makes
+batches w, w + n, ... straight into shared memory the training process
+reuses; they are taken in step order). The training process only maps
+each finished batch and puts it on the devices, so its GIL is no longer
+the ceiling (bench/RESULTS_pipeline.md: the earlier tf.data threads of
+one process held it ~0.9 ms per example, ~1.1k img/s at most; why these
+workers and not grain's or tf.data service's: workers.py). workers = 0
+runs the same pipeline in the training process (tests, debugging).
 
 Train batch (host-local numpy dict), b = global_batch // process_count,
 H x W the input size and h x w the heatmap size (config.data.input_size /
@@ -50,14 +46,9 @@ heatmap size is the input size / 4, checked by transforms.train_sizes):
               (device_targets.render_targets)
 """
 
-import functools
 import os
-import weakref
 
-from absl import flags
 from absl import logging
-import cloudpickle
-import grain
 import numpy as np
 
 from ae_jax import keypoints as keypoints_lib
@@ -69,7 +60,6 @@ from ae_jax.data import workers as workers_lib
 
 _SALT_PERMUTATION = 0x5EED
 _SALT_AUGMENT = 0xA06
-_END_STEP = 2**62  # the stream is infinite; grain's range needs an end
 _MAX_AUTO_WORKERS = 64  # workers = -1 (README "Input workers": per host)
 
 
@@ -122,8 +112,9 @@ def epoch_permutation(seed: int, epoch: int, num: int) -> np.ndarray:
 class HostBatches:
   """Step s -> (this host's batch s, its replacements); picklable.
 
-  A pure function of (seed, s), computed in a worker process. Each
-  replacement is (reason, file name, detail).
+  A pure function of (seed, s), computed in a worker process (`fill`
+  writes it into the worker's shared-memory slot). Each replacement is
+  (reason, file name, detail).
   """
 
   def __init__(self, load: example_loader.ExampleLoader, *, seed: int,
@@ -133,21 +124,7 @@ class HostBatches:
     self._global, self._local = global_batch_size, local_batch
     self._first = process_index * local_batch
     self._augmentation = augmentation  # sample_augmentation's factors
-    self._permutations = {}  # epoch -> order; this worker's last two
-    self._load_pickle = None
-
-  def __getstate__(self):
-    # grain pickles the dataset once per worker it starts; the loader holds
-    # the whole annotation index (~50 MB for train2017), so it is pickled
-    # once and the bytes are sent to every worker.
-    if self._load_pickle is None:
-      self._load_pickle = cloudpickle.dumps(self._load)
-    return dict(self.__dict__, _load=None, _permutations={})
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._load = cloudpickle.loads(self._load_pickle)
-    self._load_pickle = None  # a worker keeps the objects, not the bytes
+    self._permutations = {}  # epoch -> order; this process's last two
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._permutations:
@@ -157,75 +134,78 @@ class HostBatches:
           self._seed, epoch, len(self._load.source))
     return self._permutations[epoch]
 
-  def _new_batch(self) -> dict[str, np.ndarray]:
+  def spec(self) -> dict[str, tuple[tuple[int, ...], type]]:
+    """name -> (shape, dtype) of the batch's arrays."""
     (w, h), (hw, hh) = self._load.input_wh, self._load.heatmap_wh
-    specs = {'image': ((self._local, h, w, 3), np.uint8),
-             'mask': ((self._local, hh, hw), np.uint8),
-             'keypoints': ((self._local, self._load.max_people,
-                            len(self._load.flip_index), 3), np.float32)}
-    # In a worker the batch is made in the shared memory grain hands to
-    # the training process as is (no copy on the way).
-    new = (grain.multiprocessing.SharedMemoryArray
-           if workers_lib.in_worker() else np.empty)
-    return {key: new(shape, dtype) for key, (shape, dtype) in specs.items()}
+    return {'image': ((self._local, h, w, 3), np.uint8),
+            'mask': ((self._local, hh, hw), np.uint8),
+            'keypoints': ((self._local, self._load.max_people,
+                           len(self._load.flip_index), 3), np.float32)}
 
-  def __call__(self, step: int):
+  def fill(self, step: int, batch: dict[str, np.ndarray]) -> tuple:
+    """Writes batch `step` into `batch` (spec()'s arrays).
+
+    Returns:
+      The replacements made, (reason, file name, detail) each.
+    """
     num = len(self._load.source)
     positions = (int(step) * self._global + self._first +
                  np.arange(self._local, dtype=np.int64))
     params = sample_augmentation(self._seed, positions, **self._augmentation)
-    batch, skips = self._new_batch(), example_loader.SkipLog()
-    try:
-      for i, g in enumerate(positions.tolist()):
-        epoch, j = divmod(g, num)
-        example = self._load(self._permutation(epoch)[j], params[i], skips,
-                             int(step))
-        for key, value in zip(('image', 'mask', 'keypoints'), example):
-          batch[key][i] = value
-    except BaseException:
-      for value in batch.values():  # a block never sent: remove it here
-        if isinstance(value, grain.multiprocessing.SharedMemoryArray):
-          value.unlink_on_del()
-      raise
-    return batch, tuple(skips.entries)
+    skips = example_loader.SkipLog()
+    for i, g in enumerate(positions.tolist()):
+      epoch, j = divmod(g, num)
+      example = self._load(self._permutation(epoch)[j], params[i], skips,
+                           int(step))
+      for key, value in zip(('image', 'mask', 'keypoints'), example):
+        batch[key][i] = value
+    return tuple(skips.entries)
+
+  def __call__(self, step: int):
+    """(batch `step` in new arrays, its replacements)."""
+    batch = {k: np.empty(shape, dtype)
+             for k, (shape, dtype) in self.spec().items()}
+    return batch, self.fill(step, batch)
 
 
-def _close(iterator, status) -> None:
-  iterator.close()
-  if status is not None:
-    status.close()
+class _InProcessBatches:
+  """workers = 0: HostBatches' batches made in this process, in order."""
+
+  def __init__(self, batches: HostBatches, start: int):
+    self._batches, self._step = batches, start
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._step += 1
+    return self._batches(self._step - 1)
+
+  def close(self) -> None:
+    pass
 
 
 class HostBatchIterator:
   """The training process's side: batches in order, replacements counted.
 
-  `close()` (also when garbage collected) stops the workers.
+  `close()` stops the worker processes (also when garbage collected).
   """
 
-  def __init__(self, iterator, skips: example_loader.SkipCounter,
-               status: workers_lib.WorkerStatus | None):
-    self._iterator, self._skips, self._status = iterator, skips, status
-    self._finalizer = weakref.finalize(self, _close, iterator, status)
+  def __init__(self, source, skips: example_loader.SkipCounter):
+    self._source, self._skips = source, skips
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    try:
-      batch, replaced = next(self._iterator)
-    except RuntimeError as e:
-      error = workers_lib.death_error(e, self._status)
-      if error is None:
-        raise
-      self.close()
-      raise error from None
+    batch, replaced = next(self._source)
     for reason, name, detail in replaced:
       self._skips.add(reason, name, detail=detail)
     return batch
 
   def close(self) -> None:
-    """Stops the worker processes (waits for them)."""
-    self._finalizer()
+    """Stops the worker processes."""
+    self._source.close()
 
 
 class TrainDataset:
@@ -243,12 +223,12 @@ class TrainDataset:
 
   def __init__(self, batches: HostBatches, start_step: int,
                num_examples: int, skipped_in_index, workers: int,
-               worker_buffer: int):
+               worker_slots: int = 2):
     self._batches, self._start = batches, int(start_step)
     self.num_examples = num_examples
     self.skipped_in_index = skipped_in_index
     self.skips = example_loader.SkipCounter()
-    self.workers, self._buffer = workers, worker_buffer
+    self.workers, self._slots = workers, worker_slots
 
   @property
   def skipped(self) -> dict[str, int]:
@@ -259,23 +239,11 @@ class TrainDataset:
     return counts
 
   def __iter__(self) -> HostBatchIterator:
-    ds = grain.MapDataset.range(self._start, _END_STEP).map(self._batches)
-    # No threads inside a worker: each worker is one core's work.
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
-                                              prefetch_buffer_size=0))
-    status = None
-    if self.workers:
-      if not flags.FLAGS.is_parsed():
-        # grain reads its absl flags when it starts workers; train.py has
-        # parsed them (absl.app), a library caller may not have.
-        flags.FLAGS.mark_as_parsed()
-      status = workers_lib.WorkerStatus.create(self.workers)
-      ds = ds.mp_prefetch(
-          grain.MultiprocessingOptions(num_workers=self.workers,
-                                       per_worker_buffer_size=self._buffer),
-          worker_init_fn=functools.partial(workers_lib.init_worker,
-                                           status.name))
-    return HostBatchIterator(iter(ds), self.skips, status)
+    if not self.workers:
+      return HostBatchIterator(_InProcessBatches(self._batches, self._start),
+                               self.skips)
+    return HostBatchIterator(workers_lib.WorkerBatches(
+        self._batches, self._start, self.workers, self._slots), self.skips)
 
 
 def _load_source(coco_root: str, split: str, source: str, tfds_data_dir: str,
@@ -301,7 +269,7 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
                        trans_factor: float, flip_prob: float, augment: bool,
                        global_batch_size: int, seed: int, start_step: int = 0,
                        source: str = 'json', tfds_data_dir: str = '',
-                       workers: int = 0, worker_buffer: int = 1,
+                       workers: int = 0, worker_slots: int = 2,
                        flip_index=keypoints_lib.COCO.flip_index,
                        annotations: str = '', images: str = '',
                        process_index: int | None = None,
@@ -333,7 +301,7 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
     workers: input worker processes (each makes whole host batches);
       0 = in this process, -1 = `auto_workers()`. The batches do not
       depend on it.
-    worker_buffer: finished batches each worker may hold ahead.
+    worker_slots: batches each worker may make ahead.
     flip_index: [K] mirrored joint of each joint (KeypointSpec.flip_index;
       K = the joints of the annotations, checked when they are loaded).
     annotations, images: the split's annotation json and image folder if
@@ -350,9 +318,9 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
   """
   (in_w, in_h), (hm_w, hm_h) = transforms.train_sizes(input_size,
                                                       heatmap_size)
-  if workers < -1 or worker_buffer < 1:
+  if workers < -1 or worker_slots < 1:
     raise ValueError(f'config.data.workers = {workers} must be >= -1 (-1: '
-                     f'auto) and worker_buffer = {worker_buffer} >= 1')
+                     f'auto) and worker_slots = {worker_slots} >= 1')
   workers = auto_workers() if workers == -1 else workers
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -379,4 +347,4 @@ def make_train_dataset(coco_root: str, split: str, *, input_size,
                         scale_factor=tuple(scale_factor),
                         flip_prob=flip_prob, augment=augment))
   return TrainDataset(batches, start_step, len(src), skipped_in_index,
-                      workers, worker_buffer)
+                      workers, worker_slots)
