@@ -274,3 +274,25 @@ def test_sample_augmentation_ranges():
       pipeline.sample_augmentation(0, [3, 4], 30.0, (0.75, 1.5), 0.5,
                                    augment=False),
       [[0, 1, .5, .5, 0]] * 2)
+
+
+def test_compact_examples_are_the_index(coco_mini_root):
+  """The workers' flat copy of the index gives back every example."""
+  index = coco.load_coco_index(str(coco_mini_root), 'val2017')
+  compact = example_loader.CompactExamples(index.examples)
+  assert len(compact) == len(index.examples) == 4
+  with_rle = 0
+  for want, got in zip(index.examples, (compact[i] for i in range(4))):
+    assert (got.image_id, got.file_name, got.height, got.width) == (
+        want.image_id, want.file_name, want.height, want.width)
+    np.testing.assert_array_equal(got.keypoints, want.keypoints)
+    assert got.keypoints.dtype == want.keypoints.dtype
+    assert (got.ignore_rle is None) == (want.ignore_rle is None)
+    if want.ignore_rle is not None:
+      with_rle += 1
+      assert got.ignore_rle == want.ignore_rle
+      np.testing.assert_array_equal(
+          coco.decode_ignore_mask(got.ignore_rle, got.height, got.width),
+          coco.decode_ignore_mask(want.ignore_rle, want.height, want.width))
+  assert with_rle  # the mini COCO has ignore regions
+

@@ -252,7 +252,8 @@ def _load_source(coco_root: str, split: str, source: str, tfds_data_dir: str,
   if source == 'json':
     index = coco_lib.load_coco_index(coco_root, split, annotations, images,
                                      num_joints)
-    return (coco_lib.ExampleSource(index.examples, index.image_dir),
+    return (coco_lib.ExampleSource(
+        example_loader.CompactExamples(index.examples), index.image_dir),
             index.skipped)
   if source == 'tfds':
     if num_joints != keypoints_lib.COCO.num_joints or annotations or images:

@@ -153,11 +153,16 @@ def _views(buffer, fields) -> tuple[np.ndarray, dict[str, np.ndarray]]:
       .view(dtype).reshape(shape) for name, shape, dtype, offset in fields}
 
 
-def _work(index: int, count: int, start: int, payload: bytes,
-          status_name: str, conn) -> None:
+def _work(index: int, count: int, start: int, status_name: str,
+          conn) -> None:
   """A worker's loop: take slots, fill them with its batches, send."""
   init_worker(status_name, index)
-  batches = cloudpickle.loads(payload)
+  try:
+    # The pickled HostBatches comes first (by the pipe, so that no
+    # reference to the bytes outlives the loading).
+    batches = cloudpickle.loads(conn.recv_bytes())
+  except (EOFError, ConnectionResetError):
+    return
   fields, _ = _layout(batches.spec())
   attached, free = {}, collections.deque()
   step = start + index
@@ -267,12 +272,13 @@ class WorkerBatches:
       here, there = context.Pipe()
       proc = context.Process(
           target=_work, name=f'ae-input-{i}', daemon=True,
-          args=(i, num_workers, self._start, payload, self._status.name,
-                there))
+          args=(i, num_workers, self._start, self._status.name, there))
       proc.start()
       there.close()
       self._procs.append(proc)
       self._conns.append(here)
+    for i, conn in enumerate(self._conns):  # all start (import) at once
+      conn.send_bytes(payload)
       for _ in range(slots):
         self._give(i)
 
