@@ -18,7 +18,8 @@ with the same --workdir resumes from the newest complete checkpoint. One
 trainer per workdir (train.lock). Exit codes:
   0    done (num_steps reached)
   1    an `error: ...` line: bad flag/config value, workdir in use,
-       unusable checkpoint, NaN/inf loss (the last good checkpoint stays)
+       unusable checkpoint, NaN/inf loss, unreadable images, an input
+       worker process that died (the last good checkpoint stays)
   130  Ctrl-C (SIGINT): the current step was saved (a second Ctrl-C, or
        one before the first step, stops without saving); rerun to resume
   143  preempted: SIGTERM to any process saved the same step on all of
@@ -107,6 +108,8 @@ def main(argv):
   from ae_jax import keypoints  # pylint: disable=g-import-not-at-top
   from ae_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
   from ae_jax.data import coco  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import example_loader  # pylint: disable=g-import-not-at-top
+  from ae_jax.data import workers  # pylint: disable=g-import-not-at-top
   code = 0
   try:
     _check_split_files(config, jax.process_count())
@@ -123,7 +126,8 @@ def main(argv):
   except (loop.NonFiniteLossError, config_checks.ConfigError,
           workdir_lock.WorkdirError, checkpoints.CheckpointError,
           FileNotFoundError, coco.AnnotationError, coco.ImageError,
-          keypoints.KeypointSpecError) as e:  # user errors, data included
+          keypoints.KeypointSpecError, example_loader.InputDataError,
+          workers.InputWorkerError) as e:  # user errors, data included
     logging.flush()
     print(f'error: {e}', file=sys.stderr)
     code = 1

@@ -123,8 +123,9 @@ RULES: Sequence[Rule] = (
     number('data.trans_factor', 0),
     number('data.flip_prob', 0, 1),
     boolean('data.augment'),
-    Rule('data.num_parallel_calls', '-1 (AUTOTUNE) or an integer >= 1',
-         lambda v: _is_int(v) and (v == -1 or v >= 1)),
+    Rule('data.workers', '-1 (auto: the usable CPUs - 1), 0 (in the '
+         'training process) or an integer >= 1',
+         lambda v: _is_int(v) and v >= -1),
     number('loss.heatmap_factor', 0),
     number('loss.push_factor', 0),
     number('loss.pull_factor', 0),

@@ -55,6 +55,7 @@ def get_config():
   config.data.scale_factor = (1.0, 1.0)
   config.data.trans_factor = 0.7
   config.data.flip_prob = 0.0
+  config.data.workers = 1  # 4 images per step: one input process is ample
   config.train.global_batch_size = 4  # one epoch = one step
   config.train.num_steps = 200
   config.train.log_every_steps = 10

@@ -61,7 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.trans_factor = 40.0  # BottomUpRandomAffine trans_factor (px)
   config.data.flip_prob = 0.5  # BottomUpRandomFlip flip_prob
   config.data.augment = True  # False: no affine jitter or flip (overfit runs)
-  config.data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
+  # Input worker processes per training process (each makes whole host
+  # batches; 0 = in the training process; -1 = the usable CPUs - 1, at
+  # most 64). README "Input workers" says how many for a TPU host or a
+  # GPU node (one process per GPU: set it).
+  config.data.workers = -1
 
   # Loss factors: MultiLossFactory heatmaps_loss_factor, push/pull_loss_factor.
   config.loss = ml_collections.ConfigDict()

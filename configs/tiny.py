@@ -16,6 +16,7 @@ def get_config():
   config.data.train_split = 'val2017'  # the mini COCO ships val2017 only
   config.data.input_size = 128
   config.data.heatmap_size = 32
+  config.data.workers = 1  # one input process (2-core CI machines)
   config.train.global_batch_size = 8
   config.train.num_steps = 2
   config.train.log_every_steps = 1

@@ -70,7 +70,7 @@ BAD = [
     ('data.flip_prob', 2.0, r'must be a number in \[0, 1\]'),
     ('data.rot_factor', -5.0, r'must be a number in \[0, 180\]'),
     ('data.source', 'csv', r"must be one of 'json', 'tfds'"),
-    ('data.num_parallel_calls', 0, r'-1 \(AUTOTUNE\) or an integer >= 1'),
+    ('data.workers', -2, r'config.data.workers = -2: must be -1 \(auto'),
     ('data.val_split', '', r'must be a non-empty string'),
     ('model.dtype', 'float16', r"must be one of 'float32', 'bfloat16'"),
     ('model.widen_factor', 0.0, r'must be a number > 0'),

@@ -126,8 +126,12 @@ def test_tfds_pipeline_equals_json(coco_mini_root, tfds_dir):
             trans_factor=40.0, flip_prob=0.5, augment=True,
             global_batch_size=4, seed=3, process_index=0, process_count=1,
             tfds_data_dir=str(tfds_dir))
-  batches = [next(iter(pipeline.make_train_dataset(
-      str(coco_mini_root), 'val2017', source=s, **kw))) for s in
-             ('json', 'tfds')]
+  batches = []
+  for source, workers in (('json', 0), ('tfds', 1)):  # TFDS in a worker
+    it = iter(pipeline.make_train_dataset(
+        str(coco_mini_root), 'val2017', source=source, workers=workers,
+        **kw))
+    batches.append(next(it))
+    it.close()
   for key in batches[0]:
     np.testing.assert_array_equal(batches[0][key], batches[1][key])

@@ -1,9 +1,11 @@
 """Train pipeline: contract, determinism, resume, host sharding, bad files.
 
-Parallel maps (num_parallel_calls > 1, AUTOTUNE) must give the serial
-stream bit for bit, and resume within it.
+Worker processes (config.data.workers > 0) must give the in-process
+stream bit for bit, and resume within it; the stream is the one the
+earlier tf.data pipeline drew with TF's stateless ops.
 """
 
+import collections
 import itertools
 import json
 import shutil
@@ -13,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from ae_jax.data import coco
+from ae_jax.data import example_loader
 from ae_jax.data import pipeline
 from ae_jax.data import transforms
 
@@ -29,7 +32,11 @@ def _make(root, **kw):
 
 
 def _take(ds, n):
-  return list(itertools.islice(iter(ds), n))
+  it = iter(ds)
+  try:
+    return list(itertools.islice(it, n))
+  finally:
+    it.close()  # stops the workers
 
 
 def _assert_same(batches_a, batches_b):
@@ -62,15 +69,63 @@ def test_resume_at_start_step(coco_mini_root):
   _assert_same(full[3:], _take(_make(coco_mini_root, start_step=3), 2))
 
 
-@pytest.mark.parametrize('calls', [2, 3, -1])
-def test_parallel_map_gives_the_serial_batches(coco_mini_root, calls):
-  """N-way (and AUTOTUNE) parallel loading: the serial stream, bit for bit,
-  from the start and resumed mid-stream (batches straddle epochs)."""
-  serial = _take(_make(coco_mini_root, num_parallel_calls=1), 6)
-  _assert_same(serial, _take(_make(coco_mini_root,
-                                   num_parallel_calls=calls), 6))
+@pytest.mark.parametrize('workers', [1, 3])
+def test_workers_give_the_in_process_batches(coco_mini_root, workers):
+  """N worker processes: the in-process stream, bit for bit, from the start
+  and resumed mid-stream (batches straddle epochs)."""
+  serial = _take(_make(coco_mini_root, workers=0), 6)
+  _assert_same(serial, _take(_make(coco_mini_root, workers=workers), 6))
   _assert_same(serial[4:], _take(_make(coco_mini_root, start_step=4,
-                                       num_parallel_calls=calls), 2))
+                                       workers=workers), 2))
+
+
+def _tf_stream(seed, positions, num, rot_factor=30.0, scale_factor=(0.75,
+                                                                     1.5),
+               flip_prob=0.5):
+  """The earlier tf.data pipeline's draws, with TF's ops: the permutation
+  of each epoch and the (rot, scale, u_dx, u_dy, flip) of each position."""
+  epochs = sorted({int(g) // num for g in positions})
+  perms = {e: tf.random.experimental.stateless_shuffle(
+      tf.range(num, dtype=tf.int64),
+      seed=tf.random.experimental.stateless_fold_in(
+          tf.constant([seed, 0x5EED], tf.int64), tf.constant(e, tf.int64))
+  ).numpy() for e in epochs}
+  draws = []
+  for g in positions:
+    u = tf.random.stateless_uniform([5], seed=(
+        tf.random.experimental.stateless_fold_in(
+            tf.constant([seed, 0xA06], tf.int64), tf.constant(g, tf.int64))))
+    lo, hi = scale_factor
+    draws.append(tf.stack([(u[0] * 2.0 - 1.0) * rot_factor,
+                           u[1] * (hi - lo) + lo, u[2], u[3],
+                           tf.cast(u[4] < flip_prob, tf.float32)]).numpy())
+  return perms, np.stack(draws)
+
+
+def test_the_stream_is_the_tf_pipelines(coco_mini_root):
+  """Same (seed, position) -> same permutation and draws as TF's ops gave,
+  bit for bit, and so the same batches: each example is its permuted
+  image under those draws (ExampleLoader, checked against mmpose in
+  test_data_transforms)."""
+  positions = np.concatenate([np.arange(6), np.arange(6, 400, 37)])
+  perms, want = _tf_stream(11, positions, 4)
+  got = pipeline.sample_augmentation(11, positions, 30.0, (0.75, 1.5), 0.5)
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, want)
+  for e, perm in perms.items():
+    np.testing.assert_array_equal(pipeline.epoch_permutation(11, e, 4), perm)
+  index = coco.load_coco_index(str(coco_mini_root), 'val2017')
+  load = example_loader.make_loader(
+      coco.ExampleSource(index.examples, index.image_dir), input_wh=(64, 64),
+      heatmap_wh=(16, 16), scale_type='short', trans_factor=40.0,
+      max_people=30)
+  batches = _take(_make(coco_mini_root, seed=11, global_batch_size=3), 2)
+  for g in range(6):
+    b = batches[g // 3]
+    example = load(perms[g // 4][g % 4], want[g],
+                   example_loader.SkipCounter())
+    for key, value in zip(('image', 'mask', 'keypoints'), example):
+      np.testing.assert_array_equal(b[key][g % 3], value)
 
 
 def test_hosts_split_the_global_batch(coco_mini_root):
@@ -137,7 +192,10 @@ def test_rectangular_unaugmented_batch(coco_mini_root):
   assert sorted(_match(b, expected)) == [785, 40083, 196141, 197388]
 
 
-def test_bad_images_are_replaced_and_counted(coco_mini_root, tmp_path):
+@pytest.mark.parametrize('workers', [0, 2])
+def test_bad_images_are_replaced_and_counted(coco_mini_root, tmp_path,
+                                             workers):
+  """In-process and from the workers' reports: the same replacements."""
   root = tmp_path / 'coco'
   shutil.copytree(coco_mini_root, root)
   ann_file = root / 'annotations' / 'person_keypoints_val2017.json'
@@ -148,7 +206,7 @@ def test_bad_images_are_replaced_and_counted(coco_mini_root, tmp_path):
   ann_file.write_text(json.dumps(data))
   (root / 'val2017' / '000000040083.jpg').write_bytes(b'not a jpeg')
   (root / 'val2017' / '000000196141.jpg').unlink()
-  ds = _make(root, augment=False, global_batch_size=3)
+  ds = _make(root, augment=False, global_batch_size=3, workers=workers)
   assert ds.num_examples == 3
   batches = _take(ds, 2)
   expected = _expected_unaugmented(root, 64, 16)
@@ -160,6 +218,19 @@ def test_bad_images_are_replaced_and_counted(coco_mini_root, tmp_path):
   assert skipped[coco.CROWD_ONLY] == 1
   assert skipped[coco.CORRUPT] >= 1 and skipped[coco.MISSING] >= 1
   assert set(ds.skips.files) == {'000000040083.jpg', '000000196141.jpg'}
+  # Counted for the batches handed out, exactly: per example, the
+  # unreadable images tried before 197388 in index order (wrapping).
+  order = [e.file_name for e in coco.load_coco_index(
+      str(root), 'val2017').examples]
+  perms = [pipeline.epoch_permutation(7, e, 3) for e in range(2)]
+  tried = collections.Counter()
+  for g in range(6):
+    i = int(perms[g // 3][g % 3])
+    while order[i] != '000000197388.jpg':
+      tried[order[i]] += 1
+      i = (i + 1) % 3
+  assert skipped[coco.CORRUPT] == tried['000000040083.jpg']
+  assert skipped[coco.MISSING] == tried['000000196141.jpg']
 
 
 def test_config_errors_are_caught_at_the_call(coco_mini_root):
@@ -169,34 +240,65 @@ def test_config_errors_are_caught_at_the_call(coco_mini_root):
     _make(coco_mini_root, shuffle_buffer=16)
   with pytest.raises(ValueError, match='heatmap_size'):
     _make(coco_mini_root, input_size=512, heatmap_size=100)
+  with pytest.raises(ValueError, match='config.data.workers = -2'):
+    _make(coco_mini_root, workers=-2)
 
 
-def test_unreadable_dataset_fails_clearly(coco_mini_root, tmp_path):
+@pytest.mark.parametrize('workers', [0, 1])
+def test_unreadable_dataset_fails_clearly(coco_mini_root, tmp_path,
+                                          workers):
+  """In a worker too: its exception reaches the training process as is.
+
+  The images go bad after the index was built (its check that some images
+  read is coco.check_some_readable, test_data_validation), so the error
+  comes from the batch maker.
+  """
   root = tmp_path / 'coco'
   shutil.copytree(coco_mini_root, root)
+  batches = _make(root, workers=workers)
   for f in (root / 'val2017').iterdir():
     f.write_bytes(b'')
-  with pytest.raises(Exception, match='could not be read'):
-    _take(_make(root), 1)
+  with pytest.raises(example_loader.InputDataError,
+                     match='could not be read'):
+    _take(batches, 1)
 
 
-@pytest.mark.parametrize('mode', ['eager', 'map'])
-def test_sample_augmentation_ranges(mode):
-  def draw(seed):
-    return tf.stack(pipeline.sample_augmentation(
-        seed, 30.0, (0.75, 1.5), 0.5))
-  seeds = tf.stack([tf.zeros([256], tf.int64), tf.range(256, dtype=tf.int64)],
-                   1)
-  if mode == 'eager':
-    got = np.stack([draw(s).numpy() for s in seeds])
-  else:
-    ds = tf.data.Dataset.from_tensor_slices(seeds).map(draw)
-    got = np.stack(list(ds.as_numpy_iterator()))
+def test_sample_augmentation_ranges():
+  got = pipeline.sample_augmentation(0, np.arange(256), 30.0, (0.75, 1.5),
+                                     0.5)
+  assert got.shape == (256, 5) and got.dtype == np.float32
   rot, scale, udx, udy, flip = got.T
   assert np.abs(rot).max() <= 30 and rot.std() > 10
   assert scale.min() >= 0.75 and scale.max() <= 1.5
   assert 0 <= udx.min() and udy.max() < 1
   assert set(np.unique(flip)) == {0.0, 1.0} and 0.3 < flip.mean() < 0.7
-  again = tf.stack(pipeline.sample_augmentation(seeds[7], 30.0, (0.75, 1.5),
-                                                  0.5)).numpy()
-  np.testing.assert_array_equal(again, got[7])  # stateless: same seed, same
+  again = pipeline.sample_augmentation(0, [7], 30.0, (0.75, 1.5), 0.5)
+  np.testing.assert_array_equal(again[0], got[7])  # stateless: same g, same
+  other = pipeline.sample_augmentation(1, [7], 30.0, (0.75, 1.5), 0.5)
+  assert not np.array_equal(other[0], got[7])
+  np.testing.assert_array_equal(  # augment off: the identity
+      pipeline.sample_augmentation(0, [3, 4], 30.0, (0.75, 1.5), 0.5,
+                                   augment=False),
+      [[0, 1, .5, .5, 0]] * 2)
+
+
+def test_compact_examples_are_the_index(coco_mini_root):
+  """The workers' flat copy of the index gives back every example."""
+  index = coco.load_coco_index(str(coco_mini_root), 'val2017')
+  compact = example_loader.CompactExamples(index.examples)
+  assert len(compact) == len(index.examples) == 4
+  with_rle = 0
+  for want, got in zip(index.examples, (compact[i] for i in range(4))):
+    assert (got.image_id, got.file_name, got.height, got.width) == (
+        want.image_id, want.file_name, want.height, want.width)
+    np.testing.assert_array_equal(got.keypoints, want.keypoints)
+    assert got.keypoints.dtype == want.keypoints.dtype
+    assert (got.ignore_rle is None) == (want.ignore_rle is None)
+    if want.ignore_rle is not None:
+      with_rle += 1
+      assert got.ignore_rle == want.ignore_rle
+      np.testing.assert_array_equal(
+          coco.decode_ignore_mask(got.ignore_rle, got.height, got.width),
+          coco.decode_ignore_mask(want.ignore_rle, want.height, want.width))
+  assert with_rle  # the mini COCO has ignore regions
+

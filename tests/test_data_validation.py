@@ -130,7 +130,7 @@ def test_wrongly_sized_image_is_skipped_and_counted(coco_mini_root, tmp_path):
       str(root), 'val2017', input_size=64, heatmap_size=16, max_people=30,
       rot_factor=0.0, scale_factor=(1.0, 1.0), scale_type='short',
       trans_factor=0.0, flip_prob=0.0, augment=False, global_batch_size=2,
-      seed=0, process_index=0, process_count=1, num_parallel_calls=1)
+      seed=0, process_index=0, process_count=1, workers=0)
   batches = list(itertools.islice(iter(ds), 1))  # one epoch: 2 images
   assert ds.skips.files == {bad: coco.SIZE_MISMATCH}
   assert ds.skipped[coco.SIZE_MISMATCH] >= 1

@@ -1,1 +1,1 @@
-"""Input data: COCO reading, train transforms, targets and tf.data pipelines."""
+"""Input data: COCO reading, train transforms, targets, the train input (worker processes)."""

@@ -5,8 +5,9 @@ Build once (COCO root as manual_dir):
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir='/data/coco'))
 or let `make_train_dataset(..., source='tfds', tfds_data_dir=...)` build it
-on first use. Records are ArrayRecord, so the pipeline reads them by index
-(random access) exactly like the json source; each record holds the same
+on first use. Records are ArrayRecord, so the pipeline's worker processes
+read them by index (random access, without TensorFlow) exactly like the
+json source; each record holds the same
 CocoExample the json path builds (coco.py) plus the raw image file bytes,
 stored as-is (no re-encoding), so both sources give identical batches.
 
@@ -106,11 +107,21 @@ def record_to_example(record) -> tuple[coco_lib.CocoExample, bytes]:
 
 
 class _Records:
-  """Lazy random access: examples[i] and image(i) share one record read."""
+  """Lazy random access: examples[i] and image(i) share one record read.
+
+  Picklable (the train input's worker processes get a copy): TFDS's data
+  source pickles as its dataset info and reopens the files.
+  """
 
   def __init__(self, source):
     self._source = source
     self._local = threading.local()
+
+  def __getstate__(self):
+    return {'source': self._source}
+
+  def __setstate__(self, state):
+    self.__init__(state['source'])
 
   def get(self, i: int):
     cached = getattr(self._local, 'item', None)
@@ -124,6 +135,9 @@ class _Records:
 
   def __getitem__(self, i: int) -> coco_lib.CocoExample:
     return self.get(i)[0]
+
+  def image_bytes(self, i: int) -> bytes:
+    return self.get(i)[1]
 
 
 def build(coco_root: str, data_dir: str) -> CocoKeypoints:
@@ -141,6 +155,5 @@ def load_source(coco_root: str, split: str, data_dir: str):
     (ExampleSource, skipped-in-index dict; empty: the builder logged it).
   """
   records = _Records(build(coco_root, data_dir).as_data_source(split=split))
-  source = coco_lib.ExampleSource(
-      records, image_bytes=lambda i: records.get(i)[1])
+  source = coco_lib.ExampleSource(records, image_bytes=records.image_bytes)
   return source, {}

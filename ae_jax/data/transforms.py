@@ -2,19 +2,19 @@
 
 Where each piece runs (measured in bench/bench_pipeline.py, one core):
   * JPEG decode (coco.decode_image), the two warps and the flip here run
-    in cv2/numpy on the host inside one `tf.numpy_function` (the loader
-    built by pipeline.make_loader): cv2 releases the GIL in
-    imdecode/warpAffine/flip, so tf.data's parallel map scales with the
-    cores, and it is the decoder/warp mmpose uses, so images and masks
-    match mmpose exactly. The targets are rendered on device from the
-    keypoints returned here (device_targets.py). tf.io.decode_jpeg
+    in cv2/numpy on the host, in the input worker processes (the loader
+    built by example_loader.make_loader, run per example by
+    pipeline.py's workers); it is the decoder/warp mmpose uses, so images
+    and masks match mmpose exactly. The targets are rendered on device
+    from the keypoints returned here (device_targets.py). tf.io.decode_jpeg
     differs from cv2 (other chroma upsampling, up to 19 levels) and
     tf.raw_ops.ImageProjectiveTransformV3 was 6x slower than
     cv2.warpAffine for a 512x512x3 output (7.7 vs 1.3 ms).
-  * The random parameters are drawn in TF from stateless seeds
-    (pipeline.sample_augmentation), so a (seed, example position) pair
-    fixes them; `shift_from_uniform` maps the drawn uniforms to mmpose's
-    integer center shift on the host.
+  * The random parameters are drawn from stateless seeds
+    (pipeline.sample_augmentation: TF's stateless ops, bit for bit, in
+    numpy), so a (seed, example position) pair fixes them;
+    `shift_from_uniform` maps the drawn uniforms to mmpose's integer
+    center shift on the host.
   * Images stay uint8 on the host: the ImageNet normalisation runs on
     device in the train step (models/ae_model.normalize_images), which
     beat both TF ops (~5 ms per 512x512 image on one core) and a cv2.LUT

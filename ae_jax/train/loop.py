@@ -73,7 +73,11 @@ def make_dataset(config: ml_collections.ConfigDict, start_step: int,
                  spec: keypoints.KeypointSpec = keypoints.COCO):
   """The train pipeline for `config.data` (host-local batches).
 
-  Kept as a module function so tests can substitute synthetic data.
+  Batch s of the stream is a pure function of (config.seed, s), so the
+  dataset built at `start_step` needs no saved iterator state; each
+  `iter()` of it starts config.data.workers input processes (stopped by
+  the iterator's close()). Kept as a module function so tests can
+  substitute synthetic data.
   """
   from ae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   d = config.data
@@ -86,7 +90,7 @@ def make_dataset(config: ml_collections.ConfigDict, start_step: int,
       global_batch_size=config.train.global_batch_size, seed=config.seed,
       start_step=start_step, source=d.source,
       tfds_data_dir=d.tfds_data_dir,
-      num_parallel_calls=d.num_parallel_calls, flip_index=spec.flip_index,
+      workers=d.workers, flip_index=spec.flip_index,
       annotations=d.train_annotations, images=d.train_images)
 
 
@@ -218,12 +222,13 @@ def skipped_images(dataset) -> Dict[str, int]:
   """Images skipped so far, by reason, over all processes.
 
   The index filtering (no people, crowd only) is the same on every
-  process; unreadable files replaced at run time are per process, summed.
+  process; files replaced at run time (missing, corrupt, wrongly sized;
+  counted by each process from its workers' reports) are summed.
   """
   counts = dict(getattr(dataset, 'skipped', None) or {})
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    runtime = [coco.MISSING, coco.CORRUPT]
+    runtime = [coco.MISSING, coco.CORRUPT, coco.SIZE_MISMATCH]
     skips = getattr(dataset, 'skips', None)
     local = [skips.counts.get(r, 0) if skips else 0 for r in runtime]
     total = np.asarray(multihost_utils.process_allgather(
