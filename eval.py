@@ -8,6 +8,14 @@ r"""Evaluates a checkpoint on COCO keypoints: AP table + results json.
       --config.test.scales='(2, 1, 0.5)' \
       --config.test.grouping.detection_threshold=0.1
 
+Compile only, for a TPU slice (libtpu; no checkpoint needed): eval's
+device program (forward at every test scale with flip, resize, NMS/top-k)
+for an image of --aot_image_size, its per-chip memory and roofline per
+image (ae_jax/aot/report.py; exit 0 fits, 2 does not):
+
+  python eval.py --config configs/coco512.py --aot_topology=v5e:2x2 \
+      --config.test.scales='(2, 1, 0.5)'
+
 --ckpt is a converted-variables directory (convert_torch_weights.py) or a
 training workdir (its newest usable step). The model config and keypoint
 spec come from the checkpoint (older checkpoints: from --config); the
@@ -25,11 +33,14 @@ each process evaluates every n-th image on its own devices, results are
 gathered, process 0 prints the table and writes the json.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ae_jax import aot_flags  # defines the --aot_* flags
 from ae_jax import cli
 from ae_jax import launch_flags  # defines the multi-process flags
 from ae_jax import outputs
@@ -49,13 +60,45 @@ _MAX_IMAGES = flags.DEFINE_integer(
 _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', None, 'Images per device batch (default: one per local '
     'device).')
-flags.mark_flags_as_required(['ckpt'])
+_AOT_IMAGE_SIZE = flags.DEFINE_string(
+    'aot_image_size', '640x480', 'With --aot_topology: the original image '
+    'size WxH the eval program is compiled for (COCO\'s most common).')
+
+
+def _aot_check(config) -> int:
+  """--aot_topology: compile eval's device program for a TPU slice."""
+  aot_flags.prepare_environment()
+  # pylint: disable=g-import-not-at-top
+  from ae_jax import keypoints
+  from ae_jax.aot import report
+  from ae_jax.aot import targets
+  try:
+    w, h = (int(v) for v in _AOT_IMAGE_SIZE.value.lower().split('x'))
+  except ValueError:
+    print(f'error: --aot_image_size={_AOT_IMAGE_SIZE.value!r}: expected '
+          'WxH, e.g. 640x480', file=sys.stderr)
+    return 1
+  try:
+    spec = coco.resolve_spec(config.data, 'val', _SPLIT.value)
+    return report.check_eval(
+        config, aot_flags.TOPOLOGY.value, spec, image_hw=(h, w),
+        batch_size=_BATCH_SIZE.value, search=aot_flags.SEARCH.value,
+        top_fusions=aot_flags.TOP_FUSIONS.value,
+        hlo_out=aot_flags.HLO_OUT.value)
+  except (targets.AotError, keypoints.KeypointSpecError,
+          coco.AnnotationError, FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = cli.checked_config(_CONFIG.value)
+  if aot_flags.TOPOLOGY.value:  # compile only: no checkpoint, no devices
+    return _aot_check(config)
+  if not _CKPT.value:
+    raise app.UsageError('--ckpt is required (or --aot_topology)')
   try:  # tf (imported by some deps) must not grab accelerator memory.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')

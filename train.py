@@ -13,6 +13,16 @@ per GPU):
   python train.py --config configs/coco512.py --workdir /shared/ae \
       --coordinator_address=node0:1234 --num_processes=2 --process_id=$RANK
 
+Before renting a slice: compile (only) this very step for it on any CPU
+machine with libtpu (pip install -e '.[tpu]'), e.g. a 16-chip v5e, and
+print per-chip memory vs HBM, the largest per-chip batch that fits,
+FLOPs, bytes, roofline and collectives (ae_jax/aot/report.py; GPUs:
+--aot_topology=h100:8 with the cuda12 extra); nothing is trained or
+written:
+
+  python train.py --config configs/coco512.py --workdir W \
+      --aot_topology=v5e:4x4 [--config.model.dtype=bfloat16 ...]
+
 Checkpoints, TensorBoard scalars and summary.json go to --workdir; a rerun
 with the same --workdir resumes from the newest complete checkpoint. One
 trainer per workdir (train.lock). Exit codes:
@@ -20,6 +30,8 @@ trainer per workdir (train.lock). Exit codes:
   1    an `error: ...` line: bad flag/config value, workdir in use,
        unusable checkpoint, NaN/inf loss, unreadable images, an input
        worker process that died (the last good checkpoint stays)
+  2    --aot_topology: the step does not fit the chip's memory (the last
+       line names the per-chip batch that would)
   130  Ctrl-C (SIGINT): the current step was saved (a second Ctrl-C, or
        one before the first step, stops without saving); rerun to resume
   143  preempted: SIGTERM to any process saved the same step on all of
@@ -36,6 +48,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ae_jax import aot_flags  # defines the --aot_* flags
 from ae_jax import cli
 from ae_jax import config_checks
 from ae_jax import launch_flags  # defines the multi-process flags
@@ -80,11 +93,32 @@ def _check_split_files(config, process_count: int) -> None:
                            d.val_images, 'val')
 
 
+def _aot_check(config) -> int:
+  """--aot_topology: compile the step for a TPU slice (no training)."""
+  aot_flags.prepare_environment()
+  # pylint: disable=g-import-not-at-top
+  from ae_jax import keypoints
+  from ae_jax.aot import report
+  from ae_jax.aot import targets
+  try:
+    return report.check_train(
+        config, aot_flags.TOPOLOGY.value, search=aot_flags.SEARCH.value,
+        top_fusions=aot_flags.TOP_FUSIONS.value,
+        hlo_out=aot_flags.HLO_OUT.value)
+  except (targets.AotError, config_checks.ConfigError,
+          keypoints.KeypointSpecError, FileNotFoundError) as e:
+    logging.flush()
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Config values and input paths before JAX starts or any set-up.
   config = cli.checked_config(_CONFIG.value, train=True)
+  if aot_flags.TOPOLOGY.value:  # compile only: no workdir, no devices
+    return _aot_check(config)
   try:
     config_checks.check_init_checkpoint(config.train.init_checkpoint)
   except config_checks.ConfigError as e:

@@ -242,7 +242,7 @@ def test_two_processes_through_sigterm_and_kill_match_one_process(tmp_path):
 
 
 def test_put_replicated_keys_and_arrays():
-  """The helper train_lib uses for values every process holds (step key)."""
+  """The helper the train loop uses for values every process holds (step key)."""
   mesh = sharding.make_mesh()
   key = jax.random.key(3)
   rep = sharding.put_replicated(key, mesh)

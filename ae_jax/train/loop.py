@@ -1,9 +1,9 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Stages: data (`make_dataset` -> ae_jax.data.pipeline) -> TrainState
-(ae_jax.train.state) -> jitted step on a ('data',) mesh
-(ae_jax.train.step) -> orbax checkpoints (ae_jax.train.checkpoints) -> COCO eval
-at the end (ae_jax.infer.predict, ae_jax.infer.coco_eval).
+Stages: data (`make_dataset` -> ae_jax.data.pipeline) -> model, TrainState
+and the jitted step on a ('data',) mesh (ae_jax.train.program) -> orbax
+checkpoints (ae_jax.train.checkpoints) -> COCO eval at the end
+(ae_jax.infer.predict, ae_jax.infer.coco_eval).
 
 Outputs under `workdir` (a local path or a URL such as gs://; paths go
 through etils.epath):
@@ -36,18 +36,17 @@ from etils import epath
 import jax
 import ml_collections
 import numpy as np
-import optax
 
-from ae_jax.train import checkpoints
 from ae_jax import config_checks
 from ae_jax import keypoints
 from ae_jax import sharding
+from ae_jax.aot import hlo_stats
 from ae_jax.data import coco
-from ae_jax.train import state as train_state
-from ae_jax.train import step as train_step
-from ae_jax.train import workdir_lock
-from ae_jax.models import ae_model
 from ae_jax.models.ae_model import AEModel
+from ae_jax.train import checkpoints
+from ae_jax.train import program as train_program
+from ae_jax.train import state as train_state
+from ae_jax.train import workdir_lock
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -208,16 +207,6 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: epath.Path,
   return {k: float(v) for k, v in metrics.items()}
 
 
-def _lr_schedule(optim: ml_collections.ConfigDict, global_batch: int,
-                 epoch_steps: int) -> optax.Schedule:
-  """config.optim -> the (batch-scaled) warmup + step schedule."""
-  lr = train_state.scaled_lr(optim.lr, global_batch, optim.base_batch_size,
-                             optim.scale_lr)
-  return train_state.make_lr_schedule(
-      lr, epoch_steps, optim.warmup_steps, optim.warmup_ratio,
-      tuple(optim.decay_epochs), optim.decay_factor)
-
-
 def skipped_images(dataset) -> Dict[str, int]:
   """Images skipped so far, by reason, over all processes.
 
@@ -238,18 +227,21 @@ def skipped_images(dataset) -> Dict[str, int]:
   return {k: int(v) for k, v in sorted(counts.items()) if v}
 
 
-def _start_state(config, resumed, model, tx, mesh, rng):
-  """(state, shardings): the resumed step's, else a new one (initialised
-  from config.train.init_checkpoint's weights if set)."""
-  args = (model, tx, config.data.input_size, mesh,
-          config.optim.shard_opt_state)
+def _start_state(config, resumed, program, mesh, rng):
+  """The resumed step's state, else a new one (initialised from
+  config.train.init_checkpoint's weights if set), placed as
+  `program.state_shardings`."""
   if resumed is not None:
     if int(resumed.meta['data_position']) != resumed.step:
       raise checkpoints.CheckpointError(
           f'checkpoint {resumed.step}: data_position '
           f'{resumed.meta["data_position"]} != step')
-    return train_state.state_from_checkpoint(resumed.tree, *args)
-  state, shardings = train_state.create_train_state(rng, *args)
+    state, _ = train_state.state_from_checkpoint(
+        resumed.tree, program.model, program.tx, config.data.input_size,
+        mesh, config.optim.shard_opt_state)
+    return state
+  state = train_state.init_on_mesh(program.init_fn, rng,
+                                   program.state_shardings)
   # A strong int32 step (flax's is weak-typed), as a restored one: fresh
   # and resumed runs then compile the same step (one persistent-cache
   # entry, which the reruns of a preempted job load).
@@ -259,7 +251,7 @@ def _start_state(config, resumed, model, tx, mesh, rng):
         state, checkpoints.restore_variables(config.train.init_checkpoint),
         config.train.init_checkpoint)
     logging.info('%s', loaded)
-  return state, shardings
+  return state
 
 
 _MEETINGS = [0]  # barriers so far in this process (their ids must differ)
@@ -272,17 +264,42 @@ def _compiled_on_every_process(step_fn, state, batch, rng):
   process to join it; a process still compiling (or loading) the step
   then was seen to fail the others ('Gloo context initialization failed:
   ... GetKeyValue() timed out'). The processes meet at a barrier of the
-  coordination service (not a collective) after compiling.
+  coordination service (not a collective) after compiling. The compiled
+  step's memory is logged once (log_step_memory).
   """
-  if jax.process_count() == 1:
-    return step_fn
-  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
   compiled = step_fn.lower(state, batch, rng).compile()
+  log_step_memory(compiled, jax.local_devices()[0])
+  if jax.process_count() == 1:
+    return compiled
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
   _MEETINGS[0] += 1
   multihost.sync_global_processes(
       f'ae_jax_step_compiled_{_MEETINGS[0]}', timeout=3600,
       processes=set(range(jax.process_count())))
   return compiled
+
+
+def log_step_memory(compiled, device) -> str:
+  """Logs the compiled step's per-device memory against the device's.
+
+  The same counts as train.py --aot_topology (hlo_stats.compiled_memory);
+  the capacity is `device.memory_stats()['bytes_limit']` where the backend
+  reports it (GPU, TPU). Nothing is logged on the CPU backend (no device
+  memory to run out of; the main job's output stays as it was).
+
+  Returns:
+    The logged line ('' when nothing was logged).
+  """
+  memory = hlo_stats.compiled_memory(compiled)
+  if device.platform == 'cpu' or not memory:
+    return ''
+  limit = (device.memory_stats() or {}).get('bytes_limit')
+  where = (f'of {limit / hlo_stats.GiB:.2f} GiB on {device.device_kind} '
+           f'({100 * memory["total"] / limit:.0f}%)' if limit else
+           f'per device; {device.device_kind} does not report its capacity')
+  line = f'Compiled train step: {hlo_stats.memory_text(memory)} {where}.'
+  logging.info('%s', line)
+  return line
 
 
 def _log_step(pending: List[Dict[str, jax.Array]], step: int,
@@ -366,22 +383,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     num_examples = int(dataset.num_examples)
     epoch_steps = train_state.steps_per_epoch(num_examples, global_batch)
     total_steps = config_checks.total_steps(t, epoch_steps)
-    lr_fn = _lr_schedule(config.optim, global_batch, epoch_steps)
-    model = ae_model.create_model(record.model, kernels)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    # torch Adam defaults: betas (0.9, 0.999), eps 1e-8.
-    state, state_shardings = _start_state(config, resumed, model,
-                                          optax.adam(lr_fn), mesh, init_rng)
+    # The same function builds the step that ae_jax.aot.compiler compiles.
+    program = train_program.make_train_program(
+        config, mesh, num_joints=spec.num_joints, epoch_steps=epoch_steps,
+        kernels=kernels, init_rng=init_rng)
+    model = program.model
+    state = _start_state(config, resumed, program, mesh, init_rng)
     if resumed:
       logging.info('Resumed from %s at step %d.', ckpts.directory,
                    start_step)
     last_good = resumed.step if resumed else None
-    step_fn = train_step.make_train_step(
-        mesh, state_shardings, model=model, lr_fn=lr_fn,
-        num_joints=spec.num_joints, sigma=config.data.sigma,
-        heatmap_factor=config.loss.heatmap_factor,
-        push_factor=config.loss.push_factor,
-        pull_factor=config.loss.pull_factor, bn_stats=t.bn_stats)
+    step_fn = program.step_fn
     step_rng = sharding.put_replicated(step_rng, mesh)
     writer = make_metric_writer(workdir / 'tensorboard', is_main)
     resources.callback(writer.close)
