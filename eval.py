@@ -23,11 +23,13 @@ gathered, process 0 prints the table and writes the json.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ae_jax import aot_flags  # defines the --aot_* flags
 from ae_jax import cli
 from ae_jax import launch_flags  # defines the multi-process flags
 
@@ -45,12 +47,42 @@ _MAX_IMAGES = flags.DEFINE_integer(
 _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', None, 'Images per device batch (default: one per local '
     'device).')
-flags.mark_flags_as_required(['ckpt'])
+_AOT_IMAGE_SIZE = flags.DEFINE_string(
+    'aot_image_size', '640x480', 'With --aot_topology: the original image '
+    'size WxH the eval program is compiled for (COCO\'s most common).')
+
+
+def _aot_check(config) -> int:
+  """--aot_topology: compile eval's device program for a TPU slice."""
+  aot_flags.prepare_environment()
+  # pylint: disable=g-import-not-at-top
+  from ae_jax import aot_compile, keypoints
+  try:
+    w, h = (int(v) for v in _AOT_IMAGE_SIZE.value.lower().split('x'))
+  except ValueError:
+    print(f'error: --aot_image_size={_AOT_IMAGE_SIZE.value!r}: expected '
+          'WxH, e.g. 640x480', file=sys.stderr)
+    return 1
+  try:
+    spec = keypoints.resolve_spec(config.data, 'val', _SPLIT.value)
+    return aot_compile.check_eval(
+        config, aot_flags.TOPOLOGY.value, spec, image_hw=(h, w),
+        batch_size=_BATCH_SIZE.value, search=aot_flags.SEARCH.value,
+        top_fusions=aot_flags.TOP_FUSIONS.value,
+        hlo_out=aot_flags.HLO_OUT.value)
+  except (aot_compile.AotError, keypoints.KeypointSpecError,
+          FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if aot_flags.TOPOLOGY.value:  # compile only: no checkpoint, no devices
+    sys.exit(_aot_check(_CONFIG.value))
+  if not _CKPT.value:
+    raise app.UsageError('--ckpt is required (or --aot_topology)')
   try:  # tf (imported by some deps) must not grab accelerator memory.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')

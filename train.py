@@ -34,6 +34,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ae_jax import aot_flags  # defines the --aot_* flags
 from ae_jax import cli
 from ae_jax import launch_flags  # defines the multi-process flags
 
@@ -66,9 +67,30 @@ def _end_multiprocess(code: int) -> None:
   os._exit(code)
 
 
+def _aot_check(config) -> int:
+  """--aot_topology: compile the step for a TPU slice (no training)."""
+  aot_flags.prepare_environment()
+  # pylint: disable=g-import-not-at-top
+  from ae_jax import aot_compile
+  from ae_jax import config_checks
+  from ae_jax import keypoints
+  try:
+    return aot_compile.check_train(
+        config, aot_flags.TOPOLOGY.value, search=aot_flags.SEARCH.value,
+        top_fusions=aot_flags.TOP_FUSIONS.value,
+        hlo_out=aot_flags.HLO_OUT.value)
+  except (aot_compile.AotError, config_checks.ConfigError,
+          keypoints.KeypointSpecError, FileNotFoundError) as e:
+    logging.flush()
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if aot_flags.TOPOLOGY.value:  # compile only: no workdir, no devices
+    sys.exit(_aot_check(_CONFIG.value))
   logging.get_absl_handler().addFilter(_quiet_orbax)
   distributed = launch_flags.initialize()
   # Imported here so --help and flag errors stay fast.

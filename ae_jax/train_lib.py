@@ -1,9 +1,9 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Stages: data (`make_dataset` -> ae_jax.data.pipeline) -> TrainState
-(ae_jax.train_state) -> jitted step on a ('data',) mesh
-(ae_jax.train_step) -> orbax checkpoints (ae_jax.checkpoints) -> COCO eval
-at the end (ae_jax.inference, ae_jax.coco_eval).
+Stages: data (`make_dataset` -> ae_jax.data.pipeline) -> model, TrainState
+and the jitted step on a ('data',) mesh (ae_jax.train_program) -> orbax
+checkpoints (ae_jax.checkpoints) -> COCO eval at the end (ae_jax.inference,
+ae_jax.coco_eval).
 
 Outputs under `workdir` (a local path or a URL such as gs://; paths go
 through etils.epath):
@@ -33,16 +33,15 @@ from etils import epath
 import jax
 import ml_collections
 import numpy as np
-import optax
 
+from ae_jax import aot_compile
 from ae_jax import checkpoints
 from ae_jax import config_checks
 from ae_jax import keypoints
 from ae_jax import sharding
 from ae_jax import train_state
-from ae_jax import train_step
+from ae_jax import train_program
 from ae_jax import workdir_lock
-from ae_jax.models import ae_model
 from ae_jax.models.ae_model import AEModel
 
 
@@ -174,16 +173,6 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: epath.Path,
   return {k: float(v) for k, v in metrics.items()}
 
 
-def _lr_schedule(optim: ml_collections.ConfigDict, global_batch: int,
-                 epoch_steps: int) -> optax.Schedule:
-  """config.optim -> the (batch-scaled) warmup + step schedule."""
-  lr = train_state.scaled_lr(optim.lr, global_batch, optim.base_batch_size,
-                             optim.scale_lr)
-  return train_state.make_lr_schedule(
-      lr, epoch_steps, optim.warmup_steps, optim.warmup_ratio,
-      tuple(optim.decay_epochs), optim.decay_factor)
-
-
 def skipped_images(dataset) -> Dict[str, int]:
   """Images skipped so far, by reason, over all processes.
 
@@ -233,17 +222,44 @@ def _compiled_on_every_process(step_fn, state, batch, rng):
   process to join it; a process still compiling (or loading) the step
   then was seen to fail the others ('Gloo context initialization failed:
   ... GetKeyValue() timed out'). The processes meet at a barrier of the
-  coordination service (not a collective) after compiling.
+  coordination service (not a collective) after compiling. The compiled
+  step's memory is logged once (log_step_memory).
   """
-  if jax.process_count() == 1:
-    return step_fn
-  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
   compiled = step_fn.lower(state, batch, rng).compile()
+  log_step_memory(compiled, jax.local_devices()[0])
+  if jax.process_count() == 1:
+    return compiled
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
   _MEETINGS[0] += 1
   multihost.sync_global_processes(
       f'ae_jax_step_compiled_{_MEETINGS[0]}', timeout=3600,
       processes=set(range(jax.process_count())))
   return compiled
+
+
+def log_step_memory(compiled, device) -> str:
+  """Logs the compiled step's per-device memory against the device's.
+
+  The same counts as train.py --aot_topology (aot_compile.compiled_memory);
+  the capacity is `device.memory_stats()['bytes_limit']` where the backend
+  reports it (GPU, TPU), else unknown (CPU).
+
+  Returns:
+    The logged line.
+  """
+  memory = aot_compile.compiled_memory(compiled)
+  if not memory:
+    line = f'Compiled train step: memory not reported by {device.platform}.'
+  else:
+    stats = device.memory_stats() or {}
+    limit = stats.get('bytes_limit')
+    where = (f'of {limit / aot_compile.GiB:.2f} GiB on {device.device_kind} '
+             f'({100 * memory["total"] / limit:.0f}%)' if limit else
+             f'per device; {device.platform} does not report its capacity')
+    line = (f'Compiled train step: {aot_compile.memory_text(memory)} '
+            f'{where}.')
+  logging.info('%s', line)
+  return line
 
 
 def _log_step(pending: List[Dict[str, jax.Array]], step: int,
@@ -321,14 +337,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     num_examples = int(dataset.num_examples)
     epoch_steps = train_state.steps_per_epoch(num_examples, global_batch)
     total_steps = config_checks.total_steps(t, epoch_steps)
-    lr_fn = _lr_schedule(config.optim, global_batch, epoch_steps)
-    model = ae_model.create_model(
-        {**config.model, 'num_joints': spec.num_joints}, kernels)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    # torch Adam defaults: betas (0.9, 0.999), eps 1e-8.
-    state, state_shardings = train_state.create_train_state(
-        init_rng, model, optax.adam(lr_fn), config.data.input_size, mesh,
-        config.optim.shard_opt_state)
+    # The same function builds the step that ae_jax.aot_compile compiles.
+    program = train_program.make_train_program(
+        config, mesh, num_joints=spec.num_joints, epoch_steps=epoch_steps,
+        kernels=kernels, init_rng=init_rng)
+    model = program.model
+    state = train_state.init_on_mesh(program.init_fn, init_rng,
+                                     program.state_shardings)
     # A strong int32 step (flax's is weak-typed), as a restored one: fresh
     # and resumed runs then compile the same step (one persistent-cache
     # entry, which the reruns of a preempted job load).
@@ -344,12 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         dataset = make_dataset(config, start_step, spec)
     state = _resume_or_init(state, manager, resume_step, t.init_checkpoint)
     last_good = resume_step
-    step_fn = train_step.make_train_step(
-        mesh, state_shardings, model=model, lr_fn=lr_fn,
-        num_joints=spec.num_joints, sigma=config.data.sigma,
-        heatmap_factor=config.loss.heatmap_factor,
-        push_factor=config.loss.push_factor,
-        pull_factor=config.loss.pull_factor, bn_stats=t.bn_stats)
+    step_fn = program.step_fn
     step_rng = sharding.put_replicated(step_rng, mesh)
     writer = make_metric_writer(workdir / 'tensorboard', is_main)
     resources.callback(writer.close)

@@ -6,7 +6,7 @@ position both derive from the step).
 """
 
 import math
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 from absl import logging
 from flax.training import train_state as flax_train_state
@@ -84,6 +84,40 @@ def make_lr_schedule(base_lr: float, num_steps_per_epoch: int,
 # -------------------------------------------------------------- train state
 
 
+def make_init_fn(model: AEModel, tx: optax.GradientTransformation,
+                 input_size) -> Callable[[jax.Array], TrainState]:
+  """key -> a fresh TrainState (params, BN statistics, Adam moments, step 0).
+
+  Args:
+    model: the AE model.
+    tx: the optimizer.
+    input_size: config.data.input_size, int S (square) or (W, H); the
+      shapes of the variables do not depend on it.
+  """
+  width, height = transforms.as_wh(input_size)
+
+  def init(key):
+    dummy = jnp.zeros((1, height, width, 3), jnp.float32)
+    variables = model.init(key, dummy, train=False)
+    return TrainState.create(apply_fn=model.apply,
+                             params=variables['params'], tx=tx,
+                             batch_stats=variables['batch_stats'])
+
+  return init
+
+
+def init_on_mesh(init_fn: Callable[[jax.Array], TrainState], rng: jax.Array,
+                 shardings: Any) -> TrainState:
+  """`init_fn(rng)` built already placed with `shardings` (one jit)."""
+  # XLA:CPU spends 10-30 s optimising the ~150 random initialisers of a
+  # program that runs once; unoptimised code initialises in milliseconds.
+  leaf = jax.tree_util.tree_leaves(shardings)[0]
+  on_cpu = next(iter(leaf.device_set)).platform == 'cpu'
+  options = {'xla_backend_optimization_level': 0} if on_cpu else None
+  init = jax.jit(init_fn, out_shardings=shardings)
+  return init.lower(rng).compile(compiler_options=options)(rng)
+
+
 def create_train_state(rng: jax.Array, model: AEModel,
                        tx: optax.GradientTransformation, input_size,
                        mesh: jax.sharding.Mesh,
@@ -106,24 +140,10 @@ def create_train_state(rng: jax.Array, model: AEModel,
   Returns:
     (state, state_shardings).
   """
-  width, height = transforms.as_wh(input_size)
-
-  def init(key):
-    dummy = jnp.zeros((1, height, width, 3), jnp.float32)
-    variables = model.init(key, dummy, train=False)
-    return TrainState.create(apply_fn=model.apply,
-                             params=variables['params'], tx=tx,
-                             batch_stats=variables['batch_stats'])
-
+  init = make_init_fn(model, tx, input_size)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.state_shardings(abstract, mesh, shard_opt_state)
-  # XLA:CPU spends 10-30 s optimising the ~150 random initialisers of a
-  # program that runs once; unoptimised code initialises in milliseconds.
-  on_cpu = mesh.devices.flat[0].platform == 'cpu'
-  options = {'xla_backend_optimization_level': 0} if on_cpu else None
-  init_fn = jax.jit(init, out_shardings=shardings)
-  state = init_fn.lower(rng).compile(compiler_options=options)(rng)
-  return state, shardings
+  return init_on_mesh(init, rng, shardings), shardings
 
 
 def load_pretrained(state: TrainState, variables: Dict[str, Any],

@@ -13,7 +13,14 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# The test extra installs libtpu (tests/test_aot_compile.py compiles for a
+# TPU topology): JAX_PLATFORMS=cpu keeps every test process, and the
+# subprocesses that inherit it, from initialising a TPU backend (a TPU-init
+# warning per process otherwise); topologies.get_topology_desc still works
+# under it. ALLOW_MULTIPLE_LIBTPU_LOAD: libtpu's lock file would stop a
+# second process (the other xdist worker, a subprocess) that loads it.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
@@ -21,11 +28,12 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COCO_MINI = REPO_ROOT / 'data' / 'coco_mini'
 
 
-# The longest module (~4 min of 2-process train.py launches) is collected
-# first, so that under pytest-xdist's `--dist loadfile --no-loadscope-reorder`
-# (pyproject.toml) one worker starts on it while the other takes the rest,
-# instead of it running alone at the end. Order within a module is kept.
-FIRST = ('test_multihost.py',)
+# The longest modules (~4 min of 2-process train.py launches; three TPU
+# compiles) are collected first, so that under pytest-xdist's `--dist
+# loadfile --no-loadscope-reorder` (pyproject.toml) one worker starts on
+# each while the other takes the rest, instead of one running alone at the
+# end. Order within a module is kept.
+FIRST = ('test_multihost.py', 'test_aot_compile.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -1,0 +1,115 @@
+"""The train step compiled by libtpu for a 4-chip TPU v5e, on this CPU.
+
+No TPU is needed: `jax.experimental.topologies` describes the slice and
+the real TPU compiler runs (ae_jax.aot_compile). The `test` extra installs
+libtpu, so this runs in CI; without it the module fails (it does not skip)
+so the TPU path cannot silently go untested. Three small-config programs
+(64 px, narrow model, 2 images per chip): fp32 and bf16 with global
+BatchNorm statistics, fp32 with per-device statistics.
+"""
+
+import subprocess
+import sys
+
+import jax
+from jax.sharding import PartitionSpec as P
+import pytest
+
+from ae_jax import aot_compile
+from tests import conftest
+
+TOPOLOGY = 'v5e:2x2'
+
+
+def _config(dtype='float32', bn_stats='global'):
+  config = conftest.small_config()
+  config.model.dtype = dtype
+  config.train.bn_stats = bn_stats
+  config.optim.shard_opt_state = False  # train.py's default
+  return config
+
+
+@pytest.fixture(scope='module')
+def checks():
+  """(dtype, bn_stats) -> aot_compile.Check of the 4-chip train step."""
+  assert aot_compile.has_libtpu(), (
+      "libtpu is missing: pip install -e '.[torch,test]' installs it")
+  return {key: aot_compile.train_check(_config(*key), TOPOLOGY, search=False)
+          for key in [('float32', 'global'), ('bfloat16', 'global'),
+                      ('float32', 'per_device')]}
+
+
+def test_step_compiles_and_fits_on_four_chips(checks):
+  check = checks['float32', 'global']
+  assert (check.tpu.chips, check.tpu.hosts) == (4, 1)
+  assert check.tpu.devices[0].device_kind == 'TPU v5 lite'
+  first = check.first
+  assert first.fits and first.per_chip == 2
+  m = first.memory
+  assert m['total'] == (m['arguments'] + m['outputs'] - m['aliased'] +
+                        m['temps'] + m['code'])
+  # The donated state: its outputs reuse the argument buffers.
+  assert m['aliased'] > 0.9 * m['outputs']
+  assert first.flops > 0 and first.bytes > 0
+  assert first.seconds > 0 and 'all-reduce' in first.collectives
+
+
+def test_bf16_needs_less_memory_than_fp32(checks):
+  fp32 = checks['float32', 'global'].first
+  bf16 = checks['bfloat16', 'global'].first
+  assert bf16.memory['temps'] < 0.8 * fp32.memory['temps']
+  assert bf16.bytes < fp32.bytes
+  # Parameters and Adam moments stay float32: same arguments.
+  assert bf16.memory['arguments'] == fp32.memory['arguments']
+
+
+def test_per_device_bn_has_fewer_all_reduces_than_global(checks):
+  global_count, _ = checks['float32', 'global'].first.collectives[
+      'all-reduce']
+  local_count, _ = checks['float32', 'per_device'].first.collectives[
+      'all-reduce']
+  # Global: a pair per BatchNorm forward and backward plus the gradient's;
+  # per device: the combined pmean of gradients, losses and statistics.
+  assert global_count > 50
+  assert local_count < 10 < global_count
+
+
+def test_params_replicated_and_batch_sharded(checks):
+  state, batch, rng = checks['float32', 'global'].first.input_shardings[0]
+  for s in jax.tree_util.tree_leaves(state.params) + [rng]:
+    assert s.spec == P() and s.is_fully_replicated
+  for s in jax.tree_util.tree_leaves(state.opt_state):
+    assert s.is_fully_replicated  # shard_opt_state False
+  assert set(batch) == {'image', 'mask', 'keypoints'}
+  for s in batch.values():
+    assert s.spec == P('data') and not s.is_fully_replicated
+    assert len(s.device_set) == 4
+
+
+def test_report_names_the_chip_figures_and_verdict(checks):
+  check = checks['bfloat16', 'global']
+  config = _config('bfloat16')
+  table = aot_compile.train_report(config, check.tpu, check.first, None)
+  assert '4 chips, 1 host' in table and 'per chip 2' in table
+  assert 'of 16 GiB HBM: fits' in table
+  assert '819 GB/s' in table and '197 TFLOP/s' in table
+  assert 'all-reduce' in table
+  assert aot_compile.verdict(check.first, None, 4).startswith('fits: ')
+
+
+def test_without_libtpu_one_line_says_how_to_install(monkeypatch):
+  monkeypatch.setattr(aot_compile, 'has_libtpu', lambda: False)
+  with pytest.raises(aot_compile.AotError, match=r"pip install -e '\.\[tpu\]'"):
+    aot_compile.train_check(_config(), TOPOLOGY)
+
+
+def test_cli_unknown_topology_is_one_error_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'train.py', '--config', 'configs/tiny.py',
+       '--workdir', str(tmp_path / 'w'), '--aot_topology=v9x:2x2'],
+      cwd=conftest.REPO_ROOT, capture_output=True, text=True, timeout=120,
+      check=False)
+  assert result.returncode == 1
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'v9x:2x2' in errors[0]
+  assert not (tmp_path / 'w').exists()  # nothing written

@@ -1,0 +1,63 @@
+"""train_program: the abstract inputs equal what train.py really feeds.
+
+ae_jax.aot_compile compiles `program.step_fn` on ShapeDtypeStructs; they
+must be the shapes, dtypes and shardings of the live state and of the
+input pipeline's batches, or the check would compile another program.
+"""
+
+import jax
+import numpy as np
+
+from ae_jax import sharding
+from ae_jax import train_lib
+from ae_jax import train_program
+from ae_jax import train_state
+from configs import tiny
+
+
+def _avals(tree):
+  return jax.tree_util.tree_map(
+      lambda x: (tuple(x.shape), np.dtype(x.dtype), x.sharding), tree)
+
+
+def test_abstract_state_is_the_state_train_lib_builds():
+  config = tiny.get_config()
+  config.optim.shard_opt_state = True  # moments split over 'data'
+  mesh = sharding.make_mesh()
+  rng = jax.random.key(0)
+  program = train_program.make_train_program(
+      config, mesh, num_joints=17, epoch_steps=10, kernels='cpu',
+      init_rng=rng)
+  state = train_state.init_on_mesh(program.init_fn, rng,
+                                   program.state_shardings)
+  # train_lib runs (and restores) a strong int32 step.
+  state = state.replace(step=sharding.put_replicated(np.int32(0), mesh))
+  assert _avals(program.abstract_state) == _avals(state)
+  assert not program.abstract_state.step.weak_type
+
+
+def test_batch_shapes_are_the_pipeline_batches(coco_mini_root):
+  config = tiny.get_config()
+  config.data.coco_root = str(coco_mini_root)
+  dataset = train_lib.make_dataset(config, 0)
+  batch = next(iter(dataset))
+  want = train_program.batch_shapes(config, 17,
+                                    config.train.global_batch_size)
+  assert set(batch) == set(want)
+  for name, (shape, dtype) in want.items():
+    assert batch[name].shape == shape and batch[name].dtype == dtype, name
+
+
+def test_abstract_step_args_shard_the_batch_and_replicate_the_rng():
+  config = tiny.get_config()
+  mesh = sharding.make_mesh()
+  program = train_program.make_train_program(
+      config, mesh, num_joints=17, epoch_steps=10, kernels='cpu',
+      init_rng=jax.random.key(0))
+  state, batch, rng = train_program.abstract_step_args(
+      program, config, 17, mesh, 16)
+  assert state is program.abstract_state
+  assert batch['image'].shape == (16, 128, 128, 3)
+  assert batch['image'].sharding == sharding.batch_sharding(mesh)
+  assert rng.sharding == sharding.replicated(mesh)
+  assert jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
