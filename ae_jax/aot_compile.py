@@ -49,36 +49,71 @@ from ae_jax.models import ae_model
 
 GiB = 2**30
 DOES_NOT_FIT_EXIT_CODE = 2
-INSTALL_HINT = "pip install -e '.[tpu]'"
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Published per-chip figures of a TPU generation.
+  """Published per-chip figures of an accelerator the check compiles for.
 
   Attributes:
-    name: 'v5e' etc., the prefix of a topology name.
+    name: 'v5e', 'h100', ...: the prefix of a topology name.
     device_kind: jax's device_kind of its devices.
-    hbm_gib: HBM capacity per chip.
-    peak_tflops: dense bfloat16 peak per chip (float32 matmuls run as
-      bfloat16 passes at JAX's default precision).
-    hbm_gbps: HBM bandwidth per chip, GB/s (1e9 bytes).
-    topology_kwargs: extra get_topology_desc arguments (one device per
-      chip).
+    hbm_gib: memory per chip (GiB).
+    peak_tflops: dense bfloat16 peak per chip (TPU float32 matmuls run as
+      bfloat16 passes at JAX's default precision; GPU float32 as TF32 at
+      half this rate: the roofline uses the bfloat16 figure for both).
+    hbm_gbps: memory bandwidth per chip, GB/s (1e9 bytes).
+    platform: 'tpu' (libtpu) or 'cuda' (the jax CUDA plugin).
+    topology_kwargs: extra get_topology_desc arguments.
   """
   name: str
   device_kind: str
   hbm_gib: float
   peak_tflops: float
   hbm_gbps: float
+  platform: str = 'tpu'
   topology_kwargs: Tuple[Tuple[str, str], ...] = ()
 
+
+def _gpu_target(cores: int, smem_core: int, smem_optin: int, fpus: int,
+                bandwidth: int, l2: int, clock_ghz: float, memory: int,
+                major: int, name: str) -> str:
+  """A GpuTargetConfigProto text: what XLA:GPU needs to compile for a GPU
+  it does not have (get_topology_desc's target_config)."""
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32
+  shared_memory_per_block: 49152 shared_memory_per_core: {smem_core}
+  threads_per_core_limit: 2048 core_count: {cores} fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth}
+  l2_cache_size: {l2} clock_rate_ghz: {clock_ghz}
+  device_memory_size: {memory} shared_memory_per_block_optin: {smem_optin}
+  cuda_compute_capability {{ major: {major} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{name}"
+"""
+
+
+# GPU device descriptions: the values of XLA's own spec files
+# (openxla/xla xla/backends/gpu/target_config/specs/{h100_sxm,a100_sxm_80}
+# .txtpb, what XLA:GPU reads off those GPUs); the cuDNN / CUDA versions
+# are those the cuda12 extra installs.
+GPU_TARGETS = {
+    'h100': _gpu_target(132, 233472, 232448, 128, 3352320000000, 52428800,
+                        1.98, 84942979072, 9, 'NVIDIA H100 80GB HBM3'),
+    'a100': _gpu_target(108, 167936, 166912, 64, 2039040000000, 41943040,
+                        1.41, 85100068864, 8, 'NVIDIA A100-SXM4-80GB'),
+}
 
 CHIPS = {c.name: c for c in (
     # cloud.google.com/tpu/docs/v4: 275 TFLOPS (bf16), HBM2 32 GiB,
     # 1200 GBps. Two TensorCores per chip: 'megacore' = one device per chip.
     Chip('v4', 'TPU v4', 32, 275, 1200,
-         (('chip_config_name', 'megacore'),)),
+         topology_kwargs=(('chip_config_name', 'megacore'),)),
     # cloud.google.com/tpu/docs/v5e: 197 TFLOPs (bf16), HBM2 16 GB, 819 GBps.
     Chip('v5e', 'TPU v5 lite', 16, 197, 819),
     # cloud.google.com/tpu/docs/v5p: 459 TFLOPs (bf16), HBM2e 95 GB,
@@ -86,7 +121,17 @@ CHIPS = {c.name: c for c in (
     Chip('v5p', 'TPU v5', 95, 459, 2765),
     # cloud.google.com/tpu/docs/v6e: 918 TFLOPs (bf16), HBM 32 GB, 1638 GBps.
     Chip('v6e', 'TPU v6 lite', 32, 918, 1638),
+    # NVIDIA H100 SXM5 80GB datasheet: 989 TFLOPS dense BF16 (1979 with
+    # sparsity), 3.35 TB/s HBM3; memory as the device reports it (XLA spec).
+    Chip('h100', 'NVIDIA H100 80GB HBM3', 84942979072 / 2**30, 989, 3350,
+         platform='cuda'),
+    # NVIDIA A100 80GB SXM datasheet: 312 TFLOPS dense BF16, 2039 GB/s.
+    Chip('a100', 'NVIDIA A100-SXM4-80GB', 85100068864 / 2**30, 312, 2039,
+         platform='cuda'),
 )}
+INSTALL_HINTS = {'tpu': "pip install -e '.[tpu]'",
+                 'cuda': "pip install -e '.[cuda12]'"}
+COMPILERS = {'tpu': 'libtpu', 'cuda': 'the jax CUDA plugin'}
 
 
 class AotError(ValueError):
@@ -98,9 +143,16 @@ def has_libtpu() -> bool:
   return importlib.util.find_spec('libtpu') is not None
 
 
+def has_compiler(platform: str) -> bool:
+  """Whether the compiler for 'tpu' (libtpu) / 'cuda' is installed."""
+  if platform == 'tpu':
+    return has_libtpu()
+  return importlib.util.find_spec('jax_cuda12_plugin') is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class Slice:
-  """The devices of a TPU topology, described without hardware."""
+  """The devices of a TPU slice or GPU nodes, described without hardware."""
   name: str
   chip: Chip
   devices: Tuple[Any, ...]
@@ -122,23 +174,38 @@ class Slice:
 
 
 def describe_slice(name: str) -> Slice:
-  """'v5e:4x4' (generation:topology) -> its devices (libtpu, no hardware).
+  """'v5e:4x4' (TPU generation:topology) or 'h100:2x8' (GPU:hosts x GPUs
+  per host) -> its devices, described by the compiler without hardware.
 
   Raises:
-    AotError: an unknown generation or a topology libtpu rejects.
+    AotError: an unknown chip, a malformed topology, no compiler for it
+      (one line naming the pip extra), a topology the compiler rejects.
   """
   gen, _, shape = name.partition(':')
-  if gen not in CHIPS or not re.fullmatch(r'\d+(x\d+){1,2}', shape):
+  chip = CHIPS.get(gen)
+  pattern = r'\d+(x\d+){1,2}' if chip and chip.platform == 'tpu' else (
+      r'(\d+x)?\d+')
+  if chip is None or not re.fullmatch(pattern, shape):
+    tpus = ', '.join(c.name for c in CHIPS.values() if c.platform == 'tpu')
+    gpus = ', '.join(c.name for c in CHIPS.values() if c.platform == 'cuda')
     raise AotError(
-        f'--aot_topology={name!r}: expected GENERATION:AxB[xC] with '
-        f'GENERATION one of {", ".join(CHIPS)} (e.g. v5e:4x4, v4:2x2x2)')
-  chip = CHIPS[gen]
+        f'--aot_topology={name!r}: expected a TPU GENERATION:AxB[xC] '
+        f'(GENERATION one of {tpus}; e.g. v5e:4x4, v4:2x2x2) or a GPU '
+        f'NAME:[HOSTSx]GPUS (NAME one of {gpus}; e.g. h100:8, h100:2x8)')
+  if not has_compiler(chip.platform):
+    raise AotError(f'--aot_topology={name} needs {COMPILERS[chip.platform]}:'
+                   f' {INSTALL_HINTS[chip.platform]}')
+  kwargs = dict(chip.topology_kwargs, topology_name=name)
+  if chip.platform == 'cuda':  # jax's GPU topology: slices x hosts x GPUs
+    hosts, _, gpus = shape.rpartition('x')
+    kwargs = {'target_config': GPU_TARGETS[gen],
+              'topology': f'1x{hosts or 1}x{gpus}'}
   try:
-    topo = topologies.get_topology_desc(
-        platform='tpu', topology_name=name, **dict(chip.topology_kwargs))
+    topo = topologies.get_topology_desc(platform=chip.platform, **kwargs)
   except Exception as e:  # pylint: disable=broad-except
-    raise AotError(f'--aot_topology={name!r}: libtpu does not know it '
-                   f'({" ".join(str(e).split())[:200]})') from None
+    raise AotError(f'--aot_topology={name!r}: {COMPILERS[chip.platform]} '
+                   f'does not know it ({" ".join(str(e).split())[:200]})'
+                   ) from None
   return Slice(name, chip, tuple(topo.devices))
 
 
@@ -162,6 +229,8 @@ class Compiled:
     seconds: compile time.
     hlo: the compiled module's text ('' when it did not fit).
     input_shardings: the compiled program's input shardings.
+    bytes_from_hlo: the compiler gave no cost analysis; `bytes` is
+      hlo_stats.entry_traffic's sum and `flops` is 0.
   """
   per_chip: int
   fits: bool
@@ -173,6 +242,7 @@ class Compiled:
   seconds: float = 0.0
   hlo: str = ''
   input_shardings: Any = None
+  bytes_from_hlo: bool = False
 
 
 def compiled_memory(compiled: Any) -> Dict[str, int]:
@@ -210,11 +280,21 @@ _OOM = re.compile(r'RESOURCE_EXHAUSTED|Ran out of memory|exceeds the '
                   r'(?:HBM|memory)', re.I)
 
 
-def compile_lowered(lower: Callable[[], Any], per_chip: int) -> Compiled:
+def compile_lowered(lower: Callable[[], Any], per_chip: int,
+                    capacity: float) -> Compiled:
   """Compiles `lower()` and reads memory, cost and collectives.
 
-  A compile that fails for lack of HBM gives fits=False (any other error
-  is raised).
+  Args:
+    lower: () -> a jax Lowered (the lowering is timed with the compile).
+    per_chip: images per chip (recorded).
+    capacity: the chip's memory in bytes: a program over it does not fit
+      (the TPU compiler itself refuses programs over its HBM; XLA:GPU does
+      not check).
+
+  A compile that fails for lack of memory gives fits=False (any other
+  error is raised). Where the compiler gives no cost analysis (XLA:GPU's
+  compile-only client), `bytes` is summed from the module's entry
+  instructions (hlo_stats.entry_traffic) and `flops` stays 0.
   """
   start = time.time()
   try:
@@ -231,10 +311,14 @@ def compile_lowered(lower: Callable[[], Any], per_chip: int) -> Compiled:
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else {}
   hlo = compiled.as_text()
-  return Compiled(per_chip, True, memory, float(cost.get('flops', 0.0)),
-                  float(cost.get('bytes accessed', 0.0)),
-                  hlo_stats.collectives(hlo), seconds, hlo,
-                  compiled.input_shardings)
+  flops = float(cost.get('flops', 0.0))
+  nbytes = float(cost.get('bytes accessed', 0.0))
+  from_hlo = not cost
+  if from_hlo:
+    nbytes = float(sum(t.padded for t in hlo_stats.entry_traffic(hlo)))
+  return Compiled(per_chip, memory.get('total', 0) <= capacity, memory,
+                  flops, nbytes, hlo_stats.collectives(hlo), seconds, hlo,
+                  compiled.input_shardings, from_hlo)
 
 
 def _oom_memory(text: str) -> Dict[str, int]:
@@ -263,13 +347,14 @@ def train_step_compiler(config: ml_collections.ConfigDict, tpu: Slice,
   mesh = tpu.mesh()
   program = train_program.make_train_program(
       config, mesh, num_joints=num_joints, epoch_steps=1000,
-      kernels=ae_model.default_kernels('tpu'),
+      kernels=ae_model.default_kernels(tpu.chip.platform),
       init_rng=jax.random.key(config.seed))
 
   def compile_at(per_chip: int) -> Compiled:
     args = train_program.abstract_step_args(
         program, config, num_joints, mesh, per_chip * tpu.chips)
-    return compile_lowered(lambda: program.step_fn.lower(*args), per_chip)
+    return compile_lowered(lambda: program.step_fn.lower(*args), per_chip,
+                           tpu.chip.hbm_gib * GiB)
 
   return compile_at
 
@@ -309,7 +394,7 @@ def eval_forward_compiler(config: ml_collections.ConfigDict, tpu: Slice,
   mesh = tpu.mesh(host=0)
   model = ae_model.create_model(
       {**config.model, 'num_joints': spec.num_joints},
-      ae_model.default_kernels('tpu'))
+      ae_model.default_kernels(tpu.chip.platform))
   shapes = jax.eval_shape(
       model.init, jax.random.key(0), jax.ShapeDtypeStruct(
           (1, 64, 64, 3), np.float32))
@@ -330,7 +415,7 @@ def eval_forward_compiler(config: ml_collections.ConfigDict, tpu: Slice,
         base_hw=base, flip_index=tuple(spec.flip_index),
         project2image=test.project2image, max_people=grouping.max_people,
         nms_kernel=grouping.nms_kernel)
-    return compile_lowered(lower, per_chip)
+    return compile_lowered(lower, per_chip, tpu.chip.hbm_gib * GiB)
 
   return compile_at
 
@@ -462,8 +547,8 @@ def memory_line(c: Compiled, hbm_gib: float) -> str:
     need = f'needs {_gib(m["total"])}' if 'total' in m else 'needs more'
     limit = (f' (compiler limit {_gib(m["limit"])})' if 'limit' in m
              else '')
-    return f'{need} of {hbm_gib:g} GiB HBM{limit}: does not fit'
-  return f'{memory_text(m)} of {hbm_gib:g} GiB HBM: fits'
+    return f'{need} of {hbm_gib:.3g} GiB HBM{limit}: does not fit'
+  return f'{memory_text(m)} of {hbm_gib:.3g} GiB HBM: fits'
 
 
 def collectives_line(c: Compiled) -> str:
@@ -477,6 +562,10 @@ def collectives_line(c: Compiled) -> str:
 def roofline_line(c: Compiled, chip: Chip, what: str = 'img/s') -> str:
   """The roofline bound of `c` on `chip`, with the figures it uses."""
   r = roofline(c, chip)
+  if c.bytes_from_hlo:
+    return (f'{r["images_per_s"]:,.0f} {what} per chip (bytes alone: '
+            f'{c.bytes / 1e9:.1f} GB at {chip.hbm_gbps:g} GB/s = '
+            f'{r["byte_s"] * 1e3:.1f} ms; the compiler reports no FLOPs)')
   kind = 'memory' if r['byte_s'] >= r['flop_s'] else 'compute'
   return (f'{r["images_per_s"]:,.0f} {what} per chip ({kind}-bound: '
           f'{c.bytes / 1e9:.1f} GB at {chip.hbm_gbps:g} GB/s = '
@@ -484,6 +573,18 @@ def roofline_line(c: Compiled, chip: Chip, what: str = 'img/s') -> str:
           f'{chip.peak_tflops:g} TFLOP/s = {r["flop_s"] * 1e3:.1f} ms; '
           f'{r["intensity"]:.0f} FLOP/byte vs the chip\'s '
           f'{r["balance"]:.0f})')
+
+
+def step_cost_line(c: Compiled) -> str:
+  """FLOPs and bytes of one call, in all and per image."""
+  b = c.per_chip
+  if c.bytes_from_hlo:
+    return (f'{c.bytes / 1e9:.2f} GB read and written by the entry '
+            f'instructions ({c.bytes / b / 1e9:.3f} GB per image; the '
+            'compiler gives no cost analysis, so no FLOP count)')
+  return (f'{c.flops / 1e12:.3f} TFLOP, {c.bytes / 1e9:.2f} GB accessed '
+          f'({c.flops / b / 1e9:.1f} GFLOP, {c.bytes / b / 1e9:.3f} GB per '
+          'image)')
 
 
 def format_table(rows: Sequence[Tuple[str, str]]) -> str:
@@ -513,9 +614,7 @@ def train_report(config: ml_collections.ConfigDict, tpu: Slice,
                  search.how))
   if c.fits:
     rows += [
-        ('per chip-step', f'{c.flops / 1e12:.3f} TFLOP, {c.bytes / 1e9:.2f} '
-                          f'GB accessed ({c.flops / b / 1e9:.1f} GFLOP, '
-                          f'{c.bytes / b / 1e9:.3f} GB per image)'),
+        ('per chip-step', step_cost_line(c)),
         ('roofline', roofline_line(c, chip)),
         ('collectives per step', collectives_line(c)),
     ]
@@ -544,12 +643,6 @@ def verdict(first: Compiled, search: Optional[Search], chips: int) -> str:
 # ----------------------------------------------------------- entry points
 
 
-def _require_libtpu() -> None:
-  if not has_libtpu():
-    raise AotError(f'--aot_topology needs libtpu (the TPU compiler): '
-                   f'{INSTALL_HINT}')
-
-
 @dataclasses.dataclass(frozen=True)
 class Check:
   """One check's compiles: the slice, the configured batch's, the search."""
@@ -572,7 +665,6 @@ def train_check(config: ml_collections.ConfigDict, topology: str, *,
   Raises:
     AotError, config_checks.ConfigError: one-line user errors.
   """
-  _require_libtpu()
   tpu = describe_slice(topology)
   config_checks.check_train_config(config, tpu.chips, tpu.hosts)
   spec = keypoints.resolve_spec(config.data)
@@ -604,7 +696,7 @@ def check_train(config: ml_collections.ConfigDict, topology: str, *,
   Raises:
     AotError, config_checks.ConfigError: one-line user errors.
   """
-  out(f'Compiling the train step for {topology} with libtpu...')
+  out(f'Compiling the train step for {topology}...')
   check = train_check(config, topology, search=search,
                       max_compiles=max_compiles)
   first = check.first
@@ -645,8 +737,7 @@ def eval_report(config: ml_collections.ConfigDict, tpu: Slice,
                  search.how))
   if c.fits:
     rows += [
-        ('per image', f'{c.flops / c.per_chip / 1e9:.1f} GFLOP, '
-                      f'{c.bytes / c.per_chip / 1e9:.3f} GB accessed'),
+        ('per call', step_cost_line(c)),
         ('roofline', roofline_line(c, chip)),
         ('collectives', collectives_line(c)),
     ]
@@ -678,7 +769,6 @@ def check_eval(config: ml_collections.ConfigDict, topology: str,
   Returns:
     0 fits, DOES_NOT_FIT_EXIT_CODE otherwise.
   """
-  _require_libtpu()
   tpu = describe_slice(topology)
   chips = sum(d.process_index == 0 for d in tpu.devices)
   batch_size = batch_size or chips
@@ -686,7 +776,7 @@ def check_eval(config: ml_collections.ConfigDict, topology: str,
     raise AotError(f'--batch_size={batch_size}: not a positive multiple of '
                    f'the {chips} chips of a {tpu.name} host')
   per_chip = batch_size // chips
-  out(f'Compiling eval\'s forward for {tpu.name} with libtpu, at '
+  out(f'Compiling eval\'s forward for {tpu.name}, at '
       f'{per_chip} image(s) per chip, scales {tuple(config.test.scales)}...')
   compile_at = eval_forward_compiler(config, tpu, spec, image_hw)
   first = compile_at(per_chip)

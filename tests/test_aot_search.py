@@ -96,3 +96,21 @@ def test_unknown_topology_is_one_line_error():
     aot_compile.describe_slice('v9z:2x2')
   with pytest.raises(aot_compile.AotError, match='AxB'):
     aot_compile.describe_slice('v5e')
+
+
+def test_gpu_names_need_the_cuda_plugin(monkeypatch):
+  monkeypatch.setattr(aot_compile, 'has_compiler',
+                      lambda platform: platform == 'tpu')
+  with pytest.raises(aot_compile.AotError,
+                     match=r"jax CUDA plugin: pip install -e '\.\[cuda12\]'"):
+    aot_compile.describe_slice('h100:2x8')
+  with pytest.raises(aot_compile.AotError, match='NAME:'):
+    aot_compile.describe_slice('h100:2x2x8')  # GPUs: [HOSTSx]GPUS
+
+
+def test_gpu_target_configs_describe_the_chips():
+  for name, memory in (('h100', 84942979072), ('a100', 85100068864)):
+    text = aot_compile.GPU_TARGETS[name]
+    assert f'device_memory_size: {memory}' in text
+    assert aot_compile.CHIPS[name].hbm_gib * GiB == pytest.approx(memory)
+    assert aot_compile.CHIPS[name].device_kind in text
