@@ -8,6 +8,14 @@ r"""Evaluates a checkpoint on COCO keypoints: AP table + results json.
       --config.test.scales='(2, 1, 0.5)' \
       --config.test.grouping.detection_threshold=0.1
 
+Compile only, for a TPU slice (libtpu; no checkpoint needed): eval's
+device program (forward at every test scale with flip, resize, NMS/top-k)
+for an image of --aot_image_size, its per-chip memory and roofline per
+image (ae_jax/aot_compile.py; exit 0 fits, 2 does not):
+
+  python eval.py --config configs/coco512.py --aot_topology=v5e:2x2 \
+      --config.test.scales='(2, 1, 0.5)'
+
 --ckpt is a converted-variables directory (convert_torch_weights.py) or a
 training workdir (its latest checkpoint). Images that cannot be read are
 logged by name and skipped (their people count as missed). --output is

@@ -13,12 +13,24 @@ per GPU):
   python train.py --config configs/coco512.py --workdir /shared/ae \
       --coordinator_address=node0:1234 --num_processes=2 --process_id=$RANK
 
+Before renting a slice: compile (only) this very step for it on any CPU
+machine with libtpu (pip install -e '.[tpu]'), e.g. a 16-chip v5e, and
+print per-chip memory vs HBM, the largest per-chip batch that fits,
+FLOPs, bytes, roofline and collectives (ae_jax/aot_compile.py; GPUs:
+--aot_topology=h100:8 with the cuda12 extra); nothing is trained or
+written:
+
+  python train.py --config configs/coco512.py --workdir W \
+      --aot_topology=v5e:4x4 [--config.model.dtype=bfloat16 ...]
+
 Checkpoints, TensorBoard scalars and summary.json go to --workdir; a rerun
 with the same --workdir resumes from the newest complete checkpoint. One
 trainer per workdir (train.lock). Exit codes:
   0    done (num_steps reached)
   1    an `error: ...` line: bad flag/config value, workdir in use,
        unusable checkpoint, NaN/inf loss (the last good checkpoint stays)
+  2    --aot_topology: the step does not fit the chip's memory (the last
+       line names the per-chip batch that would)
   143  preempted: SIGTERM to any process saved the same step on all of
        them; rerun the same command to resume (schedulers: requeue)
   134  (multi-process) another process died; rerun resumes from the last

@@ -1,4 +1,5 @@
-"""train_program: the abstract inputs equal what train.py really feeds.
+"""train_program: the abstract inputs equal what train.py really feeds;
+the loop logs the compiled step's memory.
 
 ae_jax.aot_compile compiles `program.step_fn` on ShapeDtypeStructs; they
 must be the shapes, dtypes and shardings of the live state and of the
@@ -13,6 +14,7 @@ from ae_jax import train_lib
 from ae_jax import train_program
 from ae_jax import train_state
 from configs import tiny
+from tests import conftest
 
 
 def _avals(tree):
@@ -61,3 +63,33 @@ def test_abstract_step_args_shard_the_batch_and_replicate_the_rng():
   assert batch['image'].sharding == sharding.batch_sharding(mesh)
   assert rng.sharding == sharding.replicated(mesh)
   assert jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+
+
+def test_loop_logs_the_compiled_step_memory_once(tmp_path, monkeypatch):
+  conftest.use_synthetic(monkeypatch)
+  lines = []
+
+  def spy(compiled, device):
+    lines.append(log_step_memory(compiled, device))
+    return lines[-1]
+
+  log_step_memory = train_lib.log_step_memory
+  monkeypatch.setattr(train_lib, 'log_step_memory', spy)
+  train_lib.train_and_evaluate(conftest.small_config(num_steps=2), tmp_path)
+  assert len(lines) == 1  # before step 1, not per step
+  assert lines[0].startswith('Compiled train step: ')
+  assert 'GiB (arguments' in lines[0] and 'temporaries' in lines[0]
+  assert 'cpu does not report its capacity' in lines[0]
+
+
+def test_step_memory_against_a_reported_capacity():
+  compiled = jax.jit(lambda x: x * 2).lower(np.ones(1024, np.float32)).compile()
+
+  class Device:
+    platform, device_kind = 'tpu', 'TPU v5 lite'
+
+    def memory_stats(self):
+      return {'bytes_limit': 16 * 2**30}
+
+  line = train_lib.log_step_memory(compiled, Device())
+  assert 'of 16.00 GiB on TPU v5 lite (0%)' in line
