@@ -93,3 +93,16 @@ def test_step_memory_against_a_reported_capacity():
 
   line = train_lib.log_step_memory(compiled, Device())
   assert 'of 16.00 GiB on TPU v5 lite (0%)' in line
+
+
+def test_tpu_config_differs_from_the_paper_config_in_its_tpu_choices():
+  from configs import coco512, coco512_tpu  # pylint: disable=g-import-not-at-top
+  paper = coco512.get_config().to_dict()
+  tpu = coco512_tpu.get_config().to_dict()
+  changed = {(group, key) for group in paper for key in (
+      paper[group] if isinstance(paper[group], dict) else [None])
+             if (paper[group][key] if key else paper[group]) !=
+             (tpu[group][key] if key else tpu[group])}
+  assert changed == {('model', 'dtype'), ('train', 'global_batch_size'),
+                     ('train', 'bn_stats'), ('optim', 'scale_lr')}
+  assert tpu['train']['global_batch_size'] % 128 == 0
