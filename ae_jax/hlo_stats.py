@@ -269,7 +269,7 @@ def format_top(traffic: Sequence[Traffic], n: int, per: float = 1.0,
   """
   total = sum(t.padded for t in traffic) or 1
   lines = [f'| # | instruction | kind | {unit} (tiled) | {unit} (logical) | '
-           '% of total | result | source op |',
+           '% of total | largest result | source op |',
            '|---|---|---|---|---|---|---|---|']
   for i, t in enumerate(traffic[:n], 1):
     kind = t.kind or t.opcode
@@ -277,7 +277,8 @@ def format_top(traffic: Sequence[Traffic], n: int, per: float = 1.0,
       kind += ' conv'
     elif t.root:
       kind += f' {t.root}'
-    result = _ARRAY.search(t.shape)
+    arrays = _top_level(t.shape) if t.shape.startswith('(') else [t.shape]
+    result = _ARRAY.search(max(arrays, key=shape_bytes))  # the largest
     res = f'{result.group(1)}[{result.group(2)}]' if result else t.shape[:40]
     lines.append(f'| {i} | {t.name} | {kind} | {t.padded / per / 1e6:.1f} | '
                  f'{t.nbytes / per / 1e6:.1f} | {100 * t.padded / total:.1f} '

@@ -117,3 +117,19 @@ def test_cli_unknown_topology_is_one_error_line(tmp_path):
   errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert len(errors) == 1 and 'v9x:2x2' in errors[0]
   assert not (tmp_path / 'w').exists()  # nothing written
+
+
+def _eval_cli(*args):
+  return subprocess.run(
+      [sys.executable, 'eval.py', '--config', 'configs/tiny.py', *args],
+      cwd=conftest.REPO_ROOT, capture_output=True, text=True, timeout=120,
+      check=False)
+
+
+def test_eval_cli_needs_a_checkpoint_unless_compiling_only():
+  result = _eval_cli()
+  assert result.returncode != 0 and '--ckpt is required' in result.stderr
+  result = _eval_cli('--aot_topology=v5e:2x2', '--aot_image_size=640by480')
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert result.returncode == 1 and len(errors) == 1
+  assert '--aot_image_size' in errors[0]
