@@ -11,7 +11,7 @@ r"""Evaluates a checkpoint on COCO keypoints: AP table + results json.
 Compile only, for a TPU slice (libtpu; no checkpoint needed): eval's
 device program (forward at every test scale with flip, resize, NMS/top-k)
 for an image of --aot_image_size, its per-chip memory and roofline per
-image (ae_jax/aot_compile.py; exit 0 fits, 2 does not):
+image (ae_jax/aot_check.py; exit 0 fits, 2 does not):
 
   python eval.py --config configs/coco512.py --aot_topology=v5e:2x2 \
       --config.test.scales='(2, 1, 0.5)'
@@ -64,7 +64,7 @@ def _aot_check(config) -> int:
   """--aot_topology: compile eval's device program for a TPU slice."""
   aot_flags.prepare_environment()
   # pylint: disable=g-import-not-at-top
-  from ae_jax import aot_compile, keypoints
+  from ae_jax import aot_check, aot_targets, keypoints
   try:
     w, h = (int(v) for v in _AOT_IMAGE_SIZE.value.lower().split('x'))
   except ValueError:
@@ -73,12 +73,12 @@ def _aot_check(config) -> int:
     return 1
   try:
     spec = keypoints.resolve_spec(config.data, 'val', _SPLIT.value)
-    return aot_compile.check_eval(
+    return aot_check.check_eval(
         config, aot_flags.TOPOLOGY.value, spec, image_hw=(h, w),
         batch_size=_BATCH_SIZE.value, search=aot_flags.SEARCH.value,
         top_fusions=aot_flags.TOP_FUSIONS.value,
         hlo_out=aot_flags.HLO_OUT.value)
-  except (aot_compile.AotError, keypoints.KeypointSpecError,
+  except (aot_targets.AotError, keypoints.KeypointSpecError,
           FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

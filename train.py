@@ -16,7 +16,7 @@ per GPU):
 Before renting a slice: compile (only) this very step for it on any CPU
 machine with libtpu (pip install -e '.[tpu]'), e.g. a 16-chip v5e, and
 print per-chip memory vs HBM, the largest per-chip batch that fits,
-FLOPs, bytes, roofline and collectives (ae_jax/aot_compile.py; GPUs:
+FLOPs, bytes, roofline and collectives (ae_jax/aot_check.py; GPUs:
 --aot_topology=h100:8 with the cuda12 extra); nothing is trained or
 written:
 
@@ -83,15 +83,16 @@ def _aot_check(config) -> int:
   """--aot_topology: compile the step for a TPU slice (no training)."""
   aot_flags.prepare_environment()
   # pylint: disable=g-import-not-at-top
-  from ae_jax import aot_compile
+  from ae_jax import aot_check
+  from ae_jax import aot_targets
   from ae_jax import config_checks
   from ae_jax import keypoints
   try:
-    return aot_compile.check_train(
+    return aot_check.check_train(
         config, aot_flags.TOPOLOGY.value, search=aot_flags.SEARCH.value,
         top_fusions=aot_flags.TOP_FUSIONS.value,
         hlo_out=aot_flags.HLO_OUT.value)
-  except (aot_compile.AotError, config_checks.ConfigError,
+  except (aot_targets.AotError, config_checks.ConfigError,
           keypoints.KeypointSpecError, FileNotFoundError) as e:
     logging.flush()
     print(f'error: {e}', file=sys.stderr)

@@ -18,7 +18,8 @@ import jax
 from jax.sharding import PartitionSpec as P
 import pytest
 
-from ae_jax import aot_compile
+from ae_jax import aot_check
+from ae_jax import aot_targets
 from configs import tiny
 from tests import conftest
 
@@ -36,11 +37,11 @@ def _config(dtype='float32', bn_stats='global'):
 
 @pytest.fixture(scope='module')
 def checks():
-  """'fp32' / 'bf16' -> aot_compile.Check of the 4-chip train step."""
-  assert aot_compile.has_libtpu(), (
+  """'fp32' / 'bf16' -> aot_check.Check of the 4-chip train step."""
+  assert aot_targets.has_libtpu(), (
       "libtpu is missing: pip install -e '.[torch,test]' installs it")
-  return {'fp32': aot_compile.train_check(_config(), TOPOLOGY, search=False),
-          'bf16': aot_compile.train_check(_config('bfloat16', 'per_device'),
+  return {'fp32': aot_check.train_check(_config(), TOPOLOGY, search=False),
+          'bf16': aot_check.train_check(_config('bfloat16', 'per_device'),
                                           TOPOLOGY, search=False)}
 
 
@@ -93,18 +94,18 @@ def test_params_replicated_and_batch_sharded(checks):
 def test_report_names_the_chip_figures_and_verdict(checks):
   check = checks['bf16']
   config = _config('bfloat16', 'per_device')
-  table = aot_compile.train_report(config, check.tpu, check.first, None)
+  table = aot_check.train_report(config, check.tpu, check.first, None)
   assert '4 chips, 1 host' in table and f'per chip {PER_CHIP}' in table
   assert 'of 16 GiB HBM: fits' in table
   assert '819 GB/s' in table and '197 TFLOP/s' in table
   assert 'all-reduce' in table
-  assert aot_compile.verdict(check.first, None, 4).startswith('fits: ')
+  assert aot_check.verdict(check.first, None, 4).startswith('fits: ')
 
 
 def test_without_libtpu_one_line_says_how_to_install(monkeypatch):
-  monkeypatch.setattr(aot_compile, 'has_libtpu', lambda: False)
-  with pytest.raises(aot_compile.AotError, match=r"pip install -e '\.\[tpu\]'"):
-    aot_compile.train_check(_config(), TOPOLOGY)
+  monkeypatch.setattr(aot_targets, 'has_libtpu', lambda: False)
+  with pytest.raises(aot_targets.AotError, match=r"pip install -e '\.\[tpu\]'"):
+    aot_check.train_check(_config(), TOPOLOGY)
 
 
 def test_cli_unknown_topology_is_one_error_line(tmp_path):

@@ -6,9 +6,11 @@ model checks that it finds the boundary in few compiles, without libtpu.
 
 import pytest
 
+from ae_jax import aot_check
 from ae_jax import aot_compile
+from ae_jax import aot_targets
 
-GiB = aot_compile.GiB
+GiB = aot_targets.GiB
 LIMIT = 16 * GiB
 
 
@@ -63,7 +65,7 @@ def test_search_reports_when_nothing_fits():
   compile_at, _ = _compiler(lambda b: 20 * GiB + b)
   found = aot_compile.search_batch(compile_at, compile_at(8), LIMIT)
   assert found.best == 0 and 'does not fit' in found.how
-  line = aot_compile.verdict(compile_at(8), found, chips=4)
+  line = aot_check.verdict(compile_at(8), found, chips=4)
   assert line.startswith('does not fit') and 'no per-chip batch' in line
 
 
@@ -72,7 +74,7 @@ def test_verdict_names_the_batch_that_fits():
   compile_at, _ = _compiler(memory_of)
   first = compile_at(200)
   found = aot_compile.search_batch(compile_at, first, LIMIT)
-  line = aot_compile.verdict(first, found, chips=16)
+  line = aot_check.verdict(first, found, chips=16)
   best = _largest(memory_of)
   assert line.startswith('does not fit: 200 images per chip')
   assert (f'per-chip batch {best} fits (--config.train.global_batch_size='
@@ -80,37 +82,37 @@ def test_verdict_names_the_batch_that_fits():
 
 
 def test_roofline_takes_the_slower_of_flops_and_bytes():
-  chip = aot_compile.CHIPS['v5e']
+  chip = aot_targets.CHIPS['v5e']
   c = aot_compile.Compiled(48, True, {}, flops=2.4e12, bytes=64e9)
-  r = aot_compile.roofline(c, chip)
+  r = aot_check.roofline(c, chip)
   assert r['byte_s'] == pytest.approx(64e9 / 819e9)
   assert r['flop_s'] == pytest.approx(2.4e12 / 197e12)
   assert r['images_per_s'] == pytest.approx(48 / r['byte_s'])
-  assert 'memory-bound' in aot_compile.roofline_line(c, chip)
+  assert 'memory-bound' in aot_check.roofline_line(c, chip)
   compute = aot_compile.Compiled(48, True, {}, flops=2.4e13, bytes=1e9)
-  assert 'compute-bound' in aot_compile.roofline_line(compute, chip)
+  assert 'compute-bound' in aot_check.roofline_line(compute, chip)
 
 
 def test_unknown_topology_is_one_line_error():
-  with pytest.raises(aot_compile.AotError, match='GENERATION'):
-    aot_compile.describe_slice('v9z:2x2')
-  with pytest.raises(aot_compile.AotError, match='AxB'):
-    aot_compile.describe_slice('v5e')
+  with pytest.raises(aot_targets.AotError, match='GENERATION'):
+    aot_targets.describe_slice('v9z:2x2')
+  with pytest.raises(aot_targets.AotError, match='AxB'):
+    aot_targets.describe_slice('v5e')
 
 
 def test_gpu_names_need_the_cuda_plugin(monkeypatch):
-  monkeypatch.setattr(aot_compile, 'has_compiler',
+  monkeypatch.setattr(aot_targets, 'has_compiler',
                       lambda platform: platform == 'tpu')
-  with pytest.raises(aot_compile.AotError,
+  with pytest.raises(aot_targets.AotError,
                      match=r"jax CUDA plugin: pip install -e '\.\[cuda12\]'"):
-    aot_compile.describe_slice('h100:2x8')
-  with pytest.raises(aot_compile.AotError, match='NAME:'):
-    aot_compile.describe_slice('h100:2x2x8')  # GPUs: [HOSTSx]GPUS
+    aot_targets.describe_slice('h100:2x8')
+  with pytest.raises(aot_targets.AotError, match='NAME:'):
+    aot_targets.describe_slice('h100:2x2x8')  # GPUs: [HOSTSx]GPUS
 
 
 def test_gpu_target_configs_describe_the_chips():
   for name, memory in (('h100', 84942979072), ('a100', 85100068864)):
-    text = aot_compile.GPU_TARGETS[name]
+    text = aot_targets.GPU_TARGETS[name]
     assert f'device_memory_size: {memory}' in text
-    assert aot_compile.CHIPS[name].hbm_gib * GiB == pytest.approx(memory)
-    assert aot_compile.CHIPS[name].device_kind in text
+    assert aot_targets.CHIPS[name].hbm_gib * GiB == pytest.approx(memory)
+    assert aot_targets.CHIPS[name].device_kind in text
