@@ -242,22 +242,20 @@ def log_step_memory(compiled, device) -> str:
 
   The same counts as train.py --aot_topology (aot_compile.compiled_memory);
   the capacity is `device.memory_stats()['bytes_limit']` where the backend
-  reports it (GPU, TPU), else unknown (CPU).
+  reports it (GPU, TPU). Nothing is logged on the CPU backend (no device
+  memory to run out of; the main job's output stays as it was).
 
   Returns:
-    The logged line.
+    The logged line ('' when nothing was logged).
   """
   memory = aot_compile.compiled_memory(compiled)
-  if not memory:
-    line = f'Compiled train step: memory not reported by {device.platform}.'
-  else:
-    stats = device.memory_stats() or {}
-    limit = stats.get('bytes_limit')
-    where = (f'of {limit / aot_compile.GiB:.2f} GiB on {device.device_kind} '
-             f'({100 * memory["total"] / limit:.0f}%)' if limit else
-             f'per device; {device.platform} does not report its capacity')
-    line = (f'Compiled train step: {aot_compile.memory_text(memory)} '
-            f'{where}.')
+  if device.platform == 'cpu' or not memory:
+    return ''
+  limit = (device.memory_stats() or {}).get('bytes_limit')
+  where = (f'of {limit / aot_compile.GiB:.2f} GiB on {device.device_kind} '
+           f'({100 * memory["total"] / limit:.0f}%)' if limit else
+           f'per device; {device.device_kind} does not report its capacity')
+  line = f'Compiled train step: {aot_compile.memory_text(memory)} {where}.'
   logging.info('%s', line)
   return line
 

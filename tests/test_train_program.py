@@ -1,5 +1,5 @@
 """train_program: the abstract inputs equal what train.py really feeds;
-the loop logs the compiled step's memory.
+the loop logs the compiled step's memory; the TPU config's choices.
 
 ae_jax.aot_compile compiles `program.step_fn` on ShapeDtypeStructs; they
 must be the shapes, dtypes and shardings of the live state and of the
@@ -65,21 +65,18 @@ def test_abstract_step_args_shard_the_batch_and_replicate_the_rng():
   assert jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
 
 
-def test_loop_logs_the_compiled_step_memory_once(tmp_path, monkeypatch):
+def test_loop_asks_for_the_compiled_step_memory_once(tmp_path, monkeypatch):
   conftest.use_synthetic(monkeypatch)
-  lines = []
+  calls = []
 
   def spy(compiled, device):
-    lines.append(log_step_memory(compiled, device))
-    return lines[-1]
+    calls.append(log_step_memory(compiled, device))
+    return calls[-1]
 
   log_step_memory = train_lib.log_step_memory
   monkeypatch.setattr(train_lib, 'log_step_memory', spy)
   train_lib.train_and_evaluate(conftest.small_config(num_steps=2), tmp_path)
-  assert len(lines) == 1  # before step 1, not per step
-  assert lines[0].startswith('Compiled train step: ')
-  assert 'GiB (arguments' in lines[0] and 'temporaries' in lines[0]
-  assert 'cpu does not report its capacity' in lines[0]
+  assert calls == ['']  # once, before step 1; silent on the CPU backend
 
 
 def test_step_memory_against_a_reported_capacity():
@@ -88,11 +85,18 @@ def test_step_memory_against_a_reported_capacity():
   class Device:
     platform, device_kind = 'tpu', 'TPU v5 lite'
 
-    def memory_stats(self):
-      return {'bytes_limit': 16 * 2**30}
+    def __init__(self, stats):
+      self.stats = stats
 
-  line = train_lib.log_step_memory(compiled, Device())
-  assert 'of 16.00 GiB on TPU v5 lite (0%)' in line
+    def memory_stats(self):
+      return self.stats
+
+  line = train_lib.log_step_memory(compiled, Device({'bytes_limit': 2**34}))
+  assert line.startswith('Compiled train step: ')
+  assert 'GiB (arguments' in line and 'temporaries' in line
+  assert line.endswith('of 16.00 GiB on TPU v5 lite (0%).')
+  line = train_lib.log_step_memory(compiled, Device(None))
+  assert 'TPU v5 lite does not report its capacity' in line
 
 
 def test_tpu_config_differs_from_the_paper_config_in_its_tpu_choices():
