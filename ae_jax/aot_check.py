@@ -163,8 +163,30 @@ class Check:
   search: Optional[Search]
 
 
+def _print(line: str) -> None:
+  print(line, flush=True)  # progress shows while the next compile runs
+
+
+def _reporting(compile_at: Callable[[int], Compiled],
+               progress: Optional[Callable[[str], None]]
+               ) -> Callable[[int], Compiled]:
+  """`compile_at` that tells `progress` about each compile as it ends."""
+  if progress is None:
+    return compile_at
+
+  def compile_and_report(per_chip: int) -> Compiled:
+    c = compile_at(per_chip)
+    what = (f'{c.memory["total"] / GiB:.2f} GiB, fits' if c.fits else
+            'does not fit')
+    progress(f'  per-chip batch {per_chip}: {what} ({c.seconds:.0f} s)')
+    return c
+
+  return compile_and_report
+
+
 def train_check(config: ml_collections.ConfigDict, topology: str, *,
-                search: bool = True, max_compiles: int = 8) -> Check:
+                search: bool = True, max_compiles: int = 8,
+                progress: Optional[Callable[[str], None]] = None) -> Check:
   """Compiles the train step of `config` for `topology` (no printing).
 
   Args:
@@ -173,6 +195,8 @@ def train_check(config: ml_collections.ConfigDict, topology: str, *,
     search: also find the largest per-chip batch that fits (always done
       when the configured batch does not fit).
     max_compiles: the search's budget of compiles.
+    progress: called with one line per compile as it ends (a search of
+      the paper config takes several 4-15 min compiles).
 
   Raises:
     aot_targets.AotError, config_checks.ConfigError: one-line user errors.
@@ -181,8 +205,8 @@ def train_check(config: ml_collections.ConfigDict, topology: str, *,
   config_checks.check_train_config(config, tpu.chips, tpu.hosts)
   spec = keypoints.resolve_spec(config.data)
   per_chip = config.train.global_batch_size // tpu.chips
-  compile_at = aot_compile.train_step_compiler(config, tpu,
-                                               spec.num_joints)
+  compile_at = _reporting(aot_compile.train_step_compiler(
+      config, tpu, spec.num_joints), progress)
   first = compile_at(per_chip)
   found = None
   if search or not first.fits:
@@ -194,14 +218,14 @@ def train_check(config: ml_collections.ConfigDict, topology: str, *,
 def check_train(config: ml_collections.ConfigDict, topology: str, *,
                 search: bool = True, top_fusions: int = 0,
                 hlo_out: str = '', max_compiles: int = 8,
-                out: Callable[[str], None] = print) -> int:
+                out: Optional[Callable[[str], None]] = None) -> int:
   """train.py --aot_topology: compile the step, print the table.
 
   Args:
     config, topology, search, max_compiles: as train_check.
     top_fusions: print the N instructions that move the most bytes.
     hlo_out: write the compiled module's text there.
-    out: where the report goes.
+    out: where the report and the progress lines go (default: print).
 
   Returns:
     0 fits, DOES_NOT_FIT_EXIT_CODE otherwise.
@@ -209,9 +233,10 @@ def check_train(config: ml_collections.ConfigDict, topology: str, *,
   Raises:
     aot_targets.AotError, config_checks.ConfigError: one-line user errors.
   """
+  out = out or _print
   out(f'Compiling the train step for {topology}...')
   check = train_check(config, topology, search=search,
-                      max_compiles=max_compiles)
+                      max_compiles=max_compiles, progress=out)
   first = check.first
   out(train_report(config, check.tpu, first, check.search))
   if first.fits and top_fusions:
@@ -267,7 +292,7 @@ def check_eval(config: ml_collections.ConfigDict, topology: str,
                batch_size: Optional[int] = None,
                search: bool = False, top_fusions: int = 0,
                hlo_out: str = '', max_compiles: int = 8,
-               out: Callable[[str], None] = print) -> int:
+               out: Optional[Callable[[str], None]] = None) -> int:
   """eval.py --aot_topology: compile eval's device program, print a table.
 
   Args:
@@ -283,6 +308,7 @@ def check_eval(config: ml_collections.ConfigDict, topology: str,
   Returns:
     0 fits, DOES_NOT_FIT_EXIT_CODE otherwise.
   """
+  out = out or _print
   tpu = describe_slice(topology)
   chips = sum(d.process_index == 0 for d in tpu.devices)
   batch_size = batch_size or chips
@@ -293,8 +319,8 @@ def check_eval(config: ml_collections.ConfigDict, topology: str,
   per_chip = batch_size // chips
   out(f'Compiling eval\'s forward for {tpu.name}, at '
       f'{per_chip} image(s) per chip, scales {tuple(config.test.scales)}...')
-  compile_at = aot_compile.eval_forward_compiler(config, tpu, spec,
-                                                 image_hw)
+  compile_at = _reporting(aot_compile.eval_forward_compiler(
+      config, tpu, spec, image_hw), out)
   first = compile_at(per_chip)
   found = None
   if search or not first.fits:
