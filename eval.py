@@ -40,7 +40,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ae_jax import aot_flags  # defines the --aot_* flags
+from ae_jax.aot import flags as aot_flags  # defines the --aot_* flags
 from ae_jax import cli
 from ae_jax import launch_flags  # defines the multi-process flags
 from ae_jax import outputs

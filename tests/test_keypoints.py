@@ -365,8 +365,11 @@ def test_crowdpose_format_loads_with_14_joints(coco_mini_root, tmp_path):
   config.train.global_batch_size = 2
   spec = coco.resolve_spec(config.data)
   assert spec is keypoints.CROWDPOSE
-  ds = loop.make_dataset(config, 0, spec)
-  batch = next(iter(ds))
+  batches = iter(loop.make_dataset(config, 0, spec))
+  try:
+    batch = next(batches)
+  finally:
+    batches.close()  # stops the input worker
   assert batch['keypoints'].shape == (2, 30, 14, 3)
   assert (batch['keypoints'][..., 2] > 0).any()
   gt = coco.load_coco(str(root), 'test', config.data.val_annotations, 14)

@@ -41,8 +41,11 @@ def test_abstract_state_is_the_state_the_loop_builds():
 def test_batch_shapes_are_the_pipeline_batches(coco_mini_root):
   config = tiny.get_config()
   config.data.coco_root = str(coco_mini_root)
-  dataset = loop.make_dataset(config, 0)
-  batch = next(iter(dataset))
+  batches = iter(loop.make_dataset(config, 0))
+  try:
+    batch = next(batches)
+  finally:
+    batches.close()  # stops the input worker
   want = train_program.batch_shapes(config, 17,
                                     config.train.global_batch_size)
   assert set(batch) == set(want)
@@ -73,8 +76,8 @@ def test_loop_asks_for_the_compiled_step_memory_once(tmp_path, monkeypatch):
     calls.append(log_step_memory(compiled, device))
     return calls[-1]
 
-  log_step_memory = loop.log_step_memory
-  monkeypatch.setattr(loop, 'log_step_memory', spy)
+  log_step_memory = train_program.log_step_memory
+  monkeypatch.setattr(train_program, 'log_step_memory', spy)
   loop.train_and_evaluate(conftest.small_config(num_steps=2), tmp_path)
   assert calls == ['']  # once, before step 1; silent on the CPU backend
 
@@ -91,11 +94,12 @@ def test_step_memory_against_a_reported_capacity():
     def memory_stats(self):
       return self.stats
 
-  line = loop.log_step_memory(compiled, Device({'bytes_limit': 2**34}))
+  line = train_program.log_step_memory(compiled,
+                                       Device({'bytes_limit': 2**34}))
   assert line.startswith('Compiled train step: ')
   assert 'GiB (arguments' in line and 'temporaries' in line
   assert line.endswith('of 16.00 GiB on TPU v5 lite (0%).')
-  line = loop.log_step_memory(compiled, Device(None))
+  line = train_program.log_step_memory(compiled, Device(None))
   assert 'TPU v5 lite does not report its capacity' in line
 
 

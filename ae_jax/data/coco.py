@@ -8,7 +8,7 @@ for the keypoint names / skeleton an annotation file lists (`resolve_spec`,
 
 Reads a COCO-format root (by default `annotations/person_keypoints_{split}
 .json` and `{split}/*.jpg`; other file names via `split_paths`), checked
-up front (`check_annotations`: one line naming the file and annotation id),
+up front (annotation_file.py: one line naming the file and annotation id),
 the way mmpose 0.x `BottomUpCocoDataset` (test_mode False) does:
   * image ids: those with at least one annotation (`getAnnIds(iscrowd=None)`);
   * people kept for targets: `iscrowd == 0 or num_keypoints > 0`;
@@ -32,7 +32,6 @@ import collections
 import contextlib
 import dataclasses
 import io
-import json
 import os
 from typing import Any
 
@@ -42,6 +41,8 @@ from pycocotools import coco as coco_lib
 from pycocotools import mask as mask_utils
 
 from ae_jax import keypoints
+from ae_jax.data import annotation_file
+from ae_jax.data.annotation_file import AnnotationError  # pylint: disable=unused-import (coco.AnnotationError)
 
 
 # Skip reasons reported by the index (static) and by the pipeline (runtime).
@@ -54,14 +55,6 @@ CORRUPT = 'corrupt_image'  # file present but not decodable
 SIZE_MISMATCH = 'size_mismatch'
 
 # Keys every annotation must have (mmpose's BottomUpCocoDataset reads them).
-_ANN_KEYS = ('id', 'image_id', 'keypoints', 'iscrowd', 'num_keypoints')
-_IMAGE_KEYS = ('id', 'file_name', 'height', 'width')
-
-
-class AnnotationError(ValueError):
-  """A malformed annotation file (message: the file and annotation id)."""
-
-
 def split_paths(coco_root: str, split: str, annotations: str = '',
                 images: str = '') -> tuple[str, str]:
   """Files of one split of a COCO root.
@@ -278,40 +271,12 @@ def check_split_files(coco_root: str, split: str, annotations: str = '',
   return ann_file, image_dir
 
 
-def read_annotations(ann_file: str) -> dict:
-  """The json of an annotation file, checked (one-line AnnotationError)."""
-  try:
-    with open(ann_file, 'rb') as f:
-      dataset = json.load(f)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise AnnotationError(f'{ann_file}: not valid json ({e}); truncated or '
-                          'not an annotation file?') from None
-  if not isinstance(dataset, dict) or not isinstance(
-      dataset.get('images'), list) or not isinstance(
-          dataset.get('annotations'), list):
-    raise AnnotationError(f'{ann_file}: not a COCO annotation file (needs '
-                          '"images" and "annotations" lists)')
-  return dataset
-
-
-def _unique_ids(items: list, what: str, ann_file: str) -> set:
-  """The ids of `items`; AnnotationError if one is listed twice (pycocotools
-  would keep only the last)."""
-  ids = set()
-  for item in items:
-    if item['id'] in ids:
-      raise AnnotationError(f'{ann_file}: {what} id {item["id"]} is listed '
-                            'twice')
-    ids.add(item['id'])
-  return ids
-
-
 def read_category(ann_file: str) -> dict:
   """The keypoint category (id 1 or the only one) of an annotation file."""
   if not os.path.isfile(ann_file):
     raise FileNotFoundError(f'annotation file not found: {ann_file}')
-  cats = [c for c in read_annotations(ann_file).get('categories') or ()
-          if c.get('keypoints')]
+  dataset = annotation_file.read_annotations(ann_file)
+  cats = [c for c in dataset.get('categories') or () if c.get('keypoints')]
   if not cats:
     raise keypoints.KeypointSpecError(
         f'{ann_file}: no category lists "keypoints"')
@@ -367,64 +332,6 @@ def _annotation_file(data_config, split: str, split_name: str | None) -> str:
   return ann_file
 
 
-def check_annotations(dataset: dict, ann_file: str,
-                      num_joints: int | None = None) -> None:
-  """Raises AnnotationError naming the file and image / annotation id.
-
-  Checks the keys mmpose reads, the keypoint count of every annotation
-  against its category's names (and `num_joints`, the keypoints trained
-  on), and
-  that annotations point at listed images. Fills a missing `area` from
-  the bbox (w * h), which COCOeval's OKS needs.
-  """
-  for img in dataset['images']:
-    missing = [k for k in _IMAGE_KEYS if k not in img]
-    if missing:
-      raise AnnotationError(f'{ann_file}: image id {img.get("id")} has no '
-                            f'{", ".join(missing)}')
-  image_ids = _unique_ids(dataset['images'], 'image', ann_file)
-  cats = {c.get('id'): c for c in dataset.get('categories') or ()}
-  if num_joints is not None:
-    counts = {len(c['keypoints']) for c in cats.values()
-              if c.get('keypoints')}
-    if counts and num_joints not in counts:
-      raise AnnotationError(
-          f'{ann_file}: its keypoint category lists {min(counts)} joints, '
-          f'the config\'s keypoints {num_joints} (config.data.keypoints; '
-          "source='annotations' reads them from this file)")
-  ann_ids = set()
-  for ann in dataset['annotations']:
-    missing = [k for k in _ANN_KEYS if k not in ann]
-    if missing:
-      raise AnnotationError(f'{ann_file}: annotation id {ann.get("id")} has '
-                            f'no {", ".join(missing)}')
-    if ann['id'] in ann_ids:  # pycocotools keeps only the last one
-      raise AnnotationError(f'{ann_file}: annotation id {ann["id"]} is '
-                            'listed twice')
-    ann_ids.add(ann['id'])
-    if ann['image_id'] not in image_ids:
-      raise AnnotationError(f'{ann_file}: annotation id {ann["id"]}: image '
-                            f'id {ann["image_id"]} is not in "images"')
-    cat = cats.get(ann.get('category_id'), {})
-    k = len(cat['keypoints']) if cat.get('keypoints') else (
-        num_joints)
-    values = ann['keypoints']
-    if not isinstance(values, list) or len(values) % 3:
-      raise AnnotationError(
-          f'{ann_file}: annotation id {ann["id"]}: "keypoints" is not a '
-          'flat list of (x, y, v) triples')
-    if k is not None and len(values) != 3 * k:
-      raise AnnotationError(
-          f'{ann_file}: annotation id {ann["id"]}: {len(values)} keypoint '
-          f'values, its category lists {k} keypoints ({3 * k} expected)')
-    if num_joints is not None and len(values) != 3 * num_joints:
-      raise AnnotationError(
-          f'{ann_file}: annotation id {ann["id"]}: {len(values) // 3} '
-          f'keypoints, the config\'s keypoints have {num_joints}')
-    if 'area' not in ann and len(ann.get('bbox') or ()) == 4:
-      ann['area'] = float(ann['bbox'][2]) * float(ann['bbox'][3])
-
-
 def load_coco(coco_root: str, split: str, annotations: str = '',
               num_joints: int | None = None
               ) -> coco_lib.COCO:
@@ -442,8 +349,8 @@ def load_coco(coco_root: str, split: str, annotations: str = '',
   ann_file, _ = split_paths(coco_root, split, annotations)
   if not os.path.isfile(ann_file):
     raise FileNotFoundError(f'COCO annotation file not found: {ann_file}')
-  dataset = read_annotations(ann_file)
-  check_annotations(dataset, ann_file, num_joints)
+  dataset = annotation_file.read_annotations(ann_file)
+  annotation_file.check_annotations(dataset, ann_file, num_joints)
   with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints
     coco = coco_lib.COCO()
     coco.dataset = dataset

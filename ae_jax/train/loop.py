@@ -40,7 +40,6 @@ import numpy as np
 from ae_jax import config_checks
 from ae_jax import keypoints
 from ae_jax import sharding
-from ae_jax.aot import hlo_stats
 from ae_jax.data import coco
 from ae_jax.models.ae_model import AEModel
 from ae_jax.train import checkpoints
@@ -254,54 +253,6 @@ def _start_state(config, resumed, program, mesh, rng):
   return state
 
 
-_MEETINGS = [0]  # barriers so far in this process (their ids must differ)
-
-
-def _compiled_on_every_process(step_fn, state, batch, rng):
-  """The step, compiled; multi-process: run by none before all compiled.
-
-  gloo (the CPU collectives) gives a new communicator 30 s for every
-  process to join it; a process still compiling (or loading) the step
-  then was seen to fail the others ('Gloo context initialization failed:
-  ... GetKeyValue() timed out'). The processes meet at a barrier of the
-  coordination service (not a collective) after compiling. The compiled
-  step's memory is logged once (log_step_memory).
-  """
-  compiled = step_fn.lower(state, batch, rng).compile()
-  log_step_memory(compiled, jax.local_devices()[0])
-  if jax.process_count() == 1:
-    return compiled
-  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
-  _MEETINGS[0] += 1
-  multihost.sync_global_processes(
-      f'ae_jax_step_compiled_{_MEETINGS[0]}', timeout=3600,
-      processes=set(range(jax.process_count())))
-  return compiled
-
-
-def log_step_memory(compiled, device) -> str:
-  """Logs the compiled step's per-device memory against the device's.
-
-  The same counts as train.py --aot_topology (hlo_stats.compiled_memory);
-  the capacity is `device.memory_stats()['bytes_limit']` where the backend
-  reports it (GPU, TPU). Nothing is logged on the CPU backend (no device
-  memory to run out of; the main job's output stays as it was).
-
-  Returns:
-    The logged line ('' when nothing was logged).
-  """
-  memory = hlo_stats.compiled_memory(compiled)
-  if device.platform == 'cpu' or not memory:
-    return ''
-  limit = (device.memory_stats() or {}).get('bytes_limit')
-  where = (f'of {limit / hlo_stats.GiB:.2f} GiB on {device.device_kind} '
-           f'({100 * memory["total"] / limit:.0f}%)' if limit else
-           f'per device; {device.device_kind} does not report its capacity')
-  line = f'Compiled train step: {hlo_stats.memory_text(memory)} {where}.'
-  logging.info('%s', line)
-  return line
-
-
 def _log_step(pending: List[Dict[str, jax.Array]], step: int,
               total_steps: int, t_window: float, global_batch: int,
               is_main: bool):
@@ -418,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     try:
       while step < total_steps and not preempted:
         batch = next(data_iter)  # on the devices, 2 batches ahead
-        run_step = run_step or _compiled_on_every_process(
+        run_step = run_step or train_program.compile_step(
             step_fn, state, batch, step_rng)
         state, metrics = run_step(state, batch, step_rng)
         pending.append(metrics)  # device arrays until the next log step

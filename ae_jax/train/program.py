@@ -1,4 +1,5 @@
-"""The train program of a config: model, schedule, state layout, jitted step.
+"""The train program of a config: model, schedule, state layout, jitted step
+(and its compile: `compile_step`, with the memory line on accelerators).
 
 `make_train_program` is the one place where a training config becomes the
 step train.py runs: `loop.train_and_evaluate` calls it on the mesh of
@@ -15,18 +16,21 @@ uint8, mask [B, h, w] uint8, keypoints [B, M, K, 3] float32.
 import dataclasses
 from typing import Any, Callable, Dict, Tuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from orbax.checkpoint import multihost
 
 from ae_jax import sharding
-from ae_jax.train import state as train_state
-from ae_jax.train import step as train_step
+from ae_jax.aot import hlo_stats
 from ae_jax.data import transforms
 from ae_jax.models import ae_model
 from ae_jax.models.ae_model import AEModel
+from ae_jax.train import state as train_state
+from ae_jax.train import step as train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,3 +140,50 @@ def abstract_step_args(program: TrainProgram,
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype,
                              sharding=sharding.replicated(mesh))
   return program.abstract_state, batch, rng
+
+
+_MEETINGS = [0]  # barriers so far in this process (their ids must differ)
+
+
+def compile_step(step_fn, state, batch, rng):
+  """The step, compiled; multi-process: run by none before all compiled.
+
+  gloo (the CPU collectives) gives a new communicator 30 s for every
+  process to join it; a process still compiling (or loading) the step
+  then was seen to fail the others ('Gloo context initialization failed:
+  ... GetKeyValue() timed out'). The processes meet at a barrier of the
+  coordination service (not a collective) after compiling. The compiled
+  step's memory is logged once (log_step_memory).
+  """
+  compiled = step_fn.lower(state, batch, rng).compile()
+  log_step_memory(compiled, jax.local_devices()[0])
+  if jax.process_count() == 1:
+    return compiled
+  _MEETINGS[0] += 1
+  multihost.sync_global_processes(
+      f'ae_jax_step_compiled_{_MEETINGS[0]}', timeout=3600,
+      processes=set(range(jax.process_count())))
+  return compiled
+
+
+def log_step_memory(compiled, device) -> str:
+  """Logs the compiled step's per-device memory against the device's.
+
+  The same counts as train.py --aot_topology (hlo_stats.compiled_memory);
+  the capacity is `device.memory_stats()['bytes_limit']` where the backend
+  reports it (GPU, TPU). Nothing is logged on the CPU backend (no device
+  memory to run out of; the main job's output stays as it was).
+
+  Returns:
+    The logged line ('' when nothing was logged).
+  """
+  memory = hlo_stats.compiled_memory(compiled)
+  if device.platform == 'cpu' or not memory:
+    return ''
+  limit = (device.memory_stats() or {}).get('bytes_limit')
+  where = (f'of {limit / hlo_stats.GiB:.2f} GiB on {device.device_kind} '
+           f'({100 * memory["total"] / limit:.0f}%)' if limit else
+           f'per device; {device.device_kind} does not report its capacity')
+  line = f'Compiled train step: {hlo_stats.memory_text(memory)} {where}.'
+  logging.info('%s', line)
+  return line
