@@ -341,12 +341,13 @@ def test_kernels_agree_on_train_mode_loss_gradients_and_stats():
       and a.ndim == 4 else a, variables['params'])
   results = {}
   for k, model in models.items():
-    grad_fn = jax.value_and_grad(
+    # Jitted (one compile each): op by op, the gradient takes a minute.
+    grad_fn = jax.jit(jax.value_and_grad(
         lambda p, m=model: _loss_fn(m, p, variables['batch_stats'], batch),
-        has_aux=True)
+        has_aux=True))
     (loss, stats), grads = grad_fn(params)
-    evals = model.apply({'params': params, 'batch_stats': stats},
-                        batch['image'])
+    evals = jax.jit(model.apply)({'params': params, 'batch_stats': stats},
+                                 batch['image'])
     results[k] = (loss, stats, grads, evals)
   (loss, stats, _, evals), grads = results['cpu'], results['cpu'][2]
   want = results['flax']

@@ -18,6 +18,7 @@ import pytest
 from ae_jax import config_checks
 from ae_jax.models.ae_model import AEModel
 from ae_jax.train import loop
+from ae_jax.train import program as train_program
 from ae_jax.train import variables_checkpoint
 from ae_jax.train import workdir_lock
 from tests.conftest import mounted_tmpfs
@@ -102,8 +103,19 @@ def test_metric_writer_process_zero_only(tmp_path):
 
 def test_loop_writes_tensorboard_and_summary_history(tmp_path, monkeypatch):
   use_synthetic(monkeypatch)
+  memory_lines = []
+
+  def spy(compiled, device):
+    memory_lines.append(log_step_memory(compiled, device))
+    return memory_lines[-1]
+
+  log_step_memory = train_program.log_step_memory
+  monkeypatch.setattr(train_program, 'log_step_memory', spy)
   config = small_config(num_steps=4, ckpt_every=100, log_every=2)
   returned = loop.train_and_evaluate(config, tmp_path)
+  # The compiled step's memory, asked for once (before step 1); silent on
+  # the CPU backend.
+  assert memory_lines == ['']
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert summary == returned  # host values only, as written
   assert (summary['start_step'], summary['final_step'],

@@ -1,5 +1,6 @@
-"""train_program: the abstract inputs equal what train.py really feeds;
-the loop logs the compiled step's memory; the TPU config's choices.
+"""train/program.py: the abstract inputs equal what train.py really feeds;
+the compiled step's memory line (the loop asks for it once:
+tests/test_train_lib.py); the TPU config's choices.
 
 ae_jax.aot.compiler compiles `program.step_fn` on ShapeDtypeStructs; they
 must be the shapes, dtypes and shardings of the live state and of the
@@ -14,7 +15,6 @@ from ae_jax.train import loop
 from ae_jax.train import program as train_program
 from ae_jax.train import state as train_state
 from configs import tiny
-from tests import conftest
 
 
 def _avals(tree):
@@ -66,20 +66,6 @@ def test_abstract_step_args_shard_the_batch_and_replicate_the_rng():
   assert batch['image'].sharding == sharding.batch_sharding(mesh)
   assert rng.sharding == sharding.replicated(mesh)
   assert jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-
-
-def test_loop_asks_for_the_compiled_step_memory_once(tmp_path, monkeypatch):
-  conftest.use_synthetic(monkeypatch)
-  calls = []
-
-  def spy(compiled, device):
-    calls.append(log_step_memory(compiled, device))
-    return calls[-1]
-
-  log_step_memory = train_program.log_step_memory
-  monkeypatch.setattr(train_program, 'log_step_memory', spy)
-  loop.train_and_evaluate(conftest.small_config(num_steps=2), tmp_path)
-  assert calls == ['']  # once, before step 1; silent on the CPU backend
 
 
 def test_step_memory_against_a_reported_capacity():

@@ -56,6 +56,7 @@ import cloudpickle
 import cv2
 import numpy as np
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the trainer's, not a worker's
 _SLOT = 320  # status bytes per worker: pid, step, name length, name
 _HEADER = struct.Struct('<qqH')
 _NAME_BYTES = _SLOT - _HEADER.size
@@ -119,8 +120,9 @@ def _exit_with_parent(parent) -> None:
 def init_worker(status_name: str, index: int) -> None:
   """The worker process's set-up (see the module docstring)."""
   global _STATUS, _INDEX
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  for signum in _STOP_SIGNALS:
+    signal.signal(signum, signal.SIG_IGN)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked at start
   parent = multiprocessing.parent_process()
   if parent is not None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
@@ -268,15 +270,23 @@ class WorkerBatches:
     self._finalizer = weakref.finalize(self, _shutdown, self._procs,
                                        self._conns, self._slots,
                                        self._status)
-    for i in range(num_workers):
-      here, there = context.Pipe()
-      proc = context.Process(
-          target=_work, name=f'ae-input-{i}', daemon=True,
-          args=(i, num_workers, self._start, self._status.name, there))
-      proc.start()
-      there.close()
-      self._procs.append(proc)
-      self._conns.append(here)
+    # The workers start with SIGINT / SIGTERM blocked (the mask survives
+    # the spawn's exec) until init_worker ignores them: a Ctrl-C to the
+    # process group while a worker imports would otherwise kill it. Here
+    # they stay pending and arrive when the mask is restored.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+      for i in range(num_workers):
+        here, there = context.Pipe()
+        proc = context.Process(
+            target=_work, name=f'ae-input-{i}', daemon=True,
+            args=(i, num_workers, self._start, self._status.name, there))
+        proc.start()
+        there.close()
+        self._procs.append(proc)
+        self._conns.append(here)
+    finally:
+      signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     for i, conn in enumerate(self._conns):  # all start (import) at once
       conn.send_bytes(payload)
       for _ in range(slots):
