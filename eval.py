@@ -80,8 +80,9 @@ def _aot_check(config) -> int:
     return 1
   try:
     spec = coco.resolve_spec(config.data, 'val', _SPLIT.value)
-    return report.check_eval(
-        config, aot_flags.TOPOLOGY.value, spec, image_hw=(h, w),
+    return cli.interruptible(  # Ctrl-C ends a compile at once
+        report.check_eval, config, aot_flags.TOPOLOGY.value, spec,
+        image_hw=(h, w),
         batch_size=_BATCH_SIZE.value, search=aot_flags.SEARCH.value,
         top_fusions=aot_flags.TOP_FUSIONS.value,
         hlo_out=aot_flags.HLO_OUT.value)
@@ -99,11 +100,6 @@ def main(argv):
     return _aot_check(config)
   if not _CKPT.value:
     raise app.UsageError('--ckpt is required (or --aot_topology)')
-  try:  # tf (imported by some deps) must not grab accelerator memory.
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
-  except ImportError:
-    pass
   # pylint: disable=g-import-not-at-top
   from ae_jax import sharding
   from ae_jax.train import checkpoints

@@ -101,8 +101,9 @@ def _aot_check(config) -> int:
   from ae_jax.aot import report
   from ae_jax.aot import targets
   try:
-    return report.check_train(
-        config, aot_flags.TOPOLOGY.value, search=aot_flags.SEARCH.value,
+    return cli.interruptible(  # Ctrl-C ends a compile at once
+        report.check_train, config, aot_flags.TOPOLOGY.value,
+        search=aot_flags.SEARCH.value,
         top_fusions=aot_flags.TOP_FUSIONS.value,
         hlo_out=aot_flags.HLO_OUT.value)
   except (targets.AotError, config_checks.ConfigError,

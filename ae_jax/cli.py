@@ -10,8 +10,9 @@ config (ae_jax/config_checks.py) before any work.
 import logging as std_logging
 import os
 import sys
+import threading
 import traceback
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -169,6 +170,39 @@ def quiet_library_logs() -> None:
   TF) from the console, unless --verbosity >= 1 asks for them."""
   if logging.get_verbosity() < 1:
     logging.get_absl_handler().addFilter(_ours_or_warning)
+
+
+def interruptible(fn: Callable[..., Any], *args,
+                  interrupted: str = 'interrupted (Ctrl-C)', **kwargs) -> Any:
+  """`fn(*args, **kwargs)` run so that Ctrl-C ends the process at once.
+
+  Python sees a SIGINT only between bytecodes of the main thread, so during
+  a long native call (an XLA compile: minutes) Ctrl-C would wait for the
+  call to end. `fn` runs in a thread; the main thread waits, and on Ctrl-C
+  prints `error: {interrupted}` and exits 130 (nothing to save). The
+  result or exception of `fn` is returned or raised here.
+  """
+  result = {}
+
+  def target():
+    try:
+      result['value'] = fn(*args, **kwargs)
+    except BaseException as e:  # pylint: disable=broad-except
+      result['error'] = e
+
+  thread = threading.Thread(target=target, daemon=True, name=fn.__name__)
+  thread.start()
+  try:
+    while thread.is_alive():
+      thread.join(0.2)
+  except KeyboardInterrupt:
+    logging.flush()
+    print(f'error: {interrupted}', file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(INTERRUPTED_EXIT_CODE)  # the thread may be in native code
+  if 'error' in result:
+    raise result['error']
+  return result['value']
 
 
 def run(main: Callable[[list], Optional[int]],

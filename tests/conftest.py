@@ -119,12 +119,17 @@ K, M = 17, 30
 @pytest.fixture(scope='module')
 def compile_cache(tmp_path_factory):
   """One persistent XLA cache per test session (modules opt in with
-  `pytestmark = pytest.mark.usefixtures('compile_cache')`)."""
+  `pytestmark = pytest.mark.usefixtures('compile_cache')`), shared by the
+  pytest-xdist workers (and the CLI subprocesses given it), so that a
+  program one worker compiled the other loads."""
   import jax  # pylint: disable=g-import-not-at-top
   old = (jax.config.jax_compilation_cache_dir,
          jax.config.jax_persistent_cache_min_compile_time_secs)
+  session_dir = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):  # .../pytest-N/popen-gwI
+    session_dir = session_dir.parent
   jax.config.update('jax_compilation_cache_dir',
-                    str(tmp_path_factory.getbasetemp() / 'jax_cache'))
+                    str(session_dir / 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   yield
   jax.config.update('jax_compilation_cache_dir', old[0])
