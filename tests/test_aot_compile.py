@@ -136,8 +136,9 @@ def test_cli_ctrl_c_during_the_compile_ends_at_once(tmp_path):
     for line in proc.stdout:  # the progress line comes before the compile
       if line.startswith('Compiling the train step'):
         break
-    time.sleep(8)  # inside the compile (~1 min; without the thread, Ctrl-C
-    #                waited for its end: 26 s measured at 12 s in)
+    # Inside the compile (~1 min). Without cli.interruptible the Ctrl-C
+    # waited for the compile's end (26 s more, sent 12 s in).
+    time.sleep(8)
     proc.send_signal(signal.SIGINT)
     t0 = time.time()
     code = proc.wait(timeout=60)
