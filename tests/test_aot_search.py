@@ -1,15 +1,19 @@
-"""aot.compiler's batch search and report, on a stand-in compiler.
+"""aot.compiler's batch search and the reports, on a stand-in compiler.
 
 The search only sees (per-chip batch -> fits, memory): a synthetic memory
 model checks that it finds the boundary in few compiles, without libtpu.
 """
 
+import numpy as np
 import pytest
 
-from ae_jax.aot import report
+from ae_jax import keypoints
 from ae_jax.aot import compiler
 from ae_jax.aot import hlo_stats
+from ae_jax.aot import report
 from ae_jax.aot import targets
+from ae_jax.data import eval_input
+from configs import tiny
 
 GiB = hlo_stats.GiB
 LIMIT = 16 * GiB
@@ -117,3 +121,54 @@ def test_gpu_target_configs_describe_the_chips():
     assert f'device_memory_size: {memory}' in text
     assert targets.CHIPS[name].hbm_gib * GiB == pytest.approx(memory)
     assert targets.CHIPS[name].device_kind in text
+
+
+def test_eval_sizes_are_the_inputs_the_predictor_makes():
+  """The shapes eval's program is compiled for: what eval_input.resize_inputs
+  makes of such an image (one per scale, and the scale-1 map size)."""
+  image = np.zeros((480, 640, 3), np.uint8)
+  for scales in ((1.0,), (2.0, 1.0, 0.5)):
+    sizes, base = compiler.eval_sizes((480, 640), 512, scales)
+    made = eval_input.resize_inputs(image, 512, scales)
+    assert sizes == tuple(i.shape[:2] for i in made.images)
+    assert base == tuple(made.base_hw)
+
+
+def test_eval_check_reports_per_image_and_exits_2_when_it_does_not_fit(
+    monkeypatch):
+  """eval.py --aot_topology's table and exit code on a stand-in compiler
+  (8 GiB per image: 2 per v5e chip fit, 3 do not)."""
+  calls = []
+
+  def compile_at(b):
+    calls.append(b)
+    temps = 8 * GiB * b - 1
+    if temps > LIMIT:
+      return compiler.Compiled(b, False, {})
+    memory = dict(arguments=0, outputs=0, aliased=0, temps=temps, code=0,
+                  total=temps)
+    return compiler.Compiled(b, True, memory, flops=1e11 * b, bytes=4e9 * b)
+
+  monkeypatch.setattr(compiler, 'eval_forward_compiler',
+                      lambda *args: compile_at)
+  config = tiny.get_config()
+  config.test.scales = (2, 1, 0.5)
+  lines = []
+  code = report.check_eval(config, 'v5e:2x2', keypoints.COCO,
+                           batch_size=4, out=lines.append)
+  text = '\n'.join(lines)
+  assert code == 0 and calls == [1]  # one image per chip of the host
+  assert 'eval runs per host, on its 4 chips' in text
+  assert 'inputs 2: ' in text and '0.5: ' in text  # every scale's size
+  assert '40.0 GB per image' not in text and '4.000 GB per image' in text
+  assert '205 img/s per chip' in text  # 819 GB/s / 4 GB per image
+  assert lines[-1].startswith('fits: ')
+  lines.clear()
+  code = report.check_eval(config, 'v5e:2x2', keypoints.COCO,
+                           batch_size=12, out=lines.append)
+  assert code == report.DOES_NOT_FIT_EXIT_CODE
+  assert lines[-1] == ('does not fit: 3 image(s) per chip; per-chip batch 2 '
+                       'fits')
+  with pytest.raises(targets.AotError, match='multiple of the 4 chips'):
+    report.check_eval(config, 'v5e:2x2', keypoints.COCO, batch_size=6,
+                      out=lines.append)

@@ -9,7 +9,7 @@ batch that would.
 """
 
 import dataclasses
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import ml_collections
 
@@ -106,6 +106,25 @@ def format_table(rows: Sequence[Tuple[str, str]]) -> str:
                    [f'| {k} | {v} |' for k, v in rows])
 
 
+def _result_rows(c: Compiled, chip: Chip, search: Optional[Search],
+                 cost: str, collectives: str) -> List[Tuple[str, str]]:
+  """The rows both checks end with: the search, cost, roofline and
+  collectives (when it fits) and the compile time; `cost` and
+  `collectives` name their rows."""
+  rows = []
+  if search is not None:
+    rows.append(('largest per-chip batch that fits',
+                 f'{search.best} ({search.how})' if search.best else
+                 search.how))
+  if c.fits:
+    rows += [(cost, step_cost_line(c)), ('roofline', roofline_line(c, chip)),
+             (collectives, collectives_line(c))]
+  rows.append(('compile time', f'{c.seconds:.0f} s' + (
+      f' (all {len(search.tried)} compiles: '
+      f'{sum(t.seconds for t in search.tried):.0f} s)' if search else '')))
+  return rows
+
+
 def train_report(config: ml_collections.ConfigDict, tpu: Slice,
                  first: Compiled, search: Optional[Search]) -> str:
   """The table of the train check (see the module docstring)."""
@@ -121,20 +140,8 @@ def train_report(config: ml_collections.ConfigDict, tpu: Slice,
                  f'{config.data.input_size}'),
       ('per-chip memory', memory_line(c, chip.hbm_gib)),
   ]
-  if search is not None:
-    rows.append(('largest per-chip batch that fits',
-                 f'{search.best} ({search.how})' if search.best else
-                 search.how))
-  if c.fits:
-    rows += [
-        ('per chip-step', step_cost_line(c)),
-        ('roofline', roofline_line(c, chip)),
-        ('collectives per step', collectives_line(c)),
-    ]
-  rows.append(('compile time', f'{c.seconds:.0f} s' + (
-      f' (all {len(search.tried)} compiles: '
-      f'{sum(t.seconds for t in search.tried):.0f} s)' if search else '')))
-  return format_table(rows)
+  return format_table(rows + _result_rows(c, chip, search, 'per chip-step',
+                                         'collectives per step'))
 
 
 def verdict(first: Compiled, search: Optional[Search], chips: int) -> str:
@@ -271,20 +278,8 @@ def eval_report(config: ml_collections.ConfigDict, tpu: Slice,
       ('batch', f'per chip {c.per_chip} images'),
       ('per-chip memory', memory_line(c, chip.hbm_gib)),
   ]
-  if search is not None:
-    rows.append(('largest per-chip batch that fits',
-                 f'{search.best} ({search.how})' if search.best else
-                 search.how))
-  if c.fits:
-    rows += [
-        ('per call', step_cost_line(c)),
-        ('roofline', roofline_line(c, chip)),
-        ('collectives', collectives_line(c)),
-    ]
-  rows.append(('compile time', f'{c.seconds:.0f} s' + (
-      f' (all {len(search.tried)} compiles: '
-      f'{sum(t.seconds for t in search.tried):.0f} s)' if search else '')))
-  return format_table(rows)
+  return format_table(rows + _result_rows(c, chip, search, 'per call',
+                                         'collectives'))
 
 
 def check_eval(config: ml_collections.ConfigDict, topology: str,
