@@ -23,6 +23,7 @@ float32); parameters stay float32.
 from typing import Any, Dict, Mapping, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ae_jax.keypoints import IMAGENET_MEAN, IMAGENET_STD
@@ -115,5 +116,4 @@ def split_outputs(outputs: jnp.ndarray, num_joints: int = 17):
 
 def count_params(params) -> int:
   """Number of scalar parameters in a params pytree (excludes BN stats)."""
-  import jax  # pylint: disable=g-import-not-at-top
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

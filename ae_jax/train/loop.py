@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Sequence
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -41,6 +42,9 @@ from ae_jax import config_checks
 from ae_jax import keypoints
 from ae_jax import sharding
 from ae_jax.data import coco
+from ae_jax.data import pipeline
+from ae_jax.infer import coco_eval
+from ae_jax.infer import predict
 from ae_jax.models.ae_model import AEModel
 from ae_jax.train import checkpoints
 from ae_jax.train import program as train_program
@@ -77,7 +81,6 @@ def make_dataset(config: ml_collections.ConfigDict, start_step: int,
   the iterator's close()). Kept as a module function so tests can
   substitute synthetic data.
   """
-  from ae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   d = config.data
   return pipeline.make_train_dataset(
       d.coco_root, d.train_split, input_size=d.input_size,
@@ -128,7 +131,6 @@ class _StopFlag:
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step` (same on every process)."""
     if self._multi and not self.requested:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       if multihost_utils.reached_preemption_sync_point(step):
         logging.warning('Preemption: every process stops after step %d and '
                         'saves it.', step)
@@ -190,8 +192,6 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: epath.Path,
     logging.info('eval_at_end: multi-process run; use eval.py --ckpt %s.',
                  workdir)
     return {}
-  from ae_jax.infer import coco_eval  # pylint: disable=g-import-not-at-top
-  from ae_jax.infer import predict  # pylint: disable=g-import-not-at-top
   variables = jax.device_get({'params': state.params,
                               'batch_stats': state.batch_stats})
   predictor = predict.Predictor(model, variables, predict.PredictOptions(
@@ -215,7 +215,6 @@ def skipped_images(dataset) -> Dict[str, int]:
   """
   counts = dict(getattr(dataset, 'skipped', None) or {})
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     runtime = [coco.MISSING, coco.CORRUPT, coco.SIZE_MISMATCH]
     skips = getattr(dataset, 'skips', None)
     local = [skips.counts.get(r, 0) if skips else 0 for r in runtime]
