@@ -102,9 +102,11 @@ class TrainCheckpoints:
                async_save: bool = True, read_only: bool = False):
     self.directory = as_path(workdir) / 'checkpoints'
     self._options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only, step_name_format=_STEPS)
+        max_to_keep=None if read_only else max_to_keep,
+        save_interval_steps=0 if read_only else 1,  # no orbax warnings
+        enable_async_checkpointing=async_save, create=not read_only,
+        read_only=read_only, cleanup_tmp_directories=not read_only,
+        step_name_format=_STEPS)
     self._quiet = contextlib.ExitStack()
     self._open = False
     self.manager: Optional[ocp.CheckpointManager] = None
@@ -119,8 +121,9 @@ class TrainCheckpoints:
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
       registry.add(META_ITEM, args)
     try:
-      self.manager = ocp.CheckpointManager(
-          self.directory, options=self._options, handler_registry=registry)
+      with orbax_shims.read_only_notice_dropped():
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=self._options, handler_registry=registry)
     except BaseException:
       self._quiet.close()
       raise

@@ -123,3 +123,22 @@ def reason(error: BaseException) -> str:
   text = (str(error).strip().splitlines() or [type(error).__name__])[0]
   # TensorStore names the file first and the OS error last.
   return text if len(text) <= 240 else f'{text[:110]} ... {text[-125:]}'
+
+
+@contextlib.contextmanager
+def read_only_notice_dropped():
+  """Drops orbax's "Given directory is read only=..." warning, which every
+  read-only CheckpointManager logs (our readers: eval, demo, export, each
+  naming the checkpoint it read in its own line)."""
+  absl_logger = logging.getLogger('absl')
+  absl_logger.addFilter(_drop_read_only_notice)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(_drop_read_only_notice)
+
+
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+  return not ('/orbax/' in record.pathname and
+              record.getMessage().startswith('Given directory is read only'))
+
