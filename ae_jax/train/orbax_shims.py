@@ -97,12 +97,10 @@ def failures_reported_once():
   """
   previous = asyncio.get_event_loop_policy()
   asyncio.set_event_loop_policy(_DrainingPolicy())
-  absl_logger = logging.getLogger('absl')
-  absl_logger.addFilter(_drop_orbax_errors)
   try:
-    yield
+    with _absl_records_kept_if(_drop_orbax_errors):
+      yield
   finally:
-    absl_logger.removeFilter(_drop_orbax_errors)
     asyncio.set_event_loop_policy(previous)
 
 
@@ -125,17 +123,23 @@ def reason(error: BaseException) -> str:
   return text if len(text) <= 240 else f'{text[:110]} ... {text[-125:]}'
 
 
-@contextlib.contextmanager
 def read_only_notice_dropped():
   """Drops orbax's "Given directory is read only=..." warning, which every
   read-only CheckpointManager logs (our readers: eval, demo, export, each
   naming the checkpoint it read in its own line)."""
+  return _absl_records_kept_if(_drop_read_only_notice)
+
+
+@contextlib.contextmanager
+def _absl_records_kept_if(keep):
+  """While open, the absl log keeps only the records `keep(record)` is
+  True for (orbax logs through absl)."""
   absl_logger = logging.getLogger('absl')
-  absl_logger.addFilter(_drop_read_only_notice)
+  absl_logger.addFilter(keep)
   try:
     yield
   finally:
-    absl_logger.removeFilter(_drop_read_only_notice)
+    absl_logger.removeFilter(keep)
 
 
 def _drop_read_only_notice(record: logging.LogRecord) -> bool:
