@@ -234,10 +234,8 @@ def _start_state(config, resumed, program, mesh, rng):
       raise checkpoints.CheckpointError(
           f'checkpoint {resumed.step}: data_position '
           f'{resumed.meta["data_position"]} != step')
-    state, _ = train_state.state_from_checkpoint(
-        resumed.tree, program.model, program.tx, config.data.input_size,
-        mesh, config.optim.shard_opt_state)
-    return state
+    return train_state.place_state(resumed.tree, program.abstract_state,
+                                   program.state_shardings)
   state = train_state.init_on_mesh(program.init_fn, rng,
                                    program.state_shardings)
   # A strong int32 step (flax's is weak-typed), as a restored one: fresh

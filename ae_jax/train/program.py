@@ -41,7 +41,7 @@ class TrainProgram:
     model: the AEModel (config.model, the spec's joint count, kernels).
     lr_fn: the (batch-scaled) warmup + step schedule.
     tx: the optimizer (Adam on lr_fn).
-    init_fn: key -> a fresh TrainState (train_state.make_init_fn).
+    init_fn: key -> a fresh TrainState (train_state.init_layout).
     abstract_state: the TrainState as ShapeDtypeStructs carrying their
       shardings, with the strong int32 step a run starts (or resumes) with.
     state_shardings: the state's NamedShardings on the mesh.
@@ -86,10 +86,9 @@ def make_train_program(config: ml_collections.ConfigDict,
   model = ae_model.create_model(
       {**config.model, 'num_joints': num_joints}, kernels)
   tx = optax.adam(lr_fn)  # torch Adam defaults: betas (0.9, 0.999), eps 1e-8
-  init_fn = train_state.make_init_fn(model, tx, config.data.input_size)
-  abstract = jax.eval_shape(init_fn, init_rng)
-  shardings = sharding.state_shardings(abstract, mesh,
-                                       config.optim.shard_opt_state)
+  init_fn, abstract, shardings = train_state.init_layout(
+      init_rng, model, tx, config.data.input_size, mesh,
+      config.optim.shard_opt_state)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, shardings)

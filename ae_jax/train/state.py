@@ -107,8 +107,8 @@ def create_train_state(rng: jax.Array, model: AEModel,
   Returns:
     (state, state_shardings).
   """
-  init, _, shardings = _init_fn(rng, model, tx, input_size, mesh,
-                                shard_opt_state)
+  init, _, shardings = init_layout(rng, model, tx, input_size, mesh,
+                                   shard_opt_state)
   return init_on_mesh(init, rng, shardings), shardings
 
 
@@ -143,27 +143,35 @@ def state_from_checkpoint(tree: Dict[str, Any], model: AEModel,
   Raises:
     checkpoints.CheckpointError: `tree` is another optimizer's state.
   """
-  _, abstract, shardings = _init_fn(jax.random.key(0), model, tx,
-                                    input_size, mesh, shard_opt_state)
+  _, abstract, shardings = init_layout(jax.random.key(0), model, tx,
+                                       input_size, mesh, shard_opt_state)
+  return place_state(tree, abstract, shardings), shardings
+
+
+def place_state(tree: Dict[str, Any], abstract: Any,
+                shardings: Any) -> TrainState:
+  """A checkpoint's state dict as the TrainState `abstract` (its
+  structure), placed with `shardings` (no re-tracing of the model).
+
+  Raises:
+    checkpoints.CheckpointError: `tree` is another optimizer's state.
+  """
   try:
     state = flax.serialization.from_state_dict(abstract, tree)
   except (ValueError, KeyError, TypeError) as e:
     raise checkpoints.CheckpointError(
         f'the checkpoint does not match this model/optimizer config: {e}'
     ) from None
-  return jax.device_put(state, shardings), shardings
+  return jax.device_put(state, shardings)
 
 
-def make_init_fn(model: AEModel, tx: optax.GradientTransformation,
-                 input_size) -> Callable[[jax.Array], TrainState]:
-  """key -> a fresh TrainState (params, BN statistics, Adam moments, step 0).
-
-  Args:
-    model: the AE model.
-    tx: the optimizer.
-    input_size: config.data.input_size, int S (square) or (W, H); the
-      shapes of the variables do not depend on it.
-  """
+def init_layout(rng: jax.Array, model: AEModel,
+                tx: optax.GradientTransformation, input_size,
+                mesh: jax.sharding.Mesh, shard_opt_state: bool = False):
+  """(init(key) -> a fresh TrainState (params, BN statistics, Adam moments,
+  step 0), its abstract state (jax.eval_shape), the state's NamedShardings
+  on `mesh`); arguments as create_train_state (the shapes of the variables
+  do not depend on input_size)."""
   width, height = transforms.as_wh(input_size)
 
   def init(key):
@@ -173,12 +181,6 @@ def make_init_fn(model: AEModel, tx: optax.GradientTransformation,
                              params=variables['params'], tx=tx,
                              batch_stats=variables['batch_stats'])
 
-  return init
-
-
-def _init_fn(rng, model, tx, input_size, mesh, shard_opt_state):
-  """(init(key) -> TrainState, its abstract state, the state shardings)."""
-  init = make_init_fn(model, tx, input_size)
   abstract = jax.eval_shape(init, rng)
   return init, abstract, sharding.state_shardings(abstract, mesh,
                                                   shard_opt_state)
