@@ -214,8 +214,8 @@ def eval_rows(report, model_config, args, deadline):
   images = [coco.decode_image(p) for p in paths[:args.eval_images]]
   model = ae_model.create_model(model_config, 'flax')
   variables = (checkpoints.restore_variables(args.ckpt) if args.ckpt else
-               model.init(jax.random.key(0),
-                          np.zeros((1, 64, 64, 3), np.float32)))
+               jax.jit(model.init)(jax.random.key(0),
+                                   np.zeros((1, 64, 64, 3), np.float32)))
   test = default.get_config().test
   for scales in ((1.0,), args.multi_scales):
     if time.time() > deadline:
