@@ -11,14 +11,9 @@ import pathlib
 import shutil
 import subprocess
 
-# Must be set before jax is imported anywhere. Eigen single-threaded: the
-# two pytest-xdist workers (and their CLI subprocesses, which inherit
-# XLA_FLAGS) already keep this 2-core machine busy; each one's Eigen
-# thread pool on top only adds oversubscription (measured: 8% less
-# suite time; results equal within every test's tolerance).
+# Must be set before jax is imported anywhere.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8'
-                           ' --xla_cpu_multi_thread_eigen=false')
+                           ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 # The test extra installs libtpu (tests/test_aot_compile.py compiles for a
