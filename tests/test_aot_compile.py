@@ -4,8 +4,8 @@ No TPU is needed: `jax.experimental.topologies` describes the slice and
 the real TPU compiler runs (ae_jax.aot.compiler). The `test` extra installs
 libtpu, so this runs in CI; without it the module fails (it does not skip)
 so the TPU path cannot silently go untested. Two compiles of the tiny
-config at 64 px (narrow model, 8 images per chip; 128 px takes 1.6x the
-compile time and changes no property below): float32 with global
+config at 64 px (narrow model, 8 images per chip; 128 px only makes the
+compile longer and changes no property below): float32 with global
 BatchNorm statistics (train.py's default) and bfloat16 with per-device
 statistics; each property below compares one setting, the other changes
 nothing it depends on (per-device statistics do not change the
