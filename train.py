@@ -127,11 +127,6 @@ def main(argv):
   distributed = launch_flags.initialize()
   # Imported here so --help and flag errors stay fast.
   from ae_jax import sharding  # pylint: disable=g-import-not-at-top
-  try:  # tf.data must not grab accelerator memory.
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
-  except ImportError:
-    pass
   sharding.log_backend(config.data.input_size,
                        config.train.global_batch_size)
   import jax  # pylint: disable=g-import-not-at-top

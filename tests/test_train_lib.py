@@ -6,9 +6,11 @@ Resume, SIGTERM and the NaN stop of the loop: test_checkpoints.py.
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import time
 import types
 
@@ -18,6 +20,7 @@ import pytest
 from ae_jax import config_checks
 from ae_jax.models.ae_model import AEModel
 from ae_jax.train import loop
+from ae_jax.train import metric_writer
 from ae_jax.train import program as train_program
 from ae_jax.train import variables_checkpoint
 from ae_jax.train import workdir_lock
@@ -28,18 +31,19 @@ from tests.conftest import use_synthetic
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LR, RATIO = 3e-3, 0.001  # small_config: warmup 2 steps
 
 
 def read_scalars(logdir):
-  """{tag: {step: value}} from the TensorBoard event files in `logdir`."""
+  """{tag: {step: value}} from the TensorBoard event files in `logdir`, read
+  by TensorFlow's own event reader."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out = {}
   for path in tf.io.gfile.glob(f'{logdir}/events.out.tfevents.*'):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        scalar = float(tf.make_ndarray(value.tensor))
-        out.setdefault(value.tag, {})[event.step] = scalar
+        out.setdefault(value.tag, {})[event.step] = value.simple_value
   return out
 
 
@@ -90,15 +94,36 @@ def test_stop_flag_ctrl_c_once_saves_twice_stops(monkeypatch):
 
 
 def test_metric_writer_process_zero_only(tmp_path):
-  writer = loop.make_metric_writer(tmp_path / 'off', enabled=False)
+  writer = metric_writer.make_metric_writer(tmp_path / 'off', enabled=False)
   writer.write_scalars(1, {'total_loss': 1.0})
   writer.close()
   assert not (tmp_path / 'off').exists()
-  writer = loop.make_metric_writer(tmp_path / 'on')
+  writer = metric_writer.make_metric_writer(tmp_path / 'on')
   writer.write_scalars(3, {'total_loss': 0.25, 'lr': 1e-3})
+  writer.write_scalars(5, {'total_loss': 0.125})
   writer.close()
+  writer.close()  # a second close (the loop's exit stack) is harmless
   assert read_scalars(tmp_path / 'on') == {
-      'total_loss': {3: 0.25}, 'lr': {3: pytest.approx(1e-3)}}
+      'total_loss': {3: 0.25, 5: 0.125}, 'lr': {3: pytest.approx(1e-3)}}
+
+
+def test_trainer_imports_neither_tensorflow_nor_torch(tmp_path):
+  """What train.py imports to train (json or TFDS ArrayRecord input) and
+  the TensorBoard writer bring in no TensorFlow (~3 s, ~450 MB resident
+  per process) and no torch."""
+  code = (
+      'import sys, train\n'
+      'from ae_jax.train import loop, checkpoints, metric_writer\n'
+      'from ae_jax.data import coco, example_loader, workers, tfds_coco\n'
+      'from ae_jax.models import ae_model\n'
+      f'w = metric_writer.make_metric_writer({str(tmp_path)!r})\n'
+      "w.write_scalars(1, {'lr': 1.0}); w.close()\n"
+      "print(sorted({m.split('.')[0] for m in sys.modules} & "
+      "{'tensorflow', 'torch'}))\n")
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.strip().splitlines()[-1] == '[]', out.stdout[-2000:]
+  assert read_scalars(tmp_path) == {'lr': {1: 1.0}}
 
 
 def test_loop_writes_tensorboard_and_summary_history(tmp_path, monkeypatch):

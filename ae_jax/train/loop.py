@@ -8,7 +8,7 @@ checkpoints (ae_jax.train.checkpoints) -> COCO eval at the end
 Outputs under `workdir` (a local path or a URL such as gs://; paths go
 through etils.epath):
   checkpoints/{step}/   orbax train checkpoints (resume, eval.py --ckpt)
-  tensorboard/          scalars of every log step (clu metric_writers)
+  tensorboard/          scalars of every log step (metric_writer.py)
   summary.json          the run summary with a per-log-step `history`
   results_{split}.json  predictions of the end-of-training eval
   train.lock            pid/host of the running trainer (ae_jax.train.workdir_lock)
@@ -47,6 +47,7 @@ from ae_jax.infer import coco_eval
 from ae_jax.infer import predict
 from ae_jax.models.ae_model import AEModel
 from ae_jax.train import checkpoints
+from ae_jax.train import metric_writer
 from ae_jax.train import program as train_program
 from ae_jax.train import state as train_state
 from ae_jax.train import workdir_lock
@@ -164,18 +165,6 @@ def describe_spec(spec: keypoints.KeypointSpec) -> str:
   return (f'{spec.num_joints} joints {", ".join(spec.names)}; flip pairs '
           f'{", ".join(pairs) or "none"}; OKS sigmas '
           f'{", ".join(f"{s:.3g}" for s in spec.sigmas)}')
-
-
-def make_metric_writer(logdir: epath.PathLike, enabled: bool = True):
-  """clu writer of TensorBoard scalars in `logdir`; a no-op if disabled.
-
-  (Disabled on processes other than 0, so that one process writes.)
-  """
-  # clu's SummaryWriter imports tensorflow (~3 s): not at module import.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  if not enabled:
-    return metric_writers.MultiWriter([])
-  return metric_writers.SummaryWriter(str(logdir))
 
 
 def evaluate_state(config: ml_collections.ConfigDict, workdir: epath.Path,
@@ -344,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     last_good = resumed.step if resumed else None
     step_fn = program.step_fn
     step_rng = sharding.put_replicated(step_rng, mesh)
-    writer = make_metric_writer(workdir / 'tensorboard', is_main)
+    writer = metric_writer.make_metric_writer(workdir / 'tensorboard', is_main)
     resources.callback(writer.close)
     data_iter = sharding.prefetch_to_mesh(iter(dataset), mesh, size=2)
     if hasattr(data_iter, 'close'):
