@@ -31,16 +31,23 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COCO_MINI = REPO_ROOT / 'data' / 'coco_mini'
 
 
-# The longest modules (~4 min of 2-process train.py launches; TPU
-# compiles) are collected first, so that under pytest-xdist's `--dist
-# loadfile --no-loadscope-reorder` (pyproject.toml) one worker starts on
-# each while the other takes the rest, instead of one running alone at the
-# end. Order within a module is kept.
-FIRST = ('test_multihost.py', 'test_aot_compile.py')
+# Modules by their measured time, longest first (bench/RESULTS.md, "Test
+# suite"); the rest follow in name order. Under pytest-xdist's `--dist
+# loadfile --no-loadscope-reorder` (pyproject.toml) each worker takes the
+# next module when it runs low: longest first, the two workers end within a
+# short module of each other instead of one finishing a long one alone. A
+# stale order costs only wall time.
+LONGEST_FIRST = (
+    'test_multihost.py', 'test_checkpoints.py', 'test_models.py',
+    'test_aot_compile.py', 'test_convert.py', 'test_export.py',
+    'test_train_step.py', 'test_train_cli.py', 'test_keypoints.py',
+    'test_data_workers.py', 'test_accelerator_bench.py', 'test_sharding.py')
 
 
 def pytest_collection_modifyitems(items):
-  items.sort(key=lambda item: item.path.name not in FIRST)
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: (rank.get(item.path.name, len(rank)),
+                               item.path.name))
 
 
 # Prepended to a `python -c` script: from then on importing jax, flax,
