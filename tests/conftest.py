@@ -32,7 +32,8 @@ COCO_MINI = REPO_ROOT / 'data' / 'coco_mini'
 
 
 # Modules by their measured time, longest first (bench/RESULTS.md, "Test
-# suite"); the rest follow in name order. Under pytest-xdist's `--dist
+# suite time"; `python -m bench.suite_times` prints the order of a junit
+# run); the rest follow in name order. Under pytest-xdist's `--dist
 # loadfile --no-loadscope-reorder` (pyproject.toml) each worker takes the
 # next module when it runs low: longest first, the two workers end within a
 # short module of each other instead of one finishing a long one alone. A

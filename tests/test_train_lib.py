@@ -6,7 +6,6 @@ Resume, SIGTERM and the NaN stop of the loop: test_checkpoints.py.
 
 import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -25,13 +24,13 @@ from ae_jax.train import program as train_program
 from ae_jax.train import variables_checkpoint
 from ae_jax.train import workdir_lock
 from tests.conftest import mounted_tmpfs
+from tests.conftest import REPO_ROOT
 from tests.conftest import random_variables
 from tests.conftest import small_config
 from tests.conftest import use_synthetic
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LR, RATIO = 3e-3, 0.001  # small_config: warmup 2 steps
 
 
