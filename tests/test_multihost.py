@@ -67,8 +67,10 @@ def _env(num_devices: int, cache: str) -> dict:
   Multi-process runs get a cache of their own, empty at their first
   launch: the processes' cache keys differ from a 1-process run's, and one
   process loading a step the other compiles would leave the waiting one's
-  gloo collectives to time out. Once both processes have compiled, later
-  launches of the same processes load both.
+  gloo collectives to time out. Later launches: process 0 loads its step
+  from the cache; process 1 compiles again, since jax writes entries only
+  from process 0 and, on the CPU backend, a key includes the process's own
+  topology fingerprint.
   """
   env = {k: v for k, v in os.environ.items()
          if k not in ('JAX_COORDINATOR_ADDRESS', 'AE_JAX_DISTRIBUTED',
